@@ -1,0 +1,116 @@
+"""Strict mapping from checkpoint keys to a Flax parameter tree, driven by key maps as data.
+
+A key map is a list of `Rule`s: a regular expression over checkpoint keys, a target Flax
+path template ('/'-separated, regex groups as \\1), and a layout naming how the tensor is
+rearranged. The first rule whose pattern matches a key wins. The targets' shapes come from
+`jax.eval_shape` of the module's init, so nothing is allocated to check them. Every problem
+(missing, unexpected, mis-shaped) is collected and reported in one error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from convert.checkpoint import Checkpoint, parse_dtype
+
+
+def _linear(w):
+    """torch Linear [out, in] -> Flax Dense kernel [in, out]."""
+    return w.T
+
+
+def _conv(w):
+    """torch Conv2d [out, in, h, w] -> Flax Conv kernel [h, w, in, out]."""
+    return w.transpose(2, 3, 1, 0)
+
+
+def _as_is(w):
+    return w
+
+
+# name -> tensor rearrangement; families add their own (e.g. fused-qkv splits) here.
+LAYOUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "linear": _linear,
+    "conv": _conv,
+    "as_is": _as_is,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Checkpoint keys matching `pattern` (full match) go to `target` after `layout`.
+
+    `target` may be a tuple of templates when the layout splits one tensor into several
+    (then the layout returns a tuple of arrays, in the same order).
+    """
+
+    pattern: str
+    target: str | tuple[str, ...]
+    layout: str = "as_is"
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not fit the model: lists every mismatch at once."""
+
+    def __init__(self, what: str, missing=(), unexpected=(), misshaped=()):
+        self.missing, self.unexpected, self.misshaped = sorted(missing), sorted(unexpected), list(misshaped)
+        lines = [f"{what}: the checkpoint does not match the model"]
+        if self.missing:
+            lines.append(f"  missing ({len(self.missing)}): " + ", ".join(self.missing))
+        if self.unexpected:
+            lines.append(f"  unexpected ({len(self.unexpected)}): " + ", ".join(self.unexpected))
+        for key, got, want in self.misshaped:
+            lines.append(f"  wrong shape: {key} is {got}, the model expects {want}")
+        super().__init__("\n".join(lines))
+
+
+def target_shapes(module, *init_args, **init_kwargs) -> dict[str, tuple[int, ...]]:
+    """Flat '/'-joined parameter paths -> shapes, without allocating the parameters."""
+    variables = jax.eval_shape(module.init, jax.random.key(0), *init_args, **init_kwargs)
+    flat = traverse_util.flatten_dict(variables["params"], sep="/")
+    return {path: tuple(leaf.shape) for path, leaf in flat.items()}
+
+
+def _route(rules, key):
+    for rule in rules:
+        match = re.fullmatch(rule.pattern, key)
+        if match:
+            targets = rule.target if isinstance(rule.target, tuple) else (rule.target,)
+            return rule, tuple(match.expand(t) for t in targets)
+    return None, ()
+
+
+def map_checkpoint(checkpoint: Checkpoint, rules, shapes: dict, dtype="float32", what: str = "checkpoint"):
+    """Build the nested Flax `params` dict from `checkpoint` following `rules`.
+
+    Raises ConversionError naming every missing, unexpected and mis-shaped key. Tensors are
+    read, rearranged and cast one at a time.
+    """
+    dtype = parse_dtype(dtype)
+    routes, unexpected = {}, []
+    for key in checkpoint.keys():
+        rule, targets = _route(rules, key)
+        if rule is None or not all(t in shapes for t in targets):
+            unexpected.append(key)
+        else:
+            routes[key] = (rule, targets)
+    produced = {t for _, targets in routes.values() for t in targets}
+    missing = set(shapes) - produced
+    flat, misshaped = {}, []
+    for key, (rule, targets) in routes.items():
+        arrays = LAYOUTS[rule.layout](checkpoint.load(key))
+        arrays = arrays if isinstance(arrays, tuple) else (arrays,)
+        for target, array in zip(targets, arrays):
+            if tuple(array.shape) != shapes[target]:
+                misshaped.append((f"{key} -> {target}", tuple(array.shape), shapes[target]))
+            else:
+                flat[target] = np.asarray(array, dtype=dtype)
+    if missing or unexpected or misshaped:
+        raise ConversionError(what, missing, unexpected, misshaped)
+    return traverse_util.unflatten_dict(flat, sep="/")

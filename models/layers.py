@@ -1,0 +1,59 @@
+"""Building blocks the model families share.
+
+The attention cores are parameterless modules around `nag_jax.attention.attention`. Models
+compute projections, norms and rotary embeddings themselves and call a core with per-head
+q/k/v; the core returns heads merged ([B, N, H*D]), before the output projection. A core is
+the one place guidance reaches a model: `nag_jax.guided` intercepts these module types and
+nothing else, so the models stay guidance-unaware.
+
+Batch convention: a context (text) stream may carry more rows than the image stream. Extra
+context rows belong to the *last* image rows, in order (image row B - n + i for extra row i).
+Outside guidance there must be none.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from nag_jax.attention import attention, merge_heads
+
+
+def _require_same_batch(image_rows: int, context_rows: int, what: str) -> None:
+    if image_rows != context_rows:
+        raise ValueError(
+            f"{what}: the context has {context_rows} rows for {image_rows} image rows; extra "
+            "(negative) context rows are only meaningful inside nag_jax.guided(...)"
+        )
+
+
+class SelfAttentionCore(nn.Module):
+    """Attention of a stream over itself (UNet attn1, text encoders)."""
+
+    @nn.compact
+    def __call__(self, q, k, v, bias=None):
+        return merge_heads(attention(q, k, v, bias))
+
+
+class CrossAttentionCore(nn.Module):
+    """Image queries over context keys/values (UNet attn2, PixArt, SANA, Wan)."""
+
+    @nn.compact
+    def __call__(self, q, k, v):
+        _require_same_batch(q.shape[0], k.shape[0], "cross-attention")
+        return merge_heads(attention(q, k, v))
+
+
+class JointAttentionCore(nn.Module):
+    """MM-DiT attention: text and image tokens attend over [text; image] (Flux, SD3).
+
+    Returns (text_out, image_out), each with heads merged.
+    """
+
+    @nn.compact
+    def __call__(self, txt_q, txt_k, txt_v, img_q, img_k, img_v):
+        _require_same_batch(img_q.shape[0], txt_q.shape[0], "joint attention")
+        joined = [jnp.concatenate([t, i], axis=1) for t, i in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v))]
+        out = merge_heads(attention(*joined))
+        text_tokens = txt_q.shape[1]
+        return out[:, :text_tokens], out[:, text_tokens:]
