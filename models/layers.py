@@ -14,6 +14,7 @@ Outside guidance there must be none.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from nag_jax.attention import attention, merge_heads
@@ -57,3 +58,36 @@ class JointAttentionCore(nn.Module):
         out = merge_heads(attention(*joined))
         text_tokens = txt_q.shape[1]
         return out[:, :text_tokens], out[:, text_tokens:]
+
+
+def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1.0,
+                       scale: float = 1.0, max_period: float = 10000.0):
+    """Sinusoidal embedding of (possibly fractional) timesteps [B] -> [B, dim], float32.
+
+    Frequencies exp(-log(max_period) * i / (dim/2 - freq_shift)); the halves are [sin, cos]
+    or, with flip_sin_to_cos, [cos, sin] (the diffusers parameters of the same names).
+    """
+    half = dim // 2
+    exponent = -jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    angles = scale * timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale over the last axis, computed in float32 (QK-norm of Flux and SD3.5)."""
+
+    eps: float = 1e-6
+    use_scale: bool = True
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.use_scale:
+            normed = normed * self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        return normed.astype(x.dtype)
