@@ -34,11 +34,26 @@ def _as_is(w):
     return w
 
 
+def _split_thirds(w):
+    """Fused [q; k; v] along the output axis (BFL / Stability single files) -> (q, k, v)."""
+    return tuple(np.split(w, 3, axis=0))
+
+
+def _swap_halves(w):
+    """[shift; scale] along the output axis (BFL / Stability final adaLN) -> diffusers' [scale; shift]."""
+    first, second = np.split(w, 2, axis=0)
+    return np.concatenate([second, first], axis=0)
+
+
 # name -> tensor rearrangement; families add their own (e.g. fused-qkv splits) here.
 LAYOUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "linear": _linear,
     "conv": _conv,
     "as_is": _as_is,
+    "fused_qkv_linear": lambda w: tuple(_linear(part) for part in _split_thirds(w)),
+    "fused_qkv_bias": _split_thirds,
+    "swap_halves_linear": lambda w: _linear(_swap_halves(w)),
+    "swap_halves_bias": _swap_halves,
 }
 
 
