@@ -91,3 +91,91 @@ class RMSNorm(nn.Module):
         if self.use_scale:
             normed = normed * self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         return normed.astype(x.dtype)
+
+
+# --- adaLN-modulated transformer pieces (Flux, SD3) ---
+
+
+def layer_norm(x, eps: float = 1e-6):
+    """LayerNorm over the last axis without affine parameters, computed in float32 (adaLN's norm)."""
+    x32 = x.astype(jnp.float32)
+    centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype)
+
+
+def modulate(x, shift, scale):
+    """adaLN: x [B, N, D] * (1 + scale) + shift, with one shift/scale row [B, D] per batch row."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class AdaLNModulation(nn.Module):
+    """SiLU -> Linear -> `chunks` per-row vectors of size `dim` (diffusers' `AdaLayerNormZero.linear`,
+    `AdaLayerNormZeroSingle.linear`, `AdaLayerNormContinuous.linear`), in the checkpoint's order."""
+
+    dim: int
+    chunks: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, emb):
+        out = nn.Dense(self.chunks * self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear")(nn.silu(emb))
+        return jnp.split(out, self.chunks, axis=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear (diffusers' `TimestepEmbedding` and `PixArtAlphaTextProjection`
+    with act 'silu'; BFL's `MLPEmbedder`)."""
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda name: nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
+        return dense("linear_2")(nn.silu(dense("linear_1")(x)))
+
+
+class GELUFeedForward(nn.Module):
+    """Linear(dim -> mult*dim) -> tanh-approximated GELU -> Linear(-> dim)
+    (diffusers' `FeedForward(activation_fn="gelu-approximate")`: net.0.proj and net.2)."""
+
+    mult: int = 4
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        hidden = nn.Dense(self.mult * dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj_in")(x)
+        return nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj_out")(
+            nn.gelu(hidden, approximate=True)
+        )
+
+
+# --- rotary position embedding over several id axes (Flux) ---
+
+
+def rope_cos_sin(ids, axes_dims, theta: float = 10000.0):
+    """Rotary angles for integer position ids [S, n_axes] -> (cos, sin), each [S, sum(axes_dims)] float32.
+
+    Axis i uses frequencies theta^(-2j/d_i), j < d_i/2; each angle is repeated for the two
+    members of its (even, odd) feature pair, the layout `apply_rope` expects.
+    """
+    angles = []
+    for axis, dim in enumerate(axes_dims):
+        freqs = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+        angles.append(ids[:, axis].astype(jnp.float32)[:, None] * freqs[None, :])
+    angles = jnp.repeat(jnp.concatenate(angles, axis=-1), 2, axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (even, odd) feature pair of x [B, S, H, D] by the angles of its token, in float32."""
+    x32 = x.astype(jnp.float32)
+    pairs = x32.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    out = x32 * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    return out.astype(x.dtype)
