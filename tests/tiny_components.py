@@ -1,0 +1,124 @@
+"""Tiny random text encoders, VAEs and tokenizers saved the way published repositories are.
+
+Other tests import these to assemble tiny pipelines. Each `save_tiny_*` builds the PyTorch
+module with transformers/diffusers, writes it into `folder` in the on-disk layout users
+download (see /work/shared/design/checkpoints.md) and returns the PyTorch module (eval mode,
+float32) as the reference. Tokenizers are real (BPE / sentencepiece unigram), trained or
+written in-process from a small corpus.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+CORPUS = [
+    "a photo of a cat",
+    "a dog sitting on a red chair",
+    "the quick brown fox jumps over the lazy dog",
+    "an astronaut riding a horse on the moon",
+    "a bowl of fruit on a wooden table",
+    "a painting of a city at night, high quality",
+    "blurry, low quality, watermark",
+]
+
+
+def _state_dict(module: torch.nn.Module, dtype=None) -> dict:
+    tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    return {k: v.to(dtype) for k, v in tensors.items()} if dtype is not None else tensors
+
+
+def save_sharded(state_dict: dict, folder, prefix: str = "model", shards: int = 2) -> None:
+    """Write `prefix-0000i-of-0000n.safetensors` files plus `prefix.safetensors.index.json`
+    (transformers' `model`, diffusers' `diffusion_pytorch_model`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = sorted(state_dict)
+    per_shard = -(-len(keys) // shards)
+    weight_map = {}
+    for i in range(shards):
+        name = f"{prefix}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state_dict[k] for k in keys[i * per_shard : (i + 1) * per_shard]}
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _save_weights(state_dict: dict, folder: Path, prefix: str, sharded: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if sharded:
+        save_sharded(state_dict, folder, prefix)
+    else:
+        save_file(state_dict, str(folder / f"{prefix}.safetensors"), metadata={"format": "pt"})
+
+
+# ----------------------------------------------------------------------------- CLIP
+
+
+def save_tiny_clip(folder, projection: bool = False, seed: int = 0, hidden_size: int = 32,
+                   intermediate_size: int = 37, num_hidden_layers: int = 3, num_attention_heads: int = 4,
+                   vocab_size: int = 523, max_position_embeddings: int = 77, projection_dim: int = 24,
+                   hidden_act: str = "quick_gelu", eos_token_id: int = 2, published_naming: bool = True,
+                   sharded: bool = False, dtype=None):
+    """CLIPTextModel (or ...WithProjection) in `folder`: config.json + model.safetensors.
+
+    With `published_naming` (default) keys carry the `text_model.` prefix as in every published
+    repository (transformers 4); otherwise transformers 5's prefix-less naming. The default
+    vocab_size and eos_token_id=2 (legacy argmax pooling, as in SD1.5/SDXL configs) fit
+    `save_tiny_clip_tokenizer`. Returns the float32 PyTorch module.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                            num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                            max_position_embeddings=max_position_embeddings, projection_dim=projection_dim,
+                            hidden_act=hidden_act, bos_token_id=vocab_size - 2, eos_token_id=eos_token_id,
+                            pad_token_id=1)
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
+    model.config.to_json_file(str(folder / "config.json"))
+    state = {}
+    for key, tensor in _state_dict(model, dtype).items():
+        bare = key.removeprefix("text_model.")
+        state[bare if key.startswith("text_projection") or not published_naming else "text_model." + bare] = tensor
+    _save_weights(state, folder, "model", sharded)
+    return model
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for the bytes 0..255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(c) for c in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+CLIP_MERGES = ["p h", "ph o", "pho t", "phot o</w>", "c a", "ca t</w>", "o f</w>", "d o", "do g</w>", "t h", "th e</w>"]
+
+
+def save_tiny_clip_tokenizer(folder, pad_token: str = "<|endoftext|>", model_max_length: int = 77):
+    """A byte-level BPE CLIP tokenizer in the published file set (vocab.json, merges.txt,
+    special_tokens_map.json, tokenizer_config.json), with a few merges; 523 ids, the specials
+    last (<|startoftext|> = 521, <|endoftext|> = 522) as in the real CLIP vocabulary.
+    `pad_token="!"` gives the SDXL tokenizer_2 convention (pad id 0)."""
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in CLIP_MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(CLIP_MERGES) + "\n")
+    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": pad_token,
+                "unk_token": "<|endoftext|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "do_lower_case": True,
+              "errors": "replace", "add_prefix_space": False, **specials}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
