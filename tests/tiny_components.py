@@ -122,3 +122,64 @@ def save_tiny_clip_tokenizer(folder, pad_token: str = "<|endoftext|>", model_max
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "do_lower_case": True,
               "errors": "replace", "add_prefix_space": False, **specials}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+# ----------------------------------------------------------------------------- T5
+
+
+def save_tiny_t5(folder, seed: int = 0, vocab_size: int = 64, d_model: int = 32, d_kv: int = 8, d_ff: int = 48,
+                 num_layers: int = 2, num_heads: int = 4, relative_attention_num_buckets: int = 8,
+                 relative_attention_max_distance: int = 20, sharded: bool = False, tied_embed_tokens: bool = False,
+                 dtype=None):
+    """T5EncoderModel (v1.1: gated-gelu) in `folder`: config.json + model.safetensors (or
+    shards with an index). Keys as published: `shared.weight`, `encoder.block.N...`; with
+    `tied_embed_tokens` also the tied `encoder.embed_tokens.weight`. The default vocab_size
+    covers `save_tiny_t5_tokenizer`. Returns the float32 PyTorch module."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=num_layers,
+                      num_heads=num_heads, relative_attention_num_buckets=relative_attention_num_buckets,
+                      relative_attention_max_distance=relative_attention_max_distance,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+                      dropout_rate=0.0)
+    model = T5EncoderModel(config).eval()
+    with torch.no_grad():  # T5's init gives tiny activations; make the test see real mixing
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = ["T5EncoderModel"]
+    model.config.to_json_file(str(folder / "config.json"))
+    state = _state_dict(model, dtype)
+    state.pop("encoder.embed_tokens.weight", None)
+    if tied_embed_tokens:
+        state["encoder.embed_tokens.weight"] = state["shared.weight"].clone()
+    _save_weights(state, folder, "model", sharded)
+    return model
+
+
+def save_tiny_t5_tokenizer(folder, vocab_size: int = 48, extra_ids: int = 4):
+    """A sentencepiece unigram T5 tokenizer trained on CORPUS: spiece.model with the T5 ids
+    (pad 0, eos 1, unk 2), special_tokens_map.json, tokenizer_config.json, and the
+    tokenizer.json that transformers converts from it (published T5 folders carry both).
+    `extra_ids` sentinel tokens <extra_id_N> follow the pieces, as in T5."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 10), model_writer=model, vocab_size=vocab_size,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, character_coverage=1.0, minloglevel=2)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    extra = [f"<extra_id_{i}>" for i in range(extra_ids)]
+    specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "additional_special_tokens": extra}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": 512, "extra_ids": extra_ids, **specials}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    # T5TokenizerFast(vocab_file=...) yields a 4-token vocabulary in transformers 5; from_pretrained
+    # on the folder converts spiece.model correctly.
+    converted = AutoTokenizer.from_pretrained(str(folder))
+    converted.backend_tokenizer.save(str(folder / "tokenizer.json"))
