@@ -1,0 +1,265 @@
+"""`NAGPipeline`: one entry point for every family, diffusers-style arguments.
+
+`NAGPipeline.from_pretrained(path)` reads `model_index.json` and hands the folder to the
+family that owns its pipeline class. The call validates its arguments, encodes the prompts
+into row groups (cond, uncond for CFG, nag_negative for NAG), draws each image's noise from
+its own key (seed, image index), runs the one sampler and decodes.
+
+Families implement the small interface of `Family` below; everything else is shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nag_jax.guidance import nag_step_split
+from nag_jax.sampler import Conditioning, GuidancePlan, Sampler, Scales, resolve_parallel
+
+# diffusers pipeline class (model_index.json "_class_name") -> "module:Family"
+FAMILIES = {
+    "StableDiffusionPipeline": "nag_jax.pipeline_unet:StableDiffusionFamily",
+    "StableDiffusionXLPipeline": "nag_jax.pipeline_unet:StableDiffusionFamily",
+    "FluxPipeline": "nag_jax.pipeline_flux:FluxFamily",
+    "StableDiffusion3Pipeline": "nag_jax.pipeline_sd3:SD3Family",
+}
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+class Family:
+    """What a model family provides to the shared pipeline (see pipeline_unet.py for one).
+
+    Attributes: `name`, `defaults` (dict with guidance_scale, num_inference_steps, nag_tau,
+    nag_alpha), `height`, `width` (defaults), `size_multiple` (height/width must divide by it),
+    `dtype` (of latents and activations), `params` (every parameter `denoise` needs).
+    """
+
+    name: str
+    defaults: dict
+    height: int
+    width: int
+    size_multiple: int
+    dtype: Any
+    params: Any
+
+    def uses_cfg(self, guidance_scale: float, options: dict) -> bool:
+        raise NotImplementedError
+
+    def encode(self, prompts: list[str], options: dict) -> Conditioning:
+        """One row per prompt; `options` carries the call's family options (and guidance_scale)."""
+        raise NotImplementedError
+
+    def encode_uncond(self, negatives: list[str] | None, count: int, options: dict) -> Conditioning:
+        """The CFG uncond rows: the negative prompts, or "" when none were given."""
+        return self.encode(negatives or [""] * count, options)
+
+    def make_schedule(self, num_inference_steps: int, height: int, width: int, options: dict):
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """One image's latents in the diffusers pipeline's layout."""
+        raise NotImplementedError
+
+    def denoise(self, params, model_input, timestep, conditioning: Conditioning):
+        """Pure: the model's output for model_input at the scalar `timestep` (traced)."""
+        raise NotImplementedError
+
+    def decode(self, latents, height: int, width: int) -> np.ndarray:
+        """Final latents -> float32 images [B, H, W, 3] in [0, 1]."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class PipelineOutput:
+    images: Any  # list of PIL images, or float32 [B, H, W, 3] for "np", or latents for "latent"
+
+
+def _as_list(value, name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value) and value:
+        return list(value)
+    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
+
+
+def _broadcast(values: list[str], count: int, name: str) -> list[str]:
+    if len(values) == count:
+        return values
+    if len(values) == 1:
+        return values * count
+    raise ValueError(f"{name} has {len(values)} entries for {count} prompts; give one, or one per prompt")
+
+
+def _check_range(name: str, value, low, high, low_open=False, high_open=False):
+    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    below = number <= low if low_open else number < low
+    above = number >= high if high_open else number > high
+    if math.isnan(number) or below or above:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} must be a number in {left}{low}, {high}{right}, got {value!r}")
+    return number
+
+
+class NAGPipeline:
+    """Text-to-image sampling with NAG (and CFG) for any supported family."""
+
+    def __init__(self, family: Family):
+        self.family = family
+        self.sampler = Sampler(family.denoise)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype="float32", **family_options) -> "NAGPipeline":
+        """Load a diffusers-format folder; `dtype` is "float32", "bfloat16" or "float16"."""
+        path = Path(path)
+        index_path = path / "model_index.json"
+        if not index_path.exists():
+            raise FileNotFoundError(f"{path}: no model_index.json; expected a diffusers-format pipeline folder")
+        index = json.loads(index_path.read_text())
+        class_name = index.get("_class_name")
+        if class_name not in FAMILIES:
+            raise ValueError(
+                f"{path}: pipeline class {class_name!r} is not supported; supported: {', '.join(sorted(FAMILIES))}"
+            )
+        module_name, family_name = FAMILIES[class_name].split(":")
+        family_cls = getattr(importlib.import_module(module_name), family_name)
+        return cls(family_cls.load(path, index, dtype=dtype, **family_options))
+
+    def __call__(
+        self,
+        prompt,
+        nag_negative_prompt=None,
+        nag_scale: float = 1.0,
+        nag_tau: float | None = None,
+        nag_alpha: float | None = None,
+        nag_end: float = 1.0,
+        negative_prompt=None,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int = 0,
+        latents=None,
+        output_type: str = "pil",
+        parallel: str = "auto",
+        progress: bool = False,
+        callback_on_step=None,
+        check_finite: bool = False,
+        **options,
+    ) -> PipelineOutput:
+        """Generate images. NAG is on when nag_scale > 1 (reference convention: paper phi + 1).
+
+        nag_negative_prompt defaults to negative_prompt when given, else "". CFG is on per the
+        family's rule (guidance_scale > 1 for models trained with it). `latents` takes the
+        diffusers pipeline's layout and meaning. `progress` shows a per-step bar;
+        `callback_on_step(step, timestep, latents)` is called after every step.
+        `check_finite` raises instead of returning NaN/Inf images. Family options:
+        see the family (e.g. nag_mode and true_cfg_scale for Flux, max_sequence_length).
+        """
+        family = self.family
+        defaults = family.defaults
+        prompts = _as_list(prompt, "prompt")
+        nag_scale = _check_range("nag_scale", nag_scale, 0.0, math.inf)
+        nag_tau = _check_range("nag_tau", defaults["nag_tau"] if nag_tau is None else nag_tau, 0.0, math.inf, low_open=True)
+        nag_alpha = _check_range("nag_alpha", defaults["nag_alpha"] if nag_alpha is None else nag_alpha, 0.0, 1.0)
+        nag_end = _check_range("nag_end", nag_end, 0.0, 1.0, low_open=True)
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        guidance_scale = _check_range("guidance_scale", guidance_scale, 0.0, math.inf)
+        steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt <= 0:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        height, width = height or family.height, width or family.width
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % family.size_multiple:
+                raise ValueError(f"{name} must be a positive multiple of {family.size_multiple}, got {value!r}")
+        parallel = resolve_parallel(parallel)
+
+        negatives = None if negative_prompt is None else _broadcast(_as_list(negative_prompt, "negative_prompt"),
+                                                                    len(prompts), "negative_prompt")
+        options = dict(options, guidance_scale=guidance_scale, negative_prompt=negatives)
+        do_cfg = family.uses_cfg(guidance_scale, options)
+        do_nag = nag_scale > 1.0
+        if nag_negative_prompt is None:
+            nag_negatives = negatives or [""] * len(prompts)
+        else:
+            nag_negatives = _broadcast(_as_list(nag_negative_prompt, "nag_negative_prompt"), len(prompts),
+                                       "nag_negative_prompt")
+
+        # One row per image, prompt-major like diffusers; padded so every device gets equal rows.
+        images = len(prompts) * num_images_per_prompt
+        rows = -(-images // self.sampler.batch_multiple(parallel)) * self.sampler.batch_multiple(parallel)
+        row_prompt = np.minimum(np.arange(rows), images - 1) // num_images_per_prompt
+
+        def per_image(conditioning):
+            return jax.tree.map(lambda leaf: leaf[row_prompt], conditioning)
+
+        groups = {"cond": per_image(family.encode(prompts, options))}
+        if do_cfg:
+            groups["uncond"] = per_image(family.encode_uncond(negatives, len(prompts), options))
+        if do_nag:
+            groups["nag_negative"] = per_image(family.encode(nag_negatives, options))
+
+        schedule = family.make_schedule(steps, height, width, options)
+        # Each image's randomness depends on (seed, image index) only, never on the device layout.
+        image_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(rows))
+        start_keys, step_keys = jax.vmap(jax.random.split, out_axes=1)(image_keys)
+        latent_shape = family.latent_shape(height, width)
+        if latents is None:
+            start = jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(start_keys)
+        else:
+            start = jnp.asarray(latents, jnp.float32)
+            if start.shape != (images, *latent_shape):
+                raise ValueError(f"latents must have shape {(images, *latent_shape)}, got {tuple(start.shape)}")
+            start = start[np.minimum(np.arange(rows), images - 1)]
+        start = (start * schedule.init_noise_sigma).astype(family.dtype)
+
+        plan = GuidancePlan(
+            cfg=do_cfg,
+            nag=do_nag,
+            nag_steps=nag_step_split(schedule.timesteps, nag_end, schedule.timestep_kind) if do_nag else 0,
+            nag_mode=options.get("nag_mode", "shared-image"),
+        )
+        scales = Scales(guidance_scale, nag_scale, nag_tau, nag_alpha)
+        reporters, report = [], "none"
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, desc=f"{family.name} sampling", unit="step")
+            reporters.append(lambda step, t, x: bar.update(step + 1 - bar.n))
+            report = "steps"
+        if callback_on_step is not None:
+            reporters.append(callback_on_step)
+            report = "latents"
+        try:
+            final = self.sampler(schedule, plan, family.params, start, groups, scales, step_keys, parallel,
+                                 reporters, report)
+        finally:
+            if progress:
+                bar.close()
+        final = final[:images]
+        if output_type == "latent":
+            return PipelineOutput(np.asarray(final, np.float32))
+        pixels = family.decode(final, height, width)
+        if check_finite and not np.isfinite(pixels).all():
+            raise FloatingPointError(
+                "the generated images contain NaN or Inf (try dtype='float32', or lower nag_scale/guidance_scale)"
+            )
+        if output_type == "np":
+            return PipelineOutput(pixels)
+        from PIL import Image
+
+        return PipelineOutput([Image.fromarray(np.round(np.clip(p, 0, 1) * 255).astype(np.uint8)) for p in pixels])
