@@ -32,24 +32,24 @@ SINGLE_FILE_PREFIX = "model.diffusion_model."
 
 # Linear layers: (checkpoint module regex, Flax module template); weight -> kernel, bias -> bias.
 _DIFFUSERS_LINEARS = [
-    (r"time_text_embed\.timestep_embedder\.linear_1", "time_in"),
-    (r"time_text_embed\.timestep_embedder\.linear_2", "time_out"),
-    (r"time_text_embed\.text_embedder\.linear_1", "pooled_in"),
-    (r"time_text_embed\.text_embedder\.linear_2", "pooled_out"),
+    (r"time_text_embed\.timestep_embedder\.linear_1", "time_embedder/linear_1"),
+    (r"time_text_embed\.timestep_embedder\.linear_2", "time_embedder/linear_2"),
+    (r"time_text_embed\.text_embedder\.linear_1", "pooled_embedder/linear_1"),
+    (r"time_text_embed\.text_embedder\.linear_2", "pooled_embedder/linear_2"),
     (r"context_embedder", "context_embedder"),
-    (r"transformer_blocks\.(\d+)\.norm1\.linear", r"blocks_\1/img_mod"),
-    (r"transformer_blocks\.(\d+)\.norm1_context\.linear", r"blocks_\1/txt_mod"),
+    (r"transformer_blocks\.(\d+)\.norm1\.linear", r"blocks_\1/img_mod/linear"),
+    (r"transformer_blocks\.(\d+)\.norm1_context\.linear", r"blocks_\1/txt_mod/linear"),
     (r"transformer_blocks\.(\d+)\.attn\.to_([qkv])", r"blocks_\1/img_qkv/\2"),
     (r"transformer_blocks\.(\d+)\.attn\.add_([qkv])_proj", r"blocks_\1/txt_qkv/\2"),
     (r"transformer_blocks\.(\d+)\.attn\.to_out\.0", r"blocks_\1/img_attn_out"),
     (r"transformer_blocks\.(\d+)\.attn\.to_add_out", r"blocks_\1/txt_attn_out"),
     (r"transformer_blocks\.(\d+)\.attn2\.to_([qkv])", r"blocks_\1/img_qkv2/\2"),
     (r"transformer_blocks\.(\d+)\.attn2\.to_out\.0", r"blocks_\1/img_attn2_out"),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj", r"blocks_\1/img_ff/inner"),
-    (r"transformer_blocks\.(\d+)\.ff\.net\.2", r"blocks_\1/img_ff/out"),
-    (r"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj", r"blocks_\1/txt_ff/inner"),
-    (r"transformer_blocks\.(\d+)\.ff_context\.net\.2", r"blocks_\1/txt_ff/out"),
-    (r"norm_out\.linear", "norm_out"),
+    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj", r"blocks_\1/img_ff/proj_in"),
+    (r"transformer_blocks\.(\d+)\.ff\.net\.2", r"blocks_\1/img_ff/proj_out"),
+    (r"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj", r"blocks_\1/txt_ff/proj_in"),
+    (r"transformer_blocks\.(\d+)\.ff_context\.net\.2", r"blocks_\1/txt_ff/proj_out"),
+    (r"norm_out\.linear", "norm_out/linear"),
     (r"proj_out", "proj_out"),
 ]
 
@@ -70,20 +70,20 @@ _SINGLE_FILE_FUSED_QKV = [
     (r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv", r"blocks_\1/img_qkv2"),
 ]
 _SINGLE_FILE_LINEARS = [
-    (r"t_embedder\.mlp\.0", "time_in"),
-    (r"t_embedder\.mlp\.2", "time_out"),
-    (r"y_embedder\.mlp\.0", "pooled_in"),
-    (r"y_embedder\.mlp\.2", "pooled_out"),
+    (r"t_embedder\.mlp\.0", "time_embedder/linear_1"),
+    (r"t_embedder\.mlp\.2", "time_embedder/linear_2"),
+    (r"y_embedder\.mlp\.0", "pooled_embedder/linear_1"),
+    (r"y_embedder\.mlp\.2", "pooled_embedder/linear_2"),
     (r"context_embedder", "context_embedder"),
-    (r"joint_blocks\.(\d+)\.x_block\.adaLN_modulation\.1", r"blocks_\1/img_mod"),
-    (r"joint_blocks\.(\d+)\.context_block\.adaLN_modulation\.1", r"blocks_\1/txt_mod"),
+    (r"joint_blocks\.(\d+)\.x_block\.adaLN_modulation\.1", r"blocks_\1/img_mod/linear"),
+    (r"joint_blocks\.(\d+)\.context_block\.adaLN_modulation\.1", r"blocks_\1/txt_mod/linear"),
     (r"joint_blocks\.(\d+)\.x_block\.attn\.proj", r"blocks_\1/img_attn_out"),
     (r"joint_blocks\.(\d+)\.context_block\.attn\.proj", r"blocks_\1/txt_attn_out"),
     (r"joint_blocks\.(\d+)\.x_block\.attn2\.proj", r"blocks_\1/img_attn2_out"),
-    (r"joint_blocks\.(\d+)\.x_block\.mlp\.fc1", r"blocks_\1/img_ff/inner"),
-    (r"joint_blocks\.(\d+)\.x_block\.mlp\.fc2", r"blocks_\1/img_ff/out"),
-    (r"joint_blocks\.(\d+)\.context_block\.mlp\.fc1", r"blocks_\1/txt_ff/inner"),
-    (r"joint_blocks\.(\d+)\.context_block\.mlp\.fc2", r"blocks_\1/txt_ff/out"),
+    (r"joint_blocks\.(\d+)\.x_block\.mlp\.fc1", r"blocks_\1/img_ff/proj_in"),
+    (r"joint_blocks\.(\d+)\.x_block\.mlp\.fc2", r"blocks_\1/img_ff/proj_out"),
+    (r"joint_blocks\.(\d+)\.context_block\.mlp\.fc1", r"blocks_\1/txt_ff/proj_in"),
+    (r"joint_blocks\.(\d+)\.context_block\.mlp\.fc2", r"blocks_\1/txt_ff/proj_out"),
     (r"final_layer\.linear", "proj_out"),
 ]
 _SINGLE_FILE_OTHERS = [
@@ -132,8 +132,8 @@ def single_file_rules(num_layers: int) -> list[Rule]:
     """
     last = num_layers - 1
     swapped = [
-        (rf"joint_blocks\.({last})\.context_block\.adaLN_modulation\.1", r"blocks_\1/txt_mod"),
-        (r"final_layer\.adaLN_modulation\.1", "norm_out"),
+        (rf"joint_blocks\.({last})\.context_block\.adaLN_modulation\.1", r"blocks_\1/txt_mod/linear"),
+        (r"final_layer\.adaLN_modulation\.1", "norm_out/linear"),
     ]
     return (
         _linear_rules(swapped, "swap_halves_linear", "swap_halves_bias")

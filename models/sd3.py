@@ -17,11 +17,20 @@ B rows of temb.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.layers import JointAttentionCore, RMSNorm, SelfAttentionCore, timestep_embedding
+from models.layers import (
+    AdaLNModulation,
+    GELUFeedForward,
+    JointAttentionCore,
+    MLPEmbedder,
+    RMSNorm,
+    SelfAttentionCore,
+    layer_norm,
+    modulate,
+    timestep_embedding,
+)
 
 _EPS = 1e-6
 _TIME_CHANNELS = 256
@@ -45,28 +54,6 @@ def sincos_position_table(embed_dim: int, grid_size: int, base_size: int) -> np.
 
     rows, cols = np.meshgrid(positions, positions, indexing="ij")
     return np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
-
-
-def _modulate(x, shift, scale):
-    """adaLN: x * (1 + scale) + shift, with per-row shift/scale [B, D] over tokens."""
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-def _layer_norm():
-    return nn.LayerNorm(epsilon=_EPS, use_bias=False, use_scale=False)
-
-
-class FeedForward(nn.Module):
-    """Linear -> tanh-GELU -> Linear, 4x wide (diffusers FeedForward 'gelu-approximate')."""
-
-    dim: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
-        return dense(self.dim, "out")(nn.gelu(dense(4 * self.dim, "inner")(x), approximate=True))
 
 
 class Projection(nn.Module):
@@ -109,41 +96,44 @@ class JointBlock(nn.Module):
         return Projection(self.heads, self.dim // self.heads, self.qk_norm, self.dtype, self.param_dtype, name=name)
 
     def _ff(self, name):
-        return FeedForward(self.dim, self.dtype, self.param_dtype, name=name)
+        return GELUFeedForward(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    def _modulation(self, chunks, name):
+        return AdaLNModulation(self.dim, chunks, self.dtype, self.param_dtype, name=name)
 
     @nn.compact
     def __call__(self, img, txt, img_temb, txt_temb):
         img_chunks = 9 if self.dual_attention else 6
-        img_mod = jnp.split(self._dense(img_chunks * self.dim, "img_mod")(nn.silu(img_temb)), img_chunks, axis=-1)
+        img_mod = self._modulation(img_chunks, "img_mod")(img_temb)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = img_mod[:6]
-        img_normed = _layer_norm()(img)
+        img_normed = layer_norm(img)
 
         if self.context_pre_only:  # continuous adaLN: (scale, shift), no gates, no text output
-            txt_scale, txt_shift = jnp.split(self._dense(2 * self.dim, "txt_mod")(nn.silu(txt_temb)), 2, axis=-1)
-            txt_in = _modulate(_layer_norm()(txt), txt_shift, txt_scale)
+            txt_scale, txt_shift = self._modulation(2, "txt_mod")(txt_temb)
+            txt_in = modulate(layer_norm(txt), txt_shift, txt_scale)
         else:
-            txt_mod = jnp.split(self._dense(6 * self.dim, "txt_mod")(nn.silu(txt_temb)), 6, axis=-1)
+            txt_mod = self._modulation(6, "txt_mod")(txt_temb)
             c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = txt_mod
-            txt_in = _modulate(_layer_norm()(txt), c_shift_msa, c_scale_msa)
+            txt_in = modulate(layer_norm(txt), c_shift_msa, c_scale_msa)
 
         txt_q, txt_k, txt_v = self._projection("txt_qkv")(txt_in)
-        img_q, img_k, img_v = self._projection("img_qkv")(_modulate(img_normed, shift_msa, scale_msa))
+        img_q, img_k, img_v = self._projection("img_qkv")(modulate(img_normed, shift_msa, scale_msa))
         txt_attn, img_attn = JointAttentionCore(name="attn")(txt_q, txt_k, txt_v, img_q, img_k, img_v)
         img = img + gate_msa[:, None] * self._dense(self.dim, "img_attn_out")(img_attn)
 
         if self.dual_attention:  # MMDiT-X: image-only self-attention, own shift/scale/gate
             shift_msa2, scale_msa2, gate_msa2 = img_mod[6:]
-            q, k, v = self._projection("img_qkv2")(_modulate(img_normed, shift_msa2, scale_msa2))
+            q, k, v = self._projection("img_qkv2")(modulate(img_normed, shift_msa2, scale_msa2))
             attn2 = SelfAttentionCore(name="attn2")(q, k, v)
             img = img + gate_msa2[:, None] * self._dense(self.dim, "img_attn2_out")(attn2)
 
-        img_ff = self._ff("img_ff")(_modulate(_layer_norm()(img), shift_mlp, scale_mlp))
+        img_ff = self._ff("img_ff")(modulate(layer_norm(img), shift_mlp, scale_mlp))
         img = img + gate_mlp[:, None] * img_ff
         if self.context_pre_only:
             return img, None
 
         txt = txt + c_gate_msa[:, None] * self._dense(self.dim, "txt_attn_out")(txt_attn)
-        txt_ff = self._ff("txt_ff")(_modulate(_layer_norm()(txt), c_shift_mlp, c_scale_mlp))
+        txt_ff = self._ff("txt_ff")(modulate(layer_norm(txt), c_shift_mlp, c_scale_mlp))
         return img, txt + c_gate_mlp[:, None] * txt_ff
 
 
@@ -221,9 +211,8 @@ class SD3Transformer(nn.Module):
     def _temb(self, timestep, pooled, image_of_row):
         """Time + pooled-text embedding per pooled row; each row takes its image row's timestep."""
         t_freq = timestep_embedding(timestep[image_of_row], _TIME_CHANNELS, flip_sin_to_cos=True, freq_shift=0.0)
-        t_emb = self._dense(self.inner_dim, "time_out")(nn.silu(self._dense(self.inner_dim, "time_in")(t_freq)))
-        p_emb = self._dense(self.inner_dim, "pooled_out")(nn.silu(self._dense(self.inner_dim, "pooled_in")(pooled)))
-        return t_emb + p_emb
+        embedder = lambda name: MLPEmbedder(self.inner_dim, self.dtype, self.param_dtype, name=name)  # noqa: E731
+        return embedder("time_embedder")(t_freq.astype(self.dtype)) + embedder("pooled_embedder")(pooled)
 
     def _check_inputs(self, hidden_states, encoder_hidden_states, pooled_projections):
         rows, channels, height, width = hidden_states.shape
@@ -271,9 +260,9 @@ class SD3Transformer(nn.Module):
                 name=f"blocks_{index}",
             )(img, txt, img_temb, txt_temb)
 
-        scale, shift = jnp.split(self._dense(2 * self.inner_dim, "norm_out")(nn.silu(img_temb)), 2, axis=-1)
+        scale, shift = AdaLNModulation(self.inner_dim, 2, self.dtype, self.param_dtype, name="norm_out")(img_temb)
         img = self._dense(self.patch_size**2 * self.out_channels, "proj_out")(
-            _modulate(_layer_norm()(img), shift, scale)
+            modulate(layer_norm(img), shift, scale)
         )
         p, h, w = self.patch_size, height // self.patch_size, width // self.patch_size
         img = img.reshape(rows, h, w, p, p, self.out_channels)
