@@ -183,3 +183,39 @@ def save_tiny_t5_tokenizer(folder, vocab_size: int = 48, extra_ids: int = 4):
     # on the folder converts spiece.model correctly.
     converted = AutoTokenizer.from_pretrained(str(folder))
     converted.backend_tokenizer.save(str(folder / "tokenizer.json"))
+
+
+# ----------------------------------------------------------------------------- VAE
+
+
+def save_tiny_vae(folder, latent_channels: int = 4, seed: int = 0, block_out_channels=(16, 32),
+                  layers_per_block: int = 1, norm_num_groups: int = 8, scaling_factor: float | None = None,
+                  shift_factor: float | None = None, latents_mean=None, latents_std=None,
+                  use_quant_conv: bool | None = None, sharded: bool = False, dtype=None):
+    """AutoencoderKL in `folder`: config.json + diffusion_pytorch_model.safetensors.
+
+    Defaults follow the published families: 4 latent channels as SD1.5/SDXL (quant convs,
+    scaling 0.13025); 16 as Flux/SD3 (no quant convs, scaling 0.3611, shift 0.1159). Images are 2 ** (len(block_out_channels) - 1) times the
+    latents' height and width.
+    Returns the float32 PyTorch module."""
+    from diffusers import AutoencoderKL
+
+    flux_like = latent_channels == 16
+    if use_quant_conv is None:
+        use_quant_conv = not flux_like
+    if scaling_factor is None:
+        scaling_factor = 0.3611 if flux_like else 0.13025
+    if shift_factor is None and flux_like:
+        shift_factor = 0.1159
+    blocks = len(block_out_channels)
+    torch.manual_seed(seed)
+    model = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                          down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+                          block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                          norm_num_groups=norm_num_groups, scaling_factor=scaling_factor, shift_factor=shift_factor,
+                          latents_mean=latents_mean, latents_std=latents_std, use_quant_conv=use_quant_conv,
+                          use_post_quant_conv=use_quant_conv, sample_size=32).eval()
+    folder = Path(folder)
+    model.save_config(str(folder))
+    _save_weights(_state_dict(model, dtype), folder, "diffusion_pytorch_model", sharded)
+    return model
