@@ -147,15 +147,35 @@ def _float32(*arrays):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class EulerSchedule(Schedule):
+class DiscreteSchedule(Schedule):
+    """A schedule on the 0..999 training timesteps, with its per-step x0 = a * sample + b * output."""
+
+    x0_from_sample: np.ndarray
+    x0_from_output: np.ndarray
+
+    def predict_x0(self, step, x, m):
+        return _at(self.x0_from_sample, step) * x + _at(self.x0_from_output, step) * m
+
+
+def _discrete_fields(timesteps, x0_from_sample, x0_from_output, needs_noise=False, init_noise_sigma=1.0) -> dict:
+    return dict(
+        timesteps=np.asarray(timesteps).astype(np.float32),
+        timestep_kind="discrete",
+        init_noise_sigma=init_noise_sigma,
+        needs_noise=needs_noise,
+        x0_from_sample=_f32(x0_from_sample),
+        x0_from_output=_f32(x0_from_output),
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EulerSchedule(DiscreteSchedule):
     """Euler (k-diffusion form, sigma = sqrt((1 - alpha_bar) / alpha_bar)), plain or ancestral."""
 
     input_scale: np.ndarray  # 1 / sqrt(sigma^2 + 1)
     sigmas: np.ndarray  # [num_steps] sigma at each step
     sigma_down: np.ndarray  # where the deterministic part of the step lands
     sigma_up: np.ndarray  # std of the fresh noise added (0 for plain Euler)
-    x0_from_sample: np.ndarray
-    x0_from_output: np.ndarray
 
     def scale_model_input(self, sample, step):
         return (sample.astype(jnp.float32) * _at(self.input_scale, step)).astype(sample.dtype)
@@ -163,7 +183,7 @@ class EulerSchedule(Schedule):
     def step(self, state, step, model_output, sample, noise):
         x, m = _float32(sample, model_output)
         sigma = _at(self.sigmas, step)
-        x0 = _at(self.x0_from_sample, step) * x + _at(self.x0_from_output, step) * m
+        x0 = self.predict_x0(step, x, m)
         derivative = (x - x0) / sigma
         prev = x + derivative * (_at(self.sigma_down, step) - sigma)
         if self.needs_noise:
@@ -172,11 +192,9 @@ class EulerSchedule(Schedule):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class DDIMSchedule(Schedule):
+class DDIMSchedule(DiscreteSchedule):
     """Deterministic DDIM (eta = 0)."""
 
-    x0_from_sample: np.ndarray
-    x0_from_output: np.ndarray
     eps_from_sample: np.ndarray
     eps_from_output: np.ndarray
     sqrt_alpha_prev: np.ndarray
@@ -185,7 +203,7 @@ class DDIMSchedule(Schedule):
 
     def step(self, state, step, model_output, sample, noise):
         x, m = _float32(sample, model_output)
-        x0 = _at(self.x0_from_sample, step) * x + _at(self.x0_from_output, step) * m
+        x0 = self.predict_x0(step, x, m)
         eps = _at(self.eps_from_sample, step) * x + _at(self.eps_from_output, step) * m
         if self.clip_range is not None:
             x0 = jnp.clip(x0, -self.clip_range, self.clip_range)
@@ -194,15 +212,13 @@ class DDIMSchedule(Schedule):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class DPMSolverSchedule(Schedule):
+class DPMSolverSchedule(DiscreteSchedule):
     """DPM-Solver++ multistep (order <= 2). State: the previous step's x0 prediction.
 
     prev = sample_coef * x + x0_coef * x0 + diff_coef * (x0 - previous x0), where diff_coef is 0
     on first-order steps (the first step and, per config, the last).
     """
 
-    x0_from_sample: np.ndarray
-    x0_from_output: np.ndarray
     sample_coef: np.ndarray
     x0_coef: np.ndarray
     diff_coef: np.ndarray
@@ -212,7 +228,7 @@ class DPMSolverSchedule(Schedule):
 
     def step(self, state, step, model_output, sample, noise):
         x, m = _float32(sample, model_output)
-        x0 = _at(self.x0_from_sample, step) * x + _at(self.x0_from_output, step) * m
+        x0 = self.predict_x0(step, x, m)
         prev = (
             _at(self.sample_coef, step) * x
             + _at(self.x0_coef, step) * x0
@@ -222,12 +238,10 @@ class DPMSolverSchedule(Schedule):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class LCMSchedule(Schedule):
+class LCMSchedule(DiscreteSchedule):
     """Latent consistency: denoise with the boundary-condition scalings, then re-noise to the
     next timestep with fresh noise (noise weight 0 on the last step)."""
 
-    x0_from_sample: np.ndarray
-    x0_from_output: np.ndarray
     c_skip: np.ndarray
     c_out: np.ndarray
     denoised_coef: np.ndarray
@@ -236,7 +250,7 @@ class LCMSchedule(Schedule):
 
     def step(self, state, step, model_output, sample, noise):
         x, m = _float32(sample, model_output)
-        x0 = _at(self.x0_from_sample, step) * x + _at(self.x0_from_output, step) * m
+        x0 = self.predict_x0(step, x, m)
         if self.clip_range is not None:
             x0 = jnp.clip(x0, -self.clip_range, self.clip_range)
         denoised = _at(self.c_out, step) * x0 + _at(self.c_skip, step) * x
@@ -341,8 +355,7 @@ def _euler(cfg, cls_name, num_steps, timesteps, ancestral):
         _check(cfg, cls_name, key, [False])
     alphas_cumprod = _alphas_cumprod(cfg, cls_name)
     train_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # float32, like diffusers
-    karras = False
-    if ancestral:
+    if ancestral:  # no sigma options in diffusers' ancestral Euler
         if timesteps is not None:
             raise ValueError(f"timesteps is not supported for {cls_name}; allowed: None")
         ts = _spaced_timesteps(cfg, cls_name, num_steps).astype(np.float32)
@@ -391,16 +404,11 @@ def _euler(cfg, cls_name, num_steps, timesteps, ancestral):
     else:
         sigma_up, sigma_down = np.zeros_like(sigma), sigma_next
     return EulerSchedule(
-        timesteps=ts,
-        timestep_kind="discrete",
-        init_noise_sigma=init_noise_sigma,
-        needs_noise=ancestral,
+        **_discrete_fields(ts, x0_a, x0_b, needs_noise=ancestral, init_noise_sigma=init_noise_sigma),
         input_scale=_f32(1 / (sigma**2 + 1) ** 0.5),
         sigmas=sigmas[:-1],
         sigma_down=_f32(sigma_down),
         sigma_up=_f32(sigma_up),
-        x0_from_sample=_f32(x0_a),
-        x0_from_output=_f32(x0_b),
     )
 
 
@@ -426,12 +434,7 @@ def _ddim(cfg, cls_name, num_steps, timesteps):
         "v_prediction": ((1 - a) ** 0.5, a**0.5),
     }[cfg["prediction_type"]]
     return DDIMSchedule(
-        timesteps=ts.astype(np.float32),
-        timestep_kind="discrete",
-        init_noise_sigma=1.0,
-        needs_noise=False,
-        x0_from_sample=_f32(x0_a),
-        x0_from_output=_f32(x0_b),
+        **_discrete_fields(ts, x0_a, x0_b),
         eps_from_sample=_f32(eps_a),
         eps_from_output=_f32(eps_b),
         sqrt_alpha_prev=_f32(a_prev**0.5),
@@ -517,12 +520,7 @@ def _dpmpp_2m(cfg, cls_name, num_steps, timesteps):
         diff[i] = alpha[i + 1] * ((np.exp(-h[i]) - 1.0) / h[i] + 1.0) / r0
     x0_a, x0_b = _x0_coefs(cfg["prediction_type"], alpha[:-1], sigma_t[:-1], cls_name)
     return DPMSolverSchedule(
-        timesteps=ts.astype(np.float32),
-        timestep_kind="discrete",
-        init_noise_sigma=1.0,
-        needs_noise=False,
-        x0_from_sample=_f32(x0_a),
-        x0_from_output=_f32(x0_b),
+        **_discrete_fields(ts, x0_a, x0_b),
         sample_coef=_f32(sigma_t[1:] / sigma_t[:-1]),
         x0_coef=_f32(-phi),
         diff_coef=_f32(diff),
@@ -560,12 +558,7 @@ def _lcm(cfg, cls_name, num_steps, timesteps):
     denoised_coef = np.concatenate([a_prev**0.5, [1.0]])
     noise_coef = np.concatenate([(1 - a_prev) ** 0.5, [0.0]])
     return LCMSchedule(
-        timesteps=ts.astype(np.float32),
-        timestep_kind="discrete",
-        init_noise_sigma=1.0,
-        needs_noise=True,
-        x0_from_sample=_f32(x0_a),
-        x0_from_output=_f32(x0_b),
+        **_discrete_fields(ts, x0_a, x0_b, needs_noise=True),
         c_skip=_f32(sigma_data**2 / (scaled**2 + sigma_data**2)),
         c_out=_f32(scaled / (scaled**2 + sigma_data**2) ** 0.5),
         denoised_coef=_f32(denoised_coef),
@@ -651,6 +644,8 @@ def make_schedule(scheduler_config: dict, num_inference_steps, *, timesteps=None
         value = name if name is not None else scheduler_config.get("_class_name")
         allowed = sorted(SCHEDULER_CLASSES) + sorted(SCHEDULER_CLASSES.values())
         raise ValueError(f"{which} = {value!r} is not a supported scheduler; allowed: {allowed}")
+    if timesteps is not None and sigmas is not None and len(timesteps) != len(sigmas):
+        raise ValueError(f"timesteps ({len(timesteps)}) and sigmas ({len(sigmas)}) must have the same length")
     custom = timesteps if timesteps is not None else sigmas
     if custom is not None:
         if num_inference_steps is not None and num_inference_steps != len(custom):

@@ -48,24 +48,24 @@ SD3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 
 # (scheduler name, config overrides, step counts)
 CASES = [
     ("euler", {}, [1, 2, 4, 25]),
-    ("euler", {"timestep_spacing": "trailing"}, [1, 4]),
-    ("euler", {"timestep_spacing": "linspace", "prediction_type": "v_prediction", "steps_offset": 0}, [4, 25]),
+    ("euler", {"timestep_spacing": "trailing"}, [4]),
+    ("euler", {"timestep_spacing": "linspace", "prediction_type": "v_prediction", "steps_offset": 0}, [25]),
     ("euler", {"use_karras_sigmas": True}, [1, 4, 25]),
     ("euler", {"prediction_type": "sample", "final_sigmas_type": "sigma_min"}, [4]),
-    ("euler_ancestral", {}, [1, 4, 25]),
+    ("euler_ancestral", {}, [1, 25]),
     ("euler_ancestral", {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}, [4]),
-    ("ddim", {}, [1, 4, 25]),
-    ("ddim", {"timestep_spacing": "trailing", "set_alpha_to_one": True}, [2, 4]),
+    ("ddim", {}, [1, 25]),
+    ("ddim", {"timestep_spacing": "trailing", "set_alpha_to_one": True}, [2]),
     ("ddim", {"timestep_spacing": "linspace", "prediction_type": "v_prediction"}, [4]),
     ("ddim", {"clip_sample": True, "prediction_type": "sample"}, [4]),
     ("dpmpp_2m", {}, [1, 2, 4, 25]),
-    ("dpmpp_2m", {"use_karras_sigmas": True}, [1, 2, 4, 25]),
-    ("dpmpp_2m", {"timestep_spacing": "linspace", "prediction_type": "v_prediction"}, [4, 25]),
+    ("dpmpp_2m", {"use_karras_sigmas": True}, [1, 4, 25]),
+    ("dpmpp_2m", {"timestep_spacing": "linspace", "prediction_type": "v_prediction"}, [25]),
     ("dpmpp_2m", {"timestep_spacing": "trailing"}, [4]),
     ("dpmpp_2m", {"final_sigmas_type": "sigma_min", "lower_order_final": False}, [25]),
     ("dpmpp_2m", {"solver_type": "heun", "use_karras_sigmas": True}, [25]),
     ("dpmpp_2m", {"solver_order": 1}, [4]),
-    ("lcm", {}, [1, 2, 4, 8]),
+    ("lcm", {}, [1, 4, 8]),
     ("lcm", {"prediction_type": "v_prediction", "original_inference_steps": 100}, [4]),
 ]
 
@@ -140,7 +140,11 @@ def assert_same_run(schedule, scheduler, num_steps, **set_timesteps_kwargs):
 
 @pytest.mark.parametrize(
     "name, overrides, num_steps",
-    [(name, overrides, n) for name, overrides, steps in CASES for n in steps],
+    [
+        pytest.param(name, overrides, n, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in overrides.items())}-{n}")
+        for name, overrides, steps in CASES
+        for n in steps
+    ],
 )
 def test_discrete_trajectory_matches_diffusers(name, overrides, num_steps):
     config = {**SDXL_EULER, **overrides}
