@@ -46,7 +46,7 @@ LAYOUTS.update(
 def _dense(source: str, target: str, layout: str = "linear") -> list[Rule]:
     """A torch Linear (weight, bias) -> a Flax Dense (kernel, bias); `layout` names the weight's
     rearrangement, and the bias follows it (`*_linear` -> `*_bias`)."""
-    bias_layout = "as_is" if layout == "linear" else layout.replace("_linear", "_bias")
+    bias_layout = "as_is" if layout == "linear" else layout.removesuffix("_linear") + "_bias"
     targets = lambda leaf: tuple(f"{t}/{leaf}" for t in target) if isinstance(target, tuple) else f"{target}/{leaf}"  # noqa: E731
     return [Rule(source + r"\.weight", targets("kernel"), layout), Rule(source + r"\.bias", targets("bias"), bias_layout)]
 
@@ -138,9 +138,10 @@ def infer_bfl_config(checkpoint: Checkpoint) -> dict:
         raise ValueError(f"{checkpoint.description}: not a Flux (Black Forest Labs) checkpoint; missing {', '.join(absent)}")
     dim, in_channels = checkpoint.shape("img_in.weight")
     head_dim = checkpoint.shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    out_channels = checkpoint.shape("final_layer.linear.weight")[0]
     return dict(
         in_channels=in_channels,
-        out_channels=checkpoint.shape("final_layer.linear.weight")[0],
+        out_channels=None if out_channels == in_channels else out_channels,  # diffusers' "same as input"
         num_layers=_block_count(checkpoint, r"double_blocks\.(\d+)\."),
         num_single_layers=_block_count(checkpoint, r"single_blocks\.(\d+)\."),
         attention_head_dim=head_dim,
