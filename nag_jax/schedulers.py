@@ -580,7 +580,8 @@ def flux_sigmas(num_inference_steps) -> np.ndarray:
 
 
 def _flow_euler(cfg, cls_name, num_steps, timesteps, sigmas, mu):
-    for key in ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling"):
+    unsupported = ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling")
+    for key in unsupported:
         _check(cfg, cls_name, key, [False, None])
     _check(cfg, cls_name, "time_shift_type", ["exponential", "linear"])
     n_train = cfg["num_train_timesteps"]
@@ -596,9 +597,10 @@ def _flow_euler(cfg, cls_name, num_steps, timesteps, sigmas, mu):
         if timesteps is None:
             # diffusers spans the (statically shifted) training range, then shifts again below
             train_min = np.float32(1.0) / np.float32(n_train)
-            sigma_min = np.float32(shift) * train_min / (1 + np.float32(shift - 1) * train_min)
             if cfg["use_dynamic_shifting"]:
                 sigma_min = train_min
+            else:
+                sigma_min = np.float32(shift) * train_min / (1 + np.float32(shift - 1) * train_min)
             timesteps = np.linspace(n_train, float(sigma_min) * n_train, num_steps)
         sigmas = np.asarray(timesteps) / n_train
     if cfg["use_dynamic_shifting"]:

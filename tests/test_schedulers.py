@@ -183,14 +183,20 @@ def test_custom_timesteps_dmd2(name):
         (SD3, 4, "sd3"),
         (SD3, 28, "sd3"),
         ({**SD3, "shift_terminal": 0.1}, 4, "sd3"),
+        (SD3, 3, "custom timesteps"),
     ],
 )
 def test_flow_euler_matches_the_pipelines(config, num_steps, pipeline):
     """Flux passes sigmas = linspace(1, 1/n, n) and mu from the image length; SD3 passes neither."""
     mu = calculate_shift(4096, 256, 4096, 0.5, 1.15)
-    kwargs = {"sigmas": flux_sigmas(num_steps), "mu": mu} if pipeline == "flux" else {}
+    kwargs = {
+        "flux": {"sigmas": flux_sigmas(num_steps), "mu": mu},
+        "sd3": {},
+        "custom timesteps": {"timesteps": [1000.0, 600.0, 200.0]},
+    }[pipeline]
     schedule = make_schedule(config, num_steps, **kwargs)
     assert schedule.timestep_kind == "flow" and not schedule.needs_noise
+    np.testing.assert_array_equal(schedule.scale_model_input(jnp.full((2,), 3.0), 0), [3.0, 3.0])
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
     assert_same_run(schedule, scheduler, num_steps, num_inference_steps=num_steps, **kwargs)
 
