@@ -9,10 +9,12 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from convert.clip import load_clip
 from convert.mapping import ConversionError
-from tests.tiny_components import save_tiny_clip
+from tests.tiny_components import CLIP_VOCAB_SIZE, save_tiny_clip
 
-IDS = np.array([[521, 320, 515, 518, 320, 517, 522, 522, 522, 522],
-                [521, 320, 520, 256, 9, 40, 522, 0, 0, 0]], dtype=np.int32)
+BOS, EOS = CLIP_VOCAB_SIZE - 2, CLIP_VOCAB_SIZE - 1
+# "a photo of a cat" and "a dog" + bytes as the tiny tokenizer gives them; EOS-padded and "!"-padded.
+IDS = np.array([[BOS, 320, 515, 518, 320, 517, EOS, EOS, EOS, EOS],
+                [BOS, 320, 520, 256, 9, 40, EOS, 0, 0, 0]], dtype=np.int32)
 
 
 def assert_close(ours, reference, tol=1e-4):
@@ -59,7 +61,7 @@ def test_clip_pooling_by_eos_id(tmp_path):
     """Configs after transformers PR 24773 pool at the first eos id, not at the largest id."""
     model = save_tiny_clip(tmp_path, seed=2, eos_token_id=300)
     # Larger ids than the eos id (300) around it, and a second eos: the first one counts.
-    ids = np.array([[521, 400, 300, 510, 300, 0], [521, 300, 522, 522, 12, 300]], dtype=np.int32)
+    ids = np.array([[BOS, 400, 300, 510, 300, 0], [BOS, 300, EOS, EOS, 12, 300]], dtype=np.int32)
     with torch.no_grad():
         reference = model(torch.from_numpy(ids).long())
     module, params = load_clip(tmp_path)

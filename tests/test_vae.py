@@ -19,46 +19,52 @@ def assert_close(ours, reference, tol=1e-4):
     assert float(np.abs(ours - reference).max()) <= tol * scale
 
 
+def roundtrip(module):
+    """encode -> latents_to_model -> model_to_latents -> decode, one compiled function."""
+
+    def run(params, images):
+        mean, logvar = module.apply({"params": params}, images, method="encode")
+        model_latents = latents_to_model(module.config, mean)
+        decoded = module.apply({"params": params}, model_to_latents(module.config, model_latents), method="decode")
+        return mean, logvar, model_latents, decoded
+
+    return jax.jit(run)
+
+
 @pytest.mark.parametrize("latent_channels", [4, 16])
 def test_vae_encode_decode_match_diffusers(tmp_path, latent_channels):
     from diffusers import AutoencoderKL
 
     save_tiny_vae(tmp_path, latent_channels=latent_channels, seed=latent_channels)
     reference_model = AutoencoderKL.from_pretrained(tmp_path).eval()
+    scaling, shift = reference_model.config.scaling_factor, reference_model.config.shift_factor or 0.0
     images = np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 12)).astype(np.float32)
     with torch.no_grad():
         distribution = reference_model.encode(torch.from_numpy(images)).latent_dist
-        model_latents = (distribution.mean - (reference_model.config.shift_factor or 0.0)) * \
-            reference_model.config.scaling_factor
-        # What the Flux/SD3/SDXL pipelines do before decoding.
-        vae_latents = model_latents / reference_model.config.scaling_factor + (reference_model.config.shift_factor or 0.0)
-        decoded = reference_model.decode(vae_latents).sample
+        model_latents = (distribution.mean - shift) * scaling  # image-to-image pipelines
+        decoded = reference_model.decode(model_latents / scaling + shift).sample  # before vae.decode
 
     module, params = load_vae(tmp_path)
     assert (module.config.shift_factor is not None) == (latent_channels == 16)
     assert module.config.use_quant_conv == (latent_channels == 4)
-    mean, logvar = jax.jit(lambda p, x: module.apply({"params": p}, x, method="encode"))(params, images)
+    mean, logvar, ours_model_latents, ours_decoded = roundtrip(module)(params, images)
     assert mean.shape == (2, latent_channels, 8, 6)
     assert_close(mean, distribution.mean)
     assert_close(logvar, distribution.logvar)
-    ours_model_latents = latents_to_model(module.config, mean)
     assert_close(ours_model_latents, model_latents)
-    ours_vae_latents = model_to_latents(module.config, ours_model_latents)
-    decode = jax.jit(lambda p, z: module.apply({"params": p}, z, method="decode"))
-    assert_close(decode(params, ours_vae_latents), decoded)
+    assert_close(ours_decoded, decoded)
 
-
-def test_vae_bfloat16_and_sampling(tmp_path):
-    save_tiny_vae(tmp_path, latent_channels=16, seed=3)
-    module32, params32 = load_vae(tmp_path)
+    # bfloat16 parameters run and stay close to float32.
     module16, params16 = load_vae(tmp_path, dtype="bfloat16")
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(params16))
-    latents = np.random.default_rng(1).standard_normal((1, 16, 4, 4)).astype(np.float32)
-    out32 = module32.apply({"params": params32}, latents, method="decode")
-    out16 = module16.apply({"params": params16}, latents, method="decode")
-    assert out16.dtype == jnp.bfloat16 and out16.shape == (1, 3, 8, 8)
-    assert_close(out16, out32, tol=5e-2)
+    decoded16 = jax.jit(lambda p, z: module16.apply({"params": p}, z, method="decode"))(params16, mean)
+    assert decoded16.dtype == jnp.bfloat16 and decoded16.shape == (2, 3, 16, 12)
+    with torch.no_grad():
+        decoded32 = reference_model.decode(torch.from_numpy(np.array(mean))).sample
+    assert_close(decoded16, decoded32, tol=5e-2)
 
+
+def test_sample_latents_draws_with_the_encoder_variance():
     mean = jnp.zeros((2, 16, 4, 4))
     draws = sample_latents(mean, jnp.full_like(mean, 2 * np.log(0.5)), jax.random.key(0))
     assert abs(float(draws.std()) - 0.5) < 0.1  # logvar = log(0.25) -> std 0.5

@@ -60,10 +60,14 @@ def _save_weights(state_dict: dict, folder: Path, prefix: str, sharded: bool) ->
 
 # ----------------------------------------------------------------------------- CLIP
 
+CLIP_MERGES = ["p h", "ph o", "pho t", "phot o</w>", "c a", "ca t</w>", "o f</w>", "d o", "do g</w>", "t h", "th e</w>"]
+# 256 byte symbols, the same with </w>, one token per merge, then <|startoftext|>, <|endoftext|>.
+CLIP_VOCAB_SIZE = 512 + len(CLIP_MERGES) + 2
+
 
 def save_tiny_clip(folder, projection: bool = False, seed: int = 0, hidden_size: int = 32,
                    intermediate_size: int = 37, num_hidden_layers: int = 3, num_attention_heads: int = 4,
-                   vocab_size: int = 523, max_position_embeddings: int = 77, projection_dim: int = 24,
+                   vocab_size: int = CLIP_VOCAB_SIZE, max_position_embeddings: int = 77, projection_dim: int = 24,
                    hidden_act: str = "quick_gelu", eos_token_id: int = 2, published_naming: bool = True,
                    sharded: bool = False, dtype=None):
     """CLIPTextModel (or ...WithProjection) in `folder`: config.json + model.safetensors.
@@ -101,13 +105,12 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in printable] + [chr(256 + i) for i in range(len(others))]
 
 
-CLIP_MERGES = ["p h", "ph o", "pho t", "phot o</w>", "c a", "ca t</w>", "o f</w>", "d o", "do g</w>", "t h", "th e</w>"]
 
 
 def save_tiny_clip_tokenizer(folder, pad_token: str = "<|endoftext|>", model_max_length: int = 77):
     """A byte-level BPE CLIP tokenizer in the published file set (vocab.json, merges.txt,
-    special_tokens_map.json, tokenizer_config.json), with a few merges; 523 ids, the specials
-    last (<|startoftext|> = 521, <|endoftext|> = 522) as in the real CLIP vocabulary.
+    special_tokens_map.json, tokenizer_config.json), with a few merges; CLIP_VOCAB_SIZE ids, the
+    specials last (<|startoftext|>, then <|endoftext|>) as in the real CLIP vocabulary.
     `pad_token="!"` gives the SDXL tokenizer_2 convention (pad id 0)."""
     chars = _bytes_to_unicode()
     tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in CLIP_MERGES]
