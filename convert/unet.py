@@ -99,13 +99,21 @@ def unet_params(checkpoint: Checkpoint, module: UNet2DConditionModel, dtype="flo
     return map_checkpoint(checkpoint, UNET_RULES, shapes, dtype, what=f"UNet from {checkpoint.description}")
 
 
-def load_unet(folder, dtype="float32"):
-    """(module, params) from a diffusers `unet/` folder: config.json and (sharded) safetensors.
+def load_unet(folder_or_checkpoint, dtype="float32", config: dict | None = None):
+    """(module, params) from a diffusers `unet/` folder (config.json and single or sharded
+    safetensors), or from an opened Checkpoint with diffusers names plus its `config` dict.
 
     The module computes in `dtype` too; attention softmax and norms stay float32 inside.
     """
-    folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    if isinstance(folder_or_checkpoint, Checkpoint):
+        if config is None:
+            raise ValueError("config: a Checkpoint was passed without its UNet config dict; pass config=...")
+        checkpoint = folder_or_checkpoint
+    else:
+        folder = Path(folder_or_checkpoint)
+        if config is None:
+            config = json.loads((folder / "config.json").read_text())
+        checkpoint = open_checkpoint(folder)
     jax_dtype = jnp.dtype(parse_dtype(dtype))
     module = UNet2DConditionModel.from_config(config, dtype=jax_dtype, param_dtype=jax_dtype)
-    return module, unet_params(open_checkpoint(folder), module, dtype)
+    return module, unet_params(checkpoint, module, dtype)
