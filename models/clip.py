@@ -56,7 +56,7 @@ class CLIPTextConfig:
             )
         names = {f.name for f in dataclasses.fields(cls)} - {"projection_dim"}
         values = {k: v for k, v in config.items() if k in names}
-        return cls(**values, projection_dim=config.get("projection_dim", 768) if projection else None)
+        return cls(**values, projection_dim=config.get("projection_dim", 512) if projection else None)
 
 
 @flax.struct.dataclass

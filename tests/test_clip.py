@@ -9,20 +9,12 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from convert.clip import load_clip
 from convert.mapping import ConversionError
-from tests.tiny_components import CLIP_VOCAB_SIZE, save_tiny_clip
+from tests.tiny_components import CLIP_VOCAB_SIZE, assert_close, save_tiny_clip
 
 BOS, EOS = CLIP_VOCAB_SIZE - 2, CLIP_VOCAB_SIZE - 1
 # "a photo of a cat" and "a dog" + bytes as the tiny tokenizer gives them; EOS-padded and "!"-padded.
 IDS = np.array([[BOS, 320, 515, 518, 320, 517, EOS, EOS, EOS, EOS],
                 [BOS, 320, 520, 256, 9, 40, EOS, 0, 0, 0]], dtype=np.int32)
-
-
-def assert_close(ours, reference, tol=1e-4):
-    reference = reference.detach().numpy() if isinstance(reference, torch.Tensor) else reference
-    ours = np.asarray(ours, dtype=np.float32)
-    assert ours.shape == reference.shape
-    scale = max(1.0, float(np.abs(reference).max()))
-    assert float(np.abs(ours - reference).max()) <= tol * scale
 
 
 def reference_outputs(model):

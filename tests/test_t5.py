@@ -8,19 +8,11 @@ from transformers import T5EncoderModel
 
 from convert.t5 import load_t5
 from models.t5 import relative_position_buckets
-from tests.tiny_components import save_tiny_t5
+from tests.tiny_components import assert_close, save_tiny_t5
 
 # Long enough (30 tokens) that offsets reach the logarithmic buckets and max_distance (20).
 IDS = np.array([[3, 31, 35, 5, 13, 9, 18, 3, 23, 10, 5, 4, 44, 7, 46, 6, 10, 21, 22, 40, 41, 3, 5, 8, 9, 12, 1, 0, 0, 0],
                 [4, 5, 6, 1] + [0] * 26], dtype=np.int32)
-
-
-def assert_close(ours, reference, tol=1e-4):
-    reference = reference.detach().numpy() if isinstance(reference, torch.Tensor) else np.asarray(reference)
-    ours = np.asarray(ours, dtype=np.float32)
-    assert ours.shape == reference.shape
-    scale = max(1.0, float(np.abs(reference).max()))
-    assert float(np.abs(ours - reference).max()) <= tol * scale
 
 
 def test_relative_position_buckets_match_transformers():
@@ -60,8 +52,8 @@ def test_t5_only_embed_tokens_and_bfloat16(tmp_path):
     module32, params32 = load_t5(tmp_path)
     module16, params16 = load_t5(tmp_path, dtype="bfloat16")
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(params16))
-    out32 = module32.apply({"params": params32}, IDS)
-    out16 = module16.apply({"params": params16}, IDS)
+    out32 = jax.jit(module32.apply)({"params": params32}, IDS)
+    out16 = jax.jit(module16.apply)({"params": params16}, IDS)
     assert out16.dtype == jnp.bfloat16
     with torch.no_grad():
         reference = T5EncoderModel.from_pretrained(tmp_path).eval()(torch.from_numpy(IDS).long()).last_hidden_state

@@ -8,15 +8,7 @@ import torch
 
 from convert.vae import load_vae
 from models.vae import VAEConfig, latents_to_model, model_to_latents, sample_latents
-from tests.tiny_components import save_tiny_vae
-
-
-def assert_close(ours, reference, tol=1e-4):
-    reference = reference.detach().numpy() if isinstance(reference, torch.Tensor) else np.asarray(reference)
-    ours = np.asarray(ours, dtype=np.float32)
-    assert ours.shape == reference.shape
-    scale = max(1.0, float(np.abs(reference).max()))
-    assert float(np.abs(ours - reference).max()) <= tol * scale
+from tests.tiny_components import assert_close, save_tiny_vae
 
 
 def roundtrip(module):

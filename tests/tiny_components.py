@@ -13,6 +13,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -25,6 +26,16 @@ CORPUS = [
     "a painting of a city at night, high quality",
     "blurry, low quality, watermark",
 ]
+
+
+def assert_close(ours, reference, tol=1e-4):
+    """max |ours - reference| <= tol * max(1, max |reference|): the project's parity standard."""
+    reference = reference.detach().numpy() if isinstance(reference, torch.Tensor) else np.asarray(reference)
+    ours = np.asarray(ours, dtype=np.float32)
+    assert ours.shape == reference.shape, (ours.shape, reference.shape)
+    scale = max(1.0, float(np.abs(reference).max()))
+    error = float(np.abs(ours - reference).max())
+    assert error <= tol * scale, f"max abs difference {error:.3g} exceeds {tol:g} * {scale:.3g}"
 
 
 def _state_dict(module: torch.nn.Module, dtype=None) -> dict:
