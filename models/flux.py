@@ -31,7 +31,7 @@ from models.layers import (
     GELUFeedForward,
     JointAttentionCore,
     MLPEmbedder,
-    RMSNorm,
+    QKVProjection,
     apply_rope,
     layer_norm,
     modulate,
@@ -55,32 +55,24 @@ def image_row_of_text_rows(image_rows: int, text_rows: int) -> np.ndarray:
     return np.concatenate([np.arange(image_rows), np.arange(image_rows - extra, image_rows)])
 
 
-class QKVProjection(nn.Module):
-    """Per-head q, k, v of one stream, with RMS QK-norm (diffusers' to_q/to_k/to_v, norm_q/norm_k)."""
+def _rotated_qkv(projection, x, rope):
+    """Per-head q, k, v of one stream with QK-norm, RoPE applied to q and k."""
+    q, k, v = projection(x)
+    cos, sin = rope
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+class _FluxBlock(nn.Module):
+    """The fields of every Flux block."""
 
     heads: int
     head_dim: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, rope):
-        split = lambda y: y.reshape(*y.shape[:-1], self.heads, self.head_dim)  # noqa: E731
-        dense = lambda name: nn.Dense(self.heads * self.head_dim, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
-        q, k, v = (split(dense(name)(x)) for name in ("q", "k", "v"))
-        q = RMSNorm(eps=1e-6, param_dtype=self.param_dtype, name="norm_q")(q)
-        k = RMSNorm(eps=1e-6, param_dtype=self.param_dtype, name="norm_k")(k)
-        cos, sin = rope
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-
-class FluxDoubleBlock(nn.Module):
+class FluxDoubleBlock(_FluxBlock):
     """Double-stream block: own modulation, projections and MLP per stream, joint attention."""
-
-    heads: int
-    head_dim: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, txt, img, temb, txt_rope, img_rope):
@@ -90,7 +82,8 @@ class FluxDoubleBlock(nn.Module):
         txt_mod = AdaLNModulation(dim, 6, name="norm1_context", **kw)(temb)
         attention_inputs = []
         for x, (shift, scale, *_), rope, name in ((txt, txt_mod, txt_rope, "attn_context"), (img, img_mod, img_rope, "attn")):
-            attention_inputs += QKVProjection(self.heads, self.head_dim, name=name, **kw)(modulate(layer_norm(x), shift, scale), rope)
+            projection = QKVProjection(self.heads, self.head_dim, name=name, **kw)
+            attention_inputs += _rotated_qkv(projection, modulate(layer_norm(x), shift, scale), rope)
         txt_attn, img_attn = JointAttentionCore(name="core")(*attention_inputs)
         img = _gated_attention_and_mlp(img, img_attn, img_mod, nn.Dense(dim, name="to_out", **kw), GELUFeedForward(name="ff", **kw))
         txt = _gated_attention_and_mlp(
@@ -110,14 +103,9 @@ def _clip_float16(x):
     return jnp.clip(x, -65504, 65504) if x.dtype == jnp.float16 else x
 
 
-class FluxSingleBlock(nn.Module):
+class FluxSingleBlock(_FluxBlock):
     """Single-stream block: attention and MLP in parallel from one modulated input, with weights
     shared by both streams (applied to text and image separately)."""
-
-    heads: int
-    head_dim: int
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, txt, img, temb, txt_rope, img_rope):
@@ -132,7 +120,7 @@ class FluxSingleBlock(nn.Module):
         for x, emb, rope in ((txt, temb, txt_rope), (img, temb[: img.shape[0]], img_rope)):
             shift, scale, gate = modulation(emb)
             normed = modulate(layer_norm(x), shift, scale)
-            streams.append((x, gate, qkv(normed, rope), nn.gelu(proj_mlp(normed), approximate=True)))
+            streams.append((x, gate, _rotated_qkv(qkv, normed, rope), nn.gelu(proj_mlp(normed), approximate=True)))
         (txt, txt_gate, txt_qkv, txt_mlp), (img, img_gate, img_qkv, img_mlp) = streams
         txt_attn, img_attn = JointAttentionCore(name="core")(*txt_qkv, *img_qkv)
         txt = txt + txt_gate[:, None, :] * proj_out(jnp.concatenate([txt_attn, txt_mlp], axis=-1))

@@ -155,6 +155,30 @@ class GELUFeedForward(nn.Module):
         )
 
 
+class QKVProjection(nn.Module):
+    """q, k, v of one stream split into heads [B, N, H, D], with optional RMS QK-norm
+    (diffusers' to_q/to_k/to_v and norm_q/norm_k of MM-DiT attention: Flux, SD3.5)."""
+
+    heads: int
+    head_dim: int
+    qk_norm: bool = True
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        def project(name):
+            y = nn.Dense(self.heads * self.head_dim, dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+            return y.reshape(*y.shape[:-1], self.heads, self.head_dim)
+
+        q, k, v = project("q"), project("k"), project("v")
+        if self.qk_norm:
+            q = RMSNorm(self.eps, param_dtype=self.param_dtype, name="norm_q")(q)
+            k = RMSNorm(self.eps, param_dtype=self.param_dtype, name="norm_k")(k)
+        return q, k, v
+
+
 # --- rotary position embedding over several id axes (Flux) ---
 
 
