@@ -166,7 +166,13 @@ def infer_single_file_config(checkpoint: Checkpoint) -> dict:
     if not blocks or "x_embedder.proj.weight" not in checkpoint:
         raise CheckpointError(f"{checkpoint.description}: no SD3 transformer (joint_blocks, x_embedder) found")
     inner, in_channels, patch, _ = checkpoint.shape("x_embedder.proj.weight")
-    head_dim = checkpoint.shape("joint_blocks.0.x_block.attn.ln_q.weight")[0] if "joint_blocks.0.x_block.attn.ln_q.weight" in checkpoint else 64
+    ln_q = "joint_blocks.0.x_block.attn.ln_q.weight"
+    head_dim = checkpoint.shape(ln_q)[0] if ln_q in checkpoint else 64
+    if inner % head_dim:
+        raise CheckpointError(
+            f"{checkpoint.description}: width {inner} is not a multiple of the assumed head width {head_dim}; "
+            "pass config= (a diffusers transformer config) to load_sd3_transformer"
+        )
     positions = checkpoint.shape("pos_embed")[1]
     return {
         "sample_size": 128,

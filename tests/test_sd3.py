@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from convert.mapping import ConversionError
 from convert.sd3 import infer_single_file_config, load_sd3_transformer, single_file_transformer
-from convert.checkpoint import open_checkpoint
+from convert.checkpoint import CheckpointError, open_checkpoint
 from models.sd3 import SD3Transformer, sincos_position_table
 from tests.tiny_sd3 import (
     BASE_CONFIG,
@@ -71,7 +71,11 @@ def test_single_file_loads_same_parameters(saved, variant):
     model, folder, single = saved[variant]
     _, params = load_sd3_transformer(folder)
     # Without QK-norm the head width is not in the weights: SD3's is 64, the tiny model's 16.
-    config = dict(model.config) if VARIANTS[variant]["qk_norm"] is None else None
+    config = None
+    if VARIANTS[variant]["qk_norm"] is None:
+        with pytest.raises(CheckpointError, match="pass config="):
+            load_sd3_transformer(single)
+        config = dict(model.config)
     module, single_params = load_sd3_transformer(single, config=config)
     flat, single_flat = (traverse_util.flatten_dict(p, sep="/") for p in (params, single_params))
     assert flat.keys() == single_flat.keys()
