@@ -25,7 +25,7 @@ from models.layers import (
     GELUFeedForward,
     JointAttentionCore,
     MLPEmbedder,
-    RMSNorm,
+    QKVProjection,
     SelfAttentionCore,
     layer_norm,
     modulate,
@@ -56,28 +56,6 @@ def sincos_position_table(embed_dim: int, grid_size: int, base_size: int) -> np.
     return np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
 
 
-class Projection(nn.Module):
-    """q, k, v projections of one stream, split into heads, with optional RMS QK-norm."""
-
-    heads: int
-    head_dim: int
-    qk_norm: bool
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        def project(name):
-            y = nn.Dense(self.heads * self.head_dim, dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
-            return y.reshape(*y.shape[:-1], self.heads, self.head_dim)
-
-        q, k, v = project("q"), project("k"), project("v")
-        if self.qk_norm:
-            q = RMSNorm(_EPS, param_dtype=self.param_dtype, name="norm_q")(q)
-            k = RMSNorm(_EPS, param_dtype=self.param_dtype, name="norm_k")(k)
-        return q, k, v
-
-
 class JointBlock(nn.Module):
     """One MM-DiT block: adaLN-Zero on both streams, joint attention, gated MLPs."""
 
@@ -93,7 +71,8 @@ class JointBlock(nn.Module):
         return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     def _projection(self, name):
-        return Projection(self.heads, self.dim // self.heads, self.qk_norm, self.dtype, self.param_dtype, name=name)
+        head_dim = self.dim // self.heads
+        return QKVProjection(self.heads, head_dim, self.qk_norm, _EPS, self.dtype, self.param_dtype, name=name)
 
     def _ff(self, name):
         return GELUFeedForward(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
