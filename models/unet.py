@@ -104,7 +104,8 @@ class UNetConfig:
         """From a diffusers `unet/config.json` dict; diffusers' defaults fill missing keys."""
         for key, allowed in _UNSUPPORTED_UNLESS.items():
             value = config.get(key, allowed)
-            if value != allowed and not (allowed in (False, None) and not value):
+            off = not any(value) if isinstance(value, (list, tuple)) else not value  # False, None, [False, ...]
+            if value != allowed and not (allowed in (False, None) and off):
                 raise ValueError(f"UNet config: {key}={value!r} is not supported (only {allowed!r})")
         if config.get("act_fn", "silu") not in ("silu", "swish"):
             raise ValueError(f"UNet config: act_fn={config['act_fn']!r} is not supported (only 'silu')")
@@ -290,8 +291,11 @@ class Transformer2D(nn.Module):
 def _resize_nearest(x, size):
     """Nearest-neighbour resize of NHWC x to (H, W) = size, torch's index rule floor(i * in / out)."""
     for axis, out in zip((1, 2), size):
-        index = np.floor(np.arange(out) * (x.shape[axis] / out)).astype(np.int32)
-        x = jnp.take(x, index, axis=axis)
+        if out == 2 * x.shape[axis]:
+            x = jnp.repeat(x, 2, axis=axis)  # the usual case, without a gather
+        else:
+            index = np.floor(np.arange(out) * (x.shape[axis] / out)).astype(np.int32)
+            x = jnp.take(x, index, axis=axis)
     return x
 
 

@@ -31,7 +31,10 @@ def _relative_error(out, ref):
 
 
 # sd15 runs at an odd size: diffusers then upsamples to the skip's size instead of 2x.
-@pytest.mark.parametrize("kind, size", [("sd15", (15, 13)), ("sd2", (16, 16)), ("sdxl", (16, 16)), ("lcm", (16, 16))])
+@pytest.mark.parametrize(
+    "kind, size", [("sd15", (15, 13)), ("sd2", (16, 16)), ("sdxl", (16, 16)), ("lcm", (16, 16))],
+    ids=["sd15-odd-size", "sd2", "sdxl", "lcm"],
+)
 def test_matches_diffusers(kind, size, saved):
     model, folder = saved(kind)
     module, params = load_unet(folder)
