@@ -192,6 +192,8 @@ class TimestepEmbedding(nn.Module):
     @nn.compact
     def __call__(self, x, condition=None):
         make = _Layers(self)
+        if self.cond_proj_dim is None and condition is not None:
+            raise ValueError("timestep_cond was given, but this UNet has no time_cond_proj_dim (not an LCM-style UNet)")
         if self.cond_proj_dim is not None:
             cond_proj = make.dense(x.shape[-1], "cond_proj", use_bias=False)
             if condition is not None:

@@ -99,3 +99,11 @@ def test_sdxl_needs_added_conditioning(saved):
     del inputs["added_cond_kwargs"]
     with pytest.raises(ValueError, match="text_embeds"):
         module.apply({"params": params}, **inputs)
+
+
+def test_timestep_cond_needs_an_lcm_unet(saved):
+    _, folder = saved("sd15")
+    module, params = load_unet(folder)
+    inputs = make_inputs("sd15", batch=1)
+    with pytest.raises(ValueError, match="time_cond_proj_dim"):
+        module.apply({"params": params}, **inputs, timestep_cond=np.zeros((1, 16), np.float32))
