@@ -25,14 +25,13 @@ import nag_jax.flux_modes  # noqa: F401  registers the reference mode
 import tiny_flux
 from convert.flux import load_flux_transformer
 from nag_jax.intercept import NAGConfig, guided
+from torch_nag import torch_nag
 
 SCALE, TAU, ALPHA = 5.0, 2.5, 0.25
 
 
-def torch_nag(z_pos, z_neg):
-    guided_ = SCALE * z_pos - (SCALE - 1) * z_neg
-    ratio = guided_.abs().sum(-1, keepdim=True) / z_pos.abs().sum(-1, keepdim=True)
-    return ALPHA * guided_ * torch.clamp(ratio, max=TAU) / ratio + (1 - ALPHA) * z_pos
+def nag_rows(z_pos, z_neg):
+    return torch_nag(z_pos, z_neg, SCALE, TAU, ALPHA)
 
 
 def _heads(attn, x, projections):
@@ -55,7 +54,7 @@ class DoubleBlockNAG:
         k = torch.cat([attn.norm_added_k(txt_k), attn.norm_k(img_k)], dim=1)
         out = _attend(q, k, torch.cat([txt_v, img_v], dim=1), image_rotary_emb)
         text_tokens, rows = encoder_hidden_states.shape[1], hidden_states.shape[0]
-        img_out = torch_nag(out[:rows, text_tokens:], out[rows:, text_tokens:])
+        img_out = nag_rows(out[:rows, text_tokens:], out[rows:, text_tokens:])
         return attn.to_out[0](img_out), attn.to_add_out(out[:, :text_tokens])
 
 
@@ -69,7 +68,7 @@ class SingleBlockNAG:
         q, k, v = _heads(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v))
         out = _attend(attn.norm_q(q), attn.norm_k(k), v, image_rotary_emb)
         rows, t = out.shape[0] // 2, self.text_tokens
-        combined = torch_nag(out[:rows, t:], out[rows:, t:])
+        combined = nag_rows(out[:rows, t:], out[rows:, t:])
         return torch.cat([out[:, :t], torch.cat([combined, combined], dim=0)], dim=1)
 
 
