@@ -181,8 +181,9 @@ def load_flux_transformer(path, dtype="float32", config: dict | None = None):
     """(module, params) from a diffusers repository, its `transformer/` folder, or a BFL single file.
 
     A folder must hold `config.json` (or `transformer/config.json`); `config` entries override it.
-    A single `.safetensors` file is configured from its shapes (`infer_bfl_config`), completed
-    or overridden by `config`. The module computes and keeps its parameters in `dtype`.
+    A BFL single file is configured from its shapes (`infer_bfl_config`), completed or
+    overridden by `config`; a single file in diffusers' naming needs `config`. The module
+    computes and keeps its parameters in `dtype`.
     """
     path = Path(path)
     if path.is_dir() and (path / "transformer").is_dir():
@@ -193,13 +194,17 @@ def load_flux_transformer(path, dtype="float32", config: dict | None = None):
         if not config_path.exists():
             raise ValueError(f"{path}: a diffusers transformer folder needs config.json")
         full_config = {**json.loads(config_path.read_text()), **(config or {})}
-    else:
+    elif is_bfl_checkpoint(checkpoint):
         full_config = {**infer_bfl_config(strip_bfl_prefix(checkpoint)), **(config or {})}
         if "axes_dims_rope" not in full_config:
             raise ValueError(
                 f"{path}: heads of size {full_config['attention_head_dim']} are not FLUX.1's; pass "
                 "config={'axes_dims_rope': [...]} (rotary dimensions per position axis, summing to the head size)"
             )
+    elif config is None:
+        raise ValueError(f"{path}: a single file in diffusers' naming needs config= (its transformer/config.json as a dict)")
+    else:
+        full_config = config
     jnp_dtype = parse_dtype(dtype)
     model = FluxTransformer2DModel.from_config(full_config, dtype=jnp_dtype, param_dtype=jnp_dtype)
     return model, flux_params(checkpoint, model, dtype)

@@ -185,7 +185,8 @@ class FluxTransformer2DModel(nn.Module):
     @classmethod
     def from_config(cls, config: dict, dtype=jnp.float32, param_dtype=jnp.float32) -> "FluxTransformer2DModel":
         """Build from a diffusers `transformer/config.json` dict; keys the model does not use are ignored."""
-        fields = {name: config[name] for name in cls.__dataclass_fields__ if name in config and name not in ("dtype", "param_dtype", "parent", "name")}
+        not_config = ("dtype", "param_dtype", "parent", "name")
+        fields = {k: config[k] for k in cls.__dataclass_fields__ if k in config and k not in not_config}
         if "axes_dims_rope" in fields:
             fields["axes_dims_rope"] = tuple(fields["axes_dims_rope"])
         model = cls(**fields, dtype=dtype, param_dtype=param_dtype)
@@ -197,6 +198,8 @@ class FluxTransformer2DModel(nn.Module):
 
     @nn.compact
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None):
+        """Velocity [B, N, out_channels] for packed latents; inputs as in the module docstring.
+        `guidance` is required by dev models (guidance_embeds) and ignored by the others."""
         rows, text_rows = hidden_states.shape[0], encoder_hidden_states.shape[0]
         if pooled_projections.shape[0] != text_rows:
             raise ValueError(

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 import tiny_flux
 from convert.checkpoint import open_checkpoint
-from convert.flux import flux_params, infer_bfl_config, load_flux_transformer, strip_bfl_prefix
+from convert.flux import infer_bfl_config, load_flux_transformer, strip_bfl_prefix
 from convert.mapping import ConversionError
 from models.flux import FluxTransformer2DModel
 
@@ -108,9 +108,10 @@ def test_conversion_is_strict(saved, tmp_path):
     state["pos_embed.freqs"] = torch.zeros(4)
     path = tmp_path / "broken.safetensors"
     save_file(state, str(path))
-    module = FluxTransformer2DModel.from_config(json.loads((folder / "config.json").read_text()))
+    with pytest.raises(ValueError, match="needs config="):
+        load_flux_transformer(path)  # a loose diffusers-named file says nothing of its config
     with pytest.raises(ConversionError) as error:
-        flux_params(open_checkpoint(path), module)
+        load_flux_transformer(path, config=json.loads((folder / "config.json").read_text()))
     assert error.value.missing == ["transformer_blocks_1/attn_context/norm_k/scale"]
     assert error.value.unexpected == ["pos_embed.freqs"]
     assert [m[0] for m in error.value.misshaped] == ["transformer_blocks.0.attn.to_q.weight -> transformer_blocks_0/attn/q/kernel"]
