@@ -38,10 +38,6 @@ def saved(tmp_path_factory):
     return out
 
 
-def relative_error(ours, ref):
-    return float(np.max(np.abs(np.asarray(ours, np.float32) - ref)) / np.max(np.abs(ref)))
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_matches_diffusers_from_sharded_folder(saved, variant):
     torch_model, folder = saved[variant]
@@ -53,7 +49,7 @@ def test_matches_diffusers_from_sharded_folder(saved, variant):
     ours = module.apply({"params": params}, **inputs)
     ref = tiny_flux.torch_forward(torch_model, inputs)
     assert ours.shape == ref.shape == (2, tiny_flux.GRID**2, tiny_flux.TINY_CONFIG["in_channels"])
-    assert relative_error(ours, ref) <= 1e-4
+    assert tiny_flux.relative_error(ours, ref) <= 1e-4
 
 
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
@@ -96,8 +92,8 @@ def test_bfloat16_matches_diffusers_in_bfloat16(saved):
         ref16 = torch16(**{k: torch.from_numpy(v).to(torch.bfloat16) for k, v in inputs.items()}, return_dict=False)[0]
     ref16 = ref16.float().numpy()
     assert np.all(np.isfinite(np.asarray(out16, np.float32)))
-    assert relative_error(out16, ref16) < 0.03
-    assert relative_error(out16, out32) < 1.5 * relative_error(ref16, out32) + 0.01
+    assert tiny_flux.relative_error(out16, ref16) < 0.03
+    assert tiny_flux.relative_error(out16, out32) < 1.5 * tiny_flux.relative_error(ref16, out32) + 0.01
 
 
 def test_conversion_is_strict(saved, tmp_path):

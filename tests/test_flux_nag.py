@@ -121,10 +121,6 @@ def nag_config(mode, scale=SCALE):
     return NAGConfig(nag_scale=scale, nag_tau=TAU, nag_alpha=ALPHA, nag_mode=mode)
 
 
-def relative_error(ours, ref):
-    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-
-
 def cfg_and_nag_inputs(same_pooled=False, seed=0):
     """Rows [uncond, cond] (as with CFG) and one negative prompt, for the cond row: text rows
     [uncond, cond, negative]. Every test uses these shapes: eager dispatch then compiles once."""
@@ -150,15 +146,15 @@ def test_reference_mode_matches_the_pytorch_reference(flux):
     ours = run(flux, inputs, nag_config("reference"))
     plain = run(flux, positive_rows(inputs))
     ref = torch_reference_nag(tiny_flux.build_model(guidance_embeds=True), cond_row_with_negative(inputs))
-    assert relative_error(plain[1:], ref) > 0.05, "NAG should change the output visibly"
-    assert relative_error(ours[1:], ref) <= 1e-4
-    assert relative_error(ours[:1], plain[:1]) <= 1e-5
+    assert tiny_flux.relative_error(plain[1:], ref) > 0.05, "NAG should change the output visibly"
+    assert tiny_flux.relative_error(ours[1:], ref) <= 1e-4
+    assert tiny_flux.relative_error(ours[:1], plain[:1]) <= 1e-5
 
 
 def test_shared_image_equals_reference_when_the_pooled_embeddings_agree(flux):
     inputs = cfg_and_nag_inputs(same_pooled=True)
     reference = run(flux, inputs, nag_config("reference"))
-    assert relative_error(run(flux, inputs, nag_config("shared-image")), reference) <= 1e-5
+    assert tiny_flux.relative_error(run(flux, inputs, nag_config("shared-image")), reference) <= 1e-5
 
 
 def test_shared_image_differs_from_reference_when_the_pooled_embeddings_differ(flux):
@@ -166,7 +162,7 @@ def test_shared_image_differs_from_reference_when_the_pooled_embeddings_differ(f
     plain = run(flux, positive_rows(inputs))[1:]
     reference = run(flux, inputs, nag_config("reference"))[1:]
     shared = run(flux, inputs, nag_config("shared-image"))[1:]
-    mode_gap, nag_effect = relative_error(shared, reference), relative_error(reference, plain)
+    mode_gap, nag_effect = tiny_flux.relative_error(shared, reference), tiny_flux.relative_error(reference, plain)
     print(f"\nFlux NAG, shared-image vs reference: max |diff| = {mode_gap:.4f} of the output scale "
           f"(NAG itself moves the output by {nag_effect:.4f})")
     assert 1e-4 < mode_gap < nag_effect
@@ -179,7 +175,7 @@ def test_nag_off_is_the_plain_forward(flux, mode):
     for config in (nag_config(mode, scale=1.0), nag_config(mode)):  # off, or no negative rows
         np.testing.assert_array_equal(run(flux, positive_rows(inputs), config), plain)
     # a negative row given but nag_scale = 1: it flows through the text stream and changes nothing
-    assert relative_error(run(flux, inputs, nag_config(mode, scale=1.0)), plain) <= 1e-5
+    assert tiny_flux.relative_error(run(flux, inputs, nag_config(mode, scale=1.0)), plain) <= 1e-5
 
 
 def test_unknown_mode_is_refused(flux):

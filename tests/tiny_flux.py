@@ -73,6 +73,12 @@ def torch_forward(model: FluxTransformer2DModel, inputs: dict) -> np.ndarray:
     return out.numpy()
 
 
+def relative_error(ours, ref) -> float:
+    """max |ours - ref| over max |ref|: parity is <= 1e-4 in float32."""
+    ref = np.asarray(ref, np.float32)
+    return float(np.max(np.abs(np.asarray(ours, np.float32) - ref)) / np.max(np.abs(ref)))
+
+
 def _fuse(*tensors):
     return torch.cat(tensors, dim=0)
 
