@@ -23,7 +23,7 @@ post-processes each `JointAttentionCore` call: the outer NAG transform sees equa
 runs plain joint attention, then the nested one writes NAG(first copy, second copy) into both
 copies' image rows. The stack's result keeps the first copies. The model knows nothing of it.
 
-Importing this module registers the transform.
+Importing this module registers the transform; `guided` imports it for nag_mode="reference".
 """
 
 from __future__ import annotations
@@ -35,17 +35,9 @@ from models.flux import FluxSingleStreamBlocks
 from models.layers import JointAttentionCore
 from nag_jax.intercept import register_nag
 
-NAG_MODES = ("shared-image", "reference")
-
-
-def check_nag_mode(mode: str) -> None:
-    if mode not in NAG_MODES:
-        raise ValueError(f"nag_mode must be one of {', '.join(NAG_MODES)}, got {mode!r}")
-
 
 @register_nag(FluxSingleStreamBlocks)
 def _single_stream_reference_nag(config, module, plain, txt, img, temb, txt_rope, img_rope):
-    check_nag_mode(config.nag_mode)
     rows = img.shape[0]
     extra = txt.shape[0] - rows
     if config.nag_mode == "shared-image" or extra == 0 or not config.enabled:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -26,6 +27,7 @@ from nag_jax.attention import attention, attention_partial, merge_heads, merge_p
 from nag_jax.guidance import nag
 
 _TRANSFORMS: dict[tuple[type, str], Callable] = {}
+NAG_MODES = ("shared-image", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,10 @@ class NAGConfig:
         except (TypeError, jax.errors.ConcretizationTypeError):
             return True  # traced: the caller decided statically that NAG is on
 
+    def __post_init__(self):
+        if self.nag_mode not in NAG_MODES:
+            raise ValueError(f"nag_mode must be one of {', '.join(NAG_MODES)}, got {self.nag_mode!r}")
+
     def combine(self, z_pos, z_neg):
         return nag(z_pos, z_neg, self.nag_scale, self.nag_tau, self.nag_alpha)
 
@@ -71,6 +77,8 @@ def has_nag_transform(module_type: type, method: str = "__call__") -> bool:
 @contextlib.contextmanager
 def guided(config: NAGConfig):
     """Within this context, registered attention modules compute NAG."""
+    if config.nag_mode == "reference":  # its transform lives beside the Flux model it serves
+        importlib.import_module("nag_jax.flux_modes")
 
     def interceptor(next_fun, args, kwargs, context):
         transform = _TRANSFORMS.get((type(context.module), context.method_name))

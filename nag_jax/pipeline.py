@@ -39,9 +39,11 @@ class Family:
 
     Attributes: `name`, `defaults` (dict with guidance_scale, num_inference_steps, nag_tau,
     nag_alpha), `height`, `width` (defaults), `size_multiple` (height/width must divide by it),
-    `dtype` (of latents and activations), `params` (every parameter `denoise` needs).
+    `dtype` (of latents and activations), `params` (every parameter `denoise` needs),
+    `options` (names of the family's own call arguments).
     """
 
+    options: tuple[str, ...] = ()
     name: str
     defaults: dict
     height: int
@@ -166,6 +168,11 @@ class NAGPipeline:
         """
         family = self.family
         defaults = family.defaults
+        unknown = sorted(set(options) - set(family.options))
+        if unknown:
+            allowed = ", ".join(family.options) or "none"
+            raise ValueError(f"unknown argument(s) {', '.join(unknown)} for the {family.name} pipeline; "
+                             f"its own options are: {allowed}")
         prompts = _as_list(prompt, "prompt")
         nag_scale = _check_range("nag_scale", nag_scale, 0.0, math.inf)
         nag_tau = _check_range("nag_tau", defaults["nag_tau"] if nag_tau is None else nag_tau, 0.0, math.inf, low_open=True)
@@ -190,7 +197,7 @@ class NAGPipeline:
 
         negatives = None if negative_prompt is None else _broadcast(_as_list(negative_prompt, "negative_prompt"),
                                                                     len(prompts), "negative_prompt")
-        options = dict(options, guidance_scale=guidance_scale, negative_prompt=negatives)
+        options = dict(options, guidance_scale=guidance_scale, negative_prompt=negatives, height=height, width=width)
         do_cfg = family.uses_cfg(guidance_scale, options)
         do_nag = nag_scale > 1.0
         if nag_negative_prompt is None:

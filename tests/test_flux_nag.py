@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.normalization import AdaLayerNormZero
 
-import nag_jax.flux_modes  # noqa: F401  registers the reference mode
 import tiny_flux
 from convert.flux import load_flux_transformer
 from nag_jax.intercept import NAGConfig, guided
