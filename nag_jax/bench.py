@@ -1,0 +1,605 @@
+"""Benchmarks for NAG's cost: FLOPs per denoiser step, per-step timing, sampler compile time.
+
+    python -m nag_jax.bench                      # everything, human-readable table
+    python -m nag_jax.bench --only flops --json  # one part, machine-readable
+    python -m nag_jax.bench --family flux        # one family
+
+Parts:
+- flops: XLA's cost analysis of one denoiser step at the published full-size configurations
+  (SDXL base UNet, FLUX.1-schnell, SD3.5-Large at 1024x1024), traced on abstract shapes only:
+  parameters are `jax.eval_shape` results, so no real-size weights are ever allocated. The
+  count is taken from the un-compiled lowering (`Lowered.cost_analysis`), which matches the
+  compiled program's count on dot-product work and avoids compiling 10-billion-parameter
+  graphs on a CPU. `--tiny` counts the small timing configurations instead (fast).
+- timing: one denoiser step on small random models, jitted nag-jax beside the diffusers
+  PyTorch eager model holding the same weights (needs torch and diffusers, the test extra).
+  Variants run interleaved, round-robin, and the median is reported, so the ratios survive a
+  noisy shared machine.
+- compile: the whole sampler (`NAGPipeline`, CFG and NAG on) on a tiny random SD1.5-like
+  pipeline built from nag-jax's own modules, at 4, 25 and 50 steps: first call minus second
+  call of a fresh pipeline, interleaved over repetitions, median.
+
+"NAG reference layout" is what the PyTorch reference computes: every negative-branch attention
+over the full concatenated keys [negative text; image] (image queries, keys and values repeated
+for the negative rows) and, for Flux, the image stream copied for the single-stream blocks.
+It is built here from nag-jax's models with one extra interceptor, so it is counted by the same
+cost analysis as everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.flux import FluxTransformer2DModel
+from models.layers import JointAttentionCore
+from models.sd3 import SD3Transformer
+from models.unet import UNet2DConditionModel
+from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
+
+FAMILIES = ("unet", "flux", "sd3")
+PARTS = ("flops", "timing", "compile")
+
+# Published configurations (diffusers config.json values of the full-size models).
+SDXL_UNET_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_type": "positional",
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+FLUX_SCHNELL_CONFIG = {  # black-forest-labs/FLUX.1-schnell, transformer/config.json
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": False,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}
+SD35_LARGE_CONFIG = {  # stabilityai/stable-diffusion-3.5-large, transformer/config.json
+    "attention_head_dim": 64,
+    "caption_projection_dim": 2432,
+    "in_channels": 16,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 38,
+    "num_layers": 38,
+    "out_channels": 16,
+    "patch_size": 2,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 192,
+    "qk_norm": "rms_norm",
+    "sample_size": 128,
+    "dual_attention_layers": [],
+}
+# Token counts at 1024x1024: latents 128x128 (SDXL 4 channels; SD3 16 channels, patch 2 ->
+# 4096 tokens); Flux 4096 packed image tokens and 512 T5 tokens; SD3 77 CLIP + 256 T5 tokens.
+REAL_SHAPES = {
+    "unet": dict(latent=(4, 128, 128), text_tokens=77),
+    "flux": dict(image_tokens=4096, text_tokens=512),
+    "sd3": dict(latent=(16, 128, 128), text_tokens=333),
+}
+
+# Small configurations for timing on a CPU (and for the fast FLOP count of --tiny).
+TINY_UNET_CONFIG = {  # SD1.5-like: conv proj_in/out, CLIP-L-like context narrowed
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "layers_per_block": 1,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 64,
+    "norm_num_groups": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "sample_size": 32,
+}
+TINY_FLUX_CONFIG = {
+    "attention_head_dim": 32,
+    "axes_dims_rope": [8, 12, 12],
+    "guidance_embeds": False,
+    "in_channels": 64,
+    "joint_attention_dim": 128,
+    "num_attention_heads": 4,
+    "num_layers": 2,
+    "num_single_layers": 4,
+    "patch_size": 1,
+    "pooled_projection_dim": 64,
+}
+TINY_SD3_CONFIG = {
+    "attention_head_dim": 32,
+    "caption_projection_dim": 128,
+    "in_channels": 16,
+    "joint_attention_dim": 128,
+    "num_attention_heads": 4,
+    "num_layers": 4,
+    "out_channels": 16,
+    "patch_size": 2,
+    "pooled_projection_dim": 64,
+    "pos_embed_max_size": 32,
+    "qk_norm": "rms_norm",
+    "sample_size": 32,
+}
+TINY_SHAPES = {
+    "unet": dict(latent=(4, 32, 32), text_tokens=77),
+    "flux": dict(image_tokens=256, text_tokens=64),
+    "sd3": dict(latent=(16, 32, 32), text_tokens=64),
+}
+NAG = NAGConfig(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25)
+TARGETS = {  # (family, figure) -> upper bound on the relative extra cost
+    ("unet", "NAG"): 0.10,
+    ("flux", "NAG shared-image"): 0.20,
+    ("flux", "NAG reference"): 0.80,
+    ("sd3", "NAG"): 0.20,
+}
+
+
+# -- building models and inputs ------------------------------------------------------------
+
+
+def build(family: str, tiny: bool):
+    """(module, inputs(rows, text_rows) -> dict of ShapeDtypeStruct, call(module, params, inputs))."""
+    configs = {"unet": TINY_UNET_CONFIG, "flux": TINY_FLUX_CONFIG, "sd3": TINY_SD3_CONFIG} if tiny else {
+        "unet": SDXL_UNET_CONFIG, "flux": FLUX_SCHNELL_CONFIG, "sd3": SD35_LARGE_CONFIG}
+    shapes = (TINY_SHAPES if tiny else REAL_SHAPES)[family]
+    config = configs[family]
+    f32 = jnp.float32
+    spec = jax.ShapeDtypeStruct
+    if family == "unet":
+        module = UNet2DConditionModel.from_config(config)
+        sdxl = module.config.addition_embed_type == "text_time"
+
+        def inputs(rows, text_rows):
+            out = dict(sample=spec((rows, *shapes["latent"]), f32), timesteps=spec((rows,), f32),
+                       encoder_hidden_states=spec((text_rows, shapes["text_tokens"], config["cross_attention_dim"]), f32))
+            if sdxl:
+                text_width = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+                out["added_cond_kwargs"] = {"text_embeds": spec((rows, text_width), f32), "time_ids": spec((rows, 6), f32)}
+            return out
+
+        def call(module, params, x):
+            return module.apply(params, x["sample"], x["timesteps"], x["encoder_hidden_states"],
+                                added_cond_kwargs=x.get("added_cond_kwargs"))
+    elif family == "flux":
+        module = FluxTransformer2DModel.from_config(config)
+        n, t = shapes["image_tokens"], shapes["text_tokens"]
+
+        def inputs(rows, text_rows):
+            return dict(hidden_states=spec((rows, n, config["in_channels"]), f32),
+                        encoder_hidden_states=spec((text_rows, t, config["joint_attention_dim"]), f32),
+                        pooled_projections=spec((text_rows, config["pooled_projection_dim"]), f32),
+                        timestep=spec((rows,), f32), img_ids=spec((n, 3), f32), txt_ids=spec((t, 3), f32))
+
+        def call(module, params, x):
+            return module.apply(params, **x)
+    elif family == "sd3":
+        module = SD3Transformer.from_config(config)
+
+        def inputs(rows, text_rows):
+            return dict(hidden_states=spec((rows, *shapes["latent"]), f32),
+                        encoder_hidden_states=spec((text_rows, shapes["text_tokens"], config["joint_attention_dim"]), f32),
+                        pooled_projections=spec((text_rows, config["pooled_projection_dim"]), f32),
+                        timestep=spec((rows,), f32))
+
+        def call(module, params, x):
+            return module.apply(params, **x)
+    else:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    return module, inputs, call
+
+
+def _small_init_inputs(family: str, inputs):
+    """Concrete zero inputs of a small spatial size: parameter shapes do not depend on it."""
+    x = inputs(1, 1)
+    if family == "unet":
+        x["sample"] = jax.ShapeDtypeStruct(x["sample"].shape[:2] + (8, 8), jnp.float32)
+    elif family == "sd3":
+        x["hidden_states"] = jax.ShapeDtypeStruct(x["hidden_states"].shape[:2] + (4, 4), jnp.float32)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), x)
+
+
+def abstract_params(family: str, module, inputs):
+    """The parameter tree as ShapeDtypeStructs (nothing allocated)."""
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), **_small_init_inputs(family, inputs)))
+
+
+# -- the NAG layouts -----------------------------------------------------------------------
+
+
+def _full_key_negative_branch(config: NAGConfig):
+    """An interceptor giving every joint attention with extra text rows the reference's layout:
+    image queries, keys and values repeated for the negative rows, attention over the full
+    [text; image] keys for every text row (no shared image-key scores), NAG on the image rows.
+    Installed outside `guided`, it runs first, so guided's own transform sees equal batches."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        if type(context.module) is not JointAttentionCore or context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        txt_q, txt_k, txt_v, img_q, img_k, img_v = args
+        rows, extra = img_q.shape[0], txt_q.shape[0] - img_q.shape[0]
+        if extra == 0:
+            return next_fun(*args, **kwargs)
+        image_of_text_row = np.concatenate([np.arange(rows), np.arange(rows - extra, rows)])
+        txt_out, img_out = next_fun(txt_q, txt_k, txt_v, *(x[image_of_text_row] for x in (img_q, img_k, img_v)))
+        return txt_out, apply_to_last_rows(config, img_out[:rows], img_out[rows:])
+
+    return interceptor
+
+
+def variants(family: str) -> dict:
+    """figure name -> (extra text rows per image row, context manager factory, image rows factor).
+
+    The step is one image row without CFG; "CFG" doubles the rows (context only for scale)."""
+    plain = contextlib.nullcontext
+    out = {"no NAG": (0, plain, 1), "CFG": (0, plain, 2)}
+    if family == "flux":
+        out["NAG shared-image"] = (1, lambda: guided(NAG), 1)
+        reference = NAGConfig(NAG.nag_scale, NAG.nag_tau, NAG.nag_alpha, "reference")
+        out["NAG reference"] = (1, lambda: guided(reference), 1)
+        out["NAG reference layout"] = (1, lambda: _nested(_full_key_negative_branch(reference), reference), 1)
+    else:
+        out["NAG"] = (1, lambda: guided(NAG), 1)
+        if family == "sd3":
+            out["NAG reference layout"] = (1, lambda: _nested(_full_key_negative_branch(NAG), NAG), 1)
+    return out
+
+
+@contextlib.contextmanager
+def _nested(interceptor, config):
+    with nn.intercept_methods(interceptor), guided(config):
+        yield
+
+
+def step_function(call, module, context):
+    """A jit-able step whose NAG context is entered while tracing (jit caches traces)."""
+    def step(params, x):
+        with context():
+            return call(module, params, x)
+    return step
+
+
+# -- part 1: FLOPs -------------------------------------------------------------------------
+
+
+def flop_counts(family: str, tiny: bool = False, progress=None) -> list[dict]:
+    """One record per variant: XLA's flop count of one denoiser step (one image)."""
+    module, inputs, call = build(family, tiny)
+    params = abstract_params(family, module, inputs)
+    records, baseline = [], None
+    for name, (extra, context, rows) in variants(family).items():
+        lowered = jax.jit(step_function(call, module, context)).lower(params, inputs(rows, rows + extra))
+        flops = float(lowered.cost_analysis()["flops"])
+        baseline = baseline or flops
+        records.append(_record("flops", family, name, flops, "GFLOP", baseline, scale=1e-9, tiny=tiny))
+        if progress:
+            progress.update(1)
+    return records
+
+
+def _record(part, family, name, value, unit, baseline, scale=1.0, tiny=False):
+    ratio = value / baseline
+    target = TARGETS.get((family, name)) if part != "compile" else None
+    return dict(part=part, family=family, config="tiny" if tiny else "real", name=name, value=value * scale,
+                unit=unit, ratio=ratio, target=None if target is None else 1 + target,
+                met=None if target is None else bool(ratio <= 1 + target))
+
+
+# -- part 2: per-step timing against diffusers ---------------------------------------------
+
+
+def _torch_available() -> str | None:
+    try:
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as error:
+        return f"timing needs torch and diffusers (pip install 'nag-jax[test]'): {error}"
+    return None
+
+
+def _concrete(spec_tree, seed=0):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), spec_tree)
+
+
+def _diffusers_model(family: str, folder: Path):
+    """The diffusers model of the tiny config, saved to `folder`, and nag-jax's copy of it."""
+    import diffusers
+
+    if family == "unet":
+        from convert.unet import load_unet
+
+        model = diffusers.UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
+        model.save_pretrained(folder)
+        module, params = load_unet(folder)
+    elif family == "flux":
+        from convert.flux import load_flux_transformer
+
+        model = diffusers.FluxTransformer2DModel(**TINY_FLUX_CONFIG).eval()
+        model.save_pretrained(folder)
+        module, params = load_flux_transformer(folder)
+    else:
+        from convert.sd3 import load_sd3_transformer
+
+        model = diffusers.SD3Transformer2DModel(**TINY_SD3_CONFIG).eval()
+        model.save_pretrained(folder)
+        module, params = load_sd3_transformer(folder)
+    return model, module, {"params": params}
+
+
+def _torch_step(family: str, model, x: dict):
+    import torch
+
+    t = jax.tree.map(torch.from_numpy, x)
+    if family == "unet":
+        return lambda: model(t["sample"], t["timesteps"], t["encoder_hidden_states"], return_dict=False)
+    return lambda: model(**t, return_dict=False)
+
+
+def _torch_reference_nag_flux(model, x: dict):
+    """diffusers Flux with the PyTorch reference NAG of tests/test_flux_nag.py (importable only
+    from a source checkout), or None."""
+    tests = Path(__file__).resolve().parent.parent / "tests"
+    if not (tests / "test_flux_nag.py").exists():
+        return None
+    sys.path.insert(0, str(tests))
+    try:
+        from test_flux_nag import torch_reference_nag
+    except ImportError:
+        return None
+    finally:
+        sys.path.remove(str(tests))
+    import copy
+
+    reference_model = copy.deepcopy(model)
+    return lambda: torch_reference_nag(reference_model, x)
+
+
+def timing_figures(family: str, repeats: int = 7, progress=None) -> list[dict]:
+    """Median seconds per denoiser step of every variant, measured interleaved in one run."""
+    import torch
+
+    module, inputs, call = build(family, tiny=True)
+    with tempfile.TemporaryDirectory() as folder:
+        model, module, params = _diffusers_model(family, Path(folder))
+    steps = {}
+    x_plain = _concrete(inputs(1, 1))
+    steps["diffusers (PyTorch eager)"] = _torch_step(family, model, x_plain)
+    if family == "flux":
+        x_neg = _concrete(inputs(1, 2))
+        reference = _torch_reference_nag_flux(model, x_neg)
+        if reference is not None:
+            steps["diffusers + reference NAG (PyTorch eager)"] = reference
+    for name, (extra, context, rows) in variants(family).items():
+        if name == "NAG reference layout":
+            continue  # a FLOP-count construction; its timing is the PyTorch reference's above
+        fn = jax.jit(step_function(call, module, context))
+        x = jax.device_put(_concrete(inputs(rows, rows + extra)))
+        steps[f"nag-jax {name}"] = lambda fn=fn, x=x: jax.block_until_ready(fn(params, x))
+    times = {name: [] for name in steps}
+    with torch.no_grad():
+        for fn in steps.values():  # warm-up: compile, allocate
+            fn(), fn()
+        names = list(steps)
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order
+                start = time.perf_counter()
+                steps[name]()
+                times[name].append(time.perf_counter() - start)
+            if progress:
+                progress.update(1)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    records = []
+    for name, seconds in medians.items():
+        baseline = medians["nag-jax no NAG"] if name.startswith("nag-jax") else medians["diffusers (PyTorch eager)"]
+        record = _record("timing", family, name, seconds, "ms", baseline, scale=1e3, tiny=True)
+        if name == "nag-jax no NAG":
+            record["vs_pytorch_eager"] = seconds / medians["diffusers (PyTorch eager)"]
+            record["target"], record["met"] = 0.5, bool(record["vs_pytorch_eager"] <= 0.5)
+        elif (family, name) == ("flux", "nag-jax NAG shared-image"):
+            record["target"], record["met"] = 1.35, bool(record["ratio"] <= 1.35)
+        else:
+            record["target"] = record["met"] = None
+        records.append(record)
+    return records
+
+
+# -- part 3: compile time of the whole sampler ---------------------------------------------
+
+
+class _CharTokenizer:
+    """A stand-in for the CLIP tokenizer (ids from characters): the compile benchmark needs
+    token ids of the right length, not a vocabulary, and so needs no tokenizer files."""
+
+    model_max_length = 77
+
+    def __call__(self, prompts, padding=None, max_length=None, truncation=False):
+        ids = [[1] + [2 + ord(c) % 97 for c in p] + [2] for p in prompts]
+        if max_length is not None:
+            ids = [(i[: max_length - 1] + [2] if len(i) > max_length else i + [0] * (max_length - len(i))) for i in ids]
+        return SimpleNamespace(input_ids=ids)
+
+
+def tiny_sd_pipeline():
+    """A NAGPipeline over a tiny random SD1.5-like family built from nag-jax's modules."""
+    from models.clip import CLIPTextEncoder
+    from models.vae import AutoencoderKL
+    from nag_jax.pipeline import NAGPipeline
+    from nag_jax.pipeline_unet import StableDiffusionFamily
+
+    unet = UNet2DConditionModel.from_config(dict(TINY_UNET_CONFIG, block_out_channels=[32, 64],
+                                                 down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                                                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+                                                 sample_size=16))
+    clip = CLIPTextEncoder.from_config(dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=2))
+    vae = AutoencoderKL.from_config(dict(latent_channels=4, block_out_channels=[8, 16], norm_num_groups=4,
+                                         layers_per_block=1))
+    key = jax.random.key(0)
+    params = {
+        "unet": unet.init(key, jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,)), jnp.zeros((1, 77, 64)))["params"],
+        "vae": vae.init(key, jnp.zeros((1, 3, 16, 16)))["params"],
+        "text_encoders": [clip.init(key, jnp.zeros((1, 77), jnp.int32))["params"]],
+    }
+    scheduler = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "timestep_spacing": "leading",
+                 "steps_offset": 1}
+    family = StableDiffusionFamily(unet, vae, [clip], [_CharTokenizer()], params, scheduler,
+                                   {"_class_name": "StableDiffusionPipeline"}, 16, jnp.float32)
+    return lambda: NAGPipeline(family)
+
+
+def compile_figures(step_counts=(4, 25, 50), repeats: int = 3, progress=None) -> list[dict]:
+    """Compile time of the sampler per step count: a fresh pipeline's first call minus its second."""
+    make_pipeline = tiny_sd_pipeline()
+    args = dict(prompt="a cat", nag_scale=3.0, guidance_scale=7.5, output_type="latent")
+    make_pipeline()(num_inference_steps=2, **args)  # compiles the text encoder once, outside the figures
+    compile_s = {n: [] for n in step_counts}
+    for _ in range(repeats):
+        for n in step_counts:
+            pipeline = make_pipeline()
+            start = time.perf_counter()
+            pipeline(num_inference_steps=n, **args)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            pipeline(num_inference_steps=n, **args)
+            compile_s[n].append(first - (time.perf_counter() - start))
+            if progress:
+                progress.update(1)
+    medians = {n: statistics.median(v) for n, v in compile_s.items()}
+    records = []
+    for n, seconds in medians.items():
+        record = _record("compile", "unet", f"sampler, {n} steps", seconds, "s", medians[step_counts[0]], tiny=True)
+        if n == max(step_counts):
+            record["target"], record["met"] = 1.2, bool(record["ratio"] <= 1.2)
+        records.append(record)
+    return records
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+def environment() -> dict:
+    import flax
+
+    info = {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+            "backend": jax.default_backend(), "cpu": platform.processor() or platform.machine()}
+    try:
+        import diffusers
+        import torch
+
+        info.update(torch=torch.__version__, diffusers=diffusers.__version__, torch_threads=torch.get_num_threads())
+    except ImportError:
+        pass
+    import os
+
+    info["cpu_count"] = os.cpu_count()
+    return info
+
+
+def format_table(records: list[dict]) -> str:
+    header = ("part", "family", "config", "figure", "value", "ratio", "target", "status")
+    rows = [header]
+    for r in records:
+        ratio = f"{r['ratio']:.3f}x"
+        if "vs_pytorch_eager" in r:
+            ratio += f" (vs PyTorch {r['vs_pytorch_eager']:.3f}x)"
+        status = "-" if r["met"] is None else ("met" if r["met"] else "MISSED")
+        target = "-" if r["target"] is None else f"<= {r['target']:.2f}x"
+        rows.append((r["part"], r["family"], r["config"], r["name"], f"{r['value']:.4g} {r['unit']}", ratio, target,
+                     status))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nag-jax bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=PARTS, action="append", help="run only this part (repeatable)")
+    parser.add_argument("--family", choices=FAMILIES, action="append", help="only this family (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--tiny", action="store_true", help="count FLOPs on the small timing configs (fast)")
+    parser.add_argument("--repeats", type=int, default=7, help="timing repetitions per variant (median)")
+    parser.add_argument("--compile-repeats", type=int, default=3, help="compile-time repetitions (median)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    parts = args.only or list(PARTS)
+    families = args.family or list(FAMILIES)
+
+    missing = _torch_available() if "timing" in parts else None
+    if missing:
+        print(f"skipping the timing part: {missing}", file=sys.stderr)
+        parts = [p for p in parts if p != "timing"]
+    total = (len(parts) and sum(
+        len(variants(f)) if p == "flops" else args.repeats if p == "timing" else 0 for p in parts for f in families)
+        + ("compile" in parts and "unet" in families) * 3 * args.compile_repeats)
+    progress = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total, desc="nag-jax bench", unit="task", file=sys.stderr)
+    records = []
+    try:
+        for family in families:
+            if "flops" in parts:
+                records += flop_counts(family, tiny=args.tiny, progress=progress)
+            if "timing" in parts:
+                records += timing_figures(family, args.repeats, progress)
+        if "compile" in parts and "unet" in families:
+            records += compile_figures(repeats=args.compile_repeats, progress=progress)
+    finally:
+        if progress:
+            progress.close()
+    if args.json:
+        print(json.dumps({"environment": environment(), "records": records}, indent=2))
+    else:
+        print(format_table(records))
+        print("\n" + ", ".join(f"{k} {v}" for k, v in environment().items()))
+    return 0  # a missed target is a figure to report, not a failure of the command
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Smoke test of the benchmark's FLOP-count path on the small Flux config (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from nag_jax import bench
+
+
+def test_flux_flop_counts_are_ordered_and_plausible():
+    records = {r["name"]: r for r in bench.flop_counts("flux", tiny=True)}
+    assert set(records) == {"no NAG", "CFG", "NAG shared-image", "NAG reference", "NAG reference layout"}
+    plain = records["no NAG"]["value"] * 1e9
+
+    # Lower bound: every image and text token goes through each block's weight matrices once
+    # (double block: q, k, v, out and the 4x MLP per stream; single block: q, k, v, the 4x MLP
+    # in and the 5x out), two FLOPs per multiply-add.
+    config, shapes = bench.TINY_FLUX_CONFIG, bench.TINY_SHAPES["flux"]
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    tokens = shapes["image_tokens"] + shapes["text_tokens"]
+    per_token = 12 * dim * dim * (config["num_layers"] + config["num_single_layers"])
+    assert 2 * tokens * per_token < plain < 2 * (2 * tokens * per_token)
+
+    assert abs(records["CFG"]["ratio"] - 2.0) < 0.01  # two image rows: twice the work
+    shared, reference, layout = (records[n]["ratio"] for n in ("NAG shared-image", "NAG reference", "NAG reference layout"))
+    assert 1.0 < shared < reference < layout < 2.0  # the shared image-key merge saves work in every layout
+    assert records["NAG shared-image"]["target"] == 1.2 and isinstance(records["NAG shared-image"]["met"], bool)
+
+
+def test_table_and_json_render_records():
+    record = bench._record("flops", "sd3", "NAG", 1.5e9, "GFLOP", 1.25e9, scale=1e-9)
+    assert record["met"] is True and abs(record["ratio"] - 1.2) < 1e-9
+    table = bench.format_table([record])
+    assert "sd3" in table and "met" in table and "1.200x" in table
+    assert json.loads(json.dumps([record]))[0]["value"] == 1.5
