@@ -17,11 +17,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nag_jax.guidance import nag_step_split
+from nag_jax.intercept import has_nag_transform
 from nag_jax.sampler import Conditioning, GuidancePlan, Sampler, Scales, resolve_parallel
 
 # diffusers pipeline class (model_index.json "_class_name") -> "module:Family"
@@ -44,6 +46,7 @@ class Family:
     """
 
     options: tuple[str, ...] = ()
+    option_defaults: dict = {}  # values of the family's own options when the call leaves them out (read-only)
     name: str
     defaults: dict
     height: int
@@ -54,6 +57,11 @@ class Family:
 
     def uses_cfg(self, guidance_scale: float, options: dict) -> bool:
         raise NotImplementedError
+
+    def cfg_scale(self, guidance_scale: float, options: dict) -> float:
+        """The CFG scale used when `uses_cfg` holds; a family whose guidance_scale means something
+        else (Flux: the distilled guidance) takes it from one of its own options."""
+        return guidance_scale
 
     def encode(self, prompts: list[str], options: dict) -> Conditioning:
         """One row per prompt; `options` carries the call's family options (and guidance_scale)."""
@@ -110,16 +118,56 @@ def _check_range(name: str, value, low, high, low_open=False, high_open=False):
     return number
 
 
+def with_scheduler(scheduler_config: dict, scheduler: str | None) -> dict:
+    """The pipeline's scheduler config, its class replaced by `scheduler` (a name or class name
+    from nag_jax.schedulers.SCHEDULER_CLASSES) when given; checked at load time."""
+    if scheduler is None:
+        return scheduler_config
+    from nag_jax.schedulers import SCHEDULER_CLASSES
+
+    class_name = SCHEDULER_CLASSES.get(scheduler, scheduler) if isinstance(scheduler, str) else None
+    if class_name not in SCHEDULER_CLASSES.values():
+        allowed = ", ".join(list(SCHEDULER_CLASSES) + list(SCHEDULER_CLASSES.values()))
+        raise ValueError(f"scheduler must be one of {allowed}, got {scheduler!r}")
+    return dict(scheduler_config, _class_name=class_name)
+
+
 class NAGPipeline:
     """Text-to-image sampling with NAG (and CFG) for any supported family."""
 
-    def __init__(self, family: Family):
+    def __init__(self, family: Family, model_parallel: int = 1):
         self.family = family
-        self.sampler = Sampler(family.denoise)
+        self.sampler = Sampler(family.denoise, model_parallel)
+        self._nag_layers = None  # attention layer types NAG reaches in this model, found on first use
+
+    def _check_nag_reaches_attention(self, nag_scale, latents, timestep, conditioning):
+        """NAG asked of a model none of whose attention layers has a NAG transform is an error,
+        not a silent plain run. Found once per pipeline by tracing one row's shapes."""
+        if self._nag_layers is None:
+            seen = set()
+
+            def record(next_fun, args, kwargs, context):
+                if has_nag_transform(type(context.module), context.method_name):
+                    seen.add(type(context.module).__name__)
+                return next_fun(*args, **kwargs)
+
+            one_row = jax.tree.map(lambda leaf: leaf[:1], conditioning)
+            with nn.intercept_methods(record):
+                jax.eval_shape(lambda p, x, c: self.family.denoise(p, x, timestep, c), self.family.params, latents,
+                               one_row)
+            self._nag_layers = sorted(seen)
+        if not self._nag_layers:
+            raise ValueError(
+                f"nag_scale = {nag_scale!r} asks for NAG, but no attention layer of the {self.family.name} model has a "
+                "NAG transform (nag_jax.intercept.register_nag); use nag_scale <= 1 (NAG off) with this model"
+            )
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", **family_options) -> "NAGPipeline":
-        """Load a diffusers-format folder; `dtype` is "float32", "bfloat16" or "float16"."""
+    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, **family_options) -> "NAGPipeline":
+        """Load a diffusers-format folder; `dtype` is "float32", "bfloat16" or "float16".
+
+        `model_parallel` > 1 splits the denoiser's parameters over that many devices (a model
+        bigger than one device; docs/multi-device.md); the batch is split over the rest."""
         path = Path(path)
         index_path = path / "model_index.json"
         if not index_path.exists():
@@ -132,7 +180,7 @@ class NAGPipeline:
             )
         module_name, family_name = FAMILIES[class_name].split(":")
         family_cls = getattr(importlib.import_module(module_name), family_name)
-        return cls(family_cls.load(path, index, dtype=dtype, **family_options))
+        return cls(family_cls.load(path, index, dtype=dtype, **family_options), model_parallel)
 
     def __call__(
         self,
@@ -197,7 +245,8 @@ class NAGPipeline:
 
         negatives = None if negative_prompt is None else _broadcast(_as_list(negative_prompt, "negative_prompt"),
                                                                     len(prompts), "negative_prompt")
-        options = dict(options, guidance_scale=guidance_scale, negative_prompt=negatives, height=height, width=width)
+        options = dict(family.option_defaults, **options, guidance_scale=guidance_scale, negative_prompt=negatives,
+                       height=height, width=width)
         do_cfg = family.uses_cfg(guidance_scale, options)
         do_nag = nag_scale > 1.0
         if nag_negative_prompt is None:
@@ -233,6 +282,8 @@ class NAGPipeline:
                 raise ValueError(f"latents must have shape {(images, *latent_shape)}, got {tuple(start.shape)}")
             start = start[np.minimum(np.arange(rows), images - 1)]
         start = (start * schedule.init_noise_sigma).astype(family.dtype)
+        if do_nag:
+            self._check_nag_reaches_attention(nag_scale, start[:1], schedule.timesteps[0], groups["cond"])
 
         plan = GuidancePlan(
             cfg=do_cfg,
@@ -240,7 +291,7 @@ class NAGPipeline:
             nag_steps=nag_step_split(schedule.timesteps, nag_end, schedule.timestep_kind) if do_nag else 0,
             nag_mode=options.get("nag_mode", "shared-image"),
         )
-        scales = Scales(guidance_scale, nag_scale, nag_tau, nag_alpha)
+        scales = Scales(family.cfg_scale(guidance_scale, options), nag_scale, nag_tau, nag_alpha)
         reporters, report = [], "none"
         if progress:
             from tqdm.auto import tqdm
@@ -249,7 +300,7 @@ class NAGPipeline:
             reporters.append(lambda step, t, x: bar.update(step + 1 - bar.n))
             report = "steps"
         if callback_on_step is not None:
-            reporters.append(callback_on_step)
+            reporters.append(lambda step, t, x: callback_on_step(step, t, x[:images]))  # without padding rows
             report = "latents"
         try:
             final = self.sampler(schedule, plan, family.params, start, groups, scales, step_keys, parallel,

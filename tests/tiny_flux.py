@@ -29,10 +29,11 @@ GRID = 4  # packed image tokens per side
 TEXT_TOKENS = 6
 
 
-def build_model(guidance_embeds: bool, seed: int = 0) -> FluxTransformer2DModel:
-    """A float32 diffusers model in eval mode with every parameter drawn at random."""
+def build_model(guidance_embeds: bool, seed: int = 0, **config) -> FluxTransformer2DModel:
+    """A float32 diffusers model in eval mode with every parameter drawn at random; `config`
+    overrides TINY_CONFIG entries (e.g. in_channels=64 for a 16-channel VAE)."""
     torch.manual_seed(seed)
-    model = FluxTransformer2DModel(**TINY_CONFIG, guidance_embeds=guidance_embeds).eval()
+    model = FluxTransformer2DModel(**{**TINY_CONFIG, **config}, guidance_embeds=guidance_embeds).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -1,0 +1,136 @@
+"""NAGPipeline on tiny FLUX.1-schnell-like and -dev-like folders equals diffusers' FluxPipeline.
+
+NAG off: diffusers' FluxPipeline with the same packed `latents` (distilled guidance, dynamic
+shift, true CFG). NAG on, `reference` mode: the same pipeline whose transformer runs the
+PyTorch reference NAG (torch_flux_nag.py) with the negative prompt's rows appended. Images in
+[0, 1] must agree within 1e-3. `shared-image` equals `reference` when the pooled embeddings
+agree; otherwise their difference is measured and printed.
+"""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+import nag_jax
+from nag_jax.pipeline_flux import FluxFamily, pack_latents, unpack_latents
+from tiny_flux_pipeline import MAX_SEQUENCE_LENGTH, make_flux_pipeline
+from torch_flux_nag import with_nag_negatives
+
+PROMPT, SIZE, STEPS = "a photo of a cat", 32, 2
+TOKENS, CHANNELS = (SIZE // 4) ** 2, 64  # 8x8 packed tokens of 2x2 patches of 16 latent channels
+NAG = dict(nag_negative_prompt="a dog", nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {kind: make_flux_pipeline(tmp_path_factory.mktemp(kind), kind) for kind in ("schnell", "dev")}
+
+
+@pytest.fixture(scope="module")
+def pipelines(folders):
+    """Loaded once per kind: (ours, diffusers')."""
+    return {kind: (nag_jax.NAGPipeline.from_pretrained(folder), FluxPipeline.from_pretrained(folder))
+            for kind, folder in folders.items()}
+
+
+def start_latents(seed=3):
+    return np.random.default_rng(seed).standard_normal((1, TOKENS, CHANNELS)).astype(np.float32)
+
+
+def ours(pipe, **kwargs):
+    return pipe(PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, latents=start_latents(),
+                output_type="np", max_sequence_length=MAX_SEQUENCE_LENGTH, **kwargs).images
+
+
+def diffusers_images(pipe, nag=None, **kwargs):
+    """diffusers' images; `nag`: NAG arguments, run by the reference transformer wrapper."""
+    transformer = pipe.transformer
+    if nag is not None:
+        encode = lambda p: pipe.encode_prompt(p, device="cpu", max_sequence_length=MAX_SEQUENCE_LENGTH)  # noqa: E731
+        positive, negative = encode(PROMPT), encode(nag["nag_negative_prompt"])
+        with_nag_negatives(transformer, positive[0], negative[0], negative[1], nag["nag_scale"], nag["nag_tau"],
+                           nag["nag_alpha"])
+    try:
+        with torch.no_grad():
+            return pipe(PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                        latents=torch.from_numpy(start_latents()), output_type="np",
+                        max_sequence_length=MAX_SEQUENCE_LENGTH, **kwargs).images
+    finally:
+        transformer.__dict__.pop("forward", None)
+
+
+@pytest.mark.parametrize(
+    "kind,arguments",
+    [
+        ("schnell", dict(guidance_scale=0.0)),
+        ("dev", dict(guidance_scale=3.5)),  # distilled guidance, dynamic shift
+        ("dev", dict(guidance_scale=2.0, true_cfg_scale=4.0, negative_prompt="blurry")),  # real CFG
+    ],
+    ids=["schnell", "dev", "dev-true-cfg"],
+)
+def test_pipeline_matches_diffusers_without_nag(pipelines, kind, arguments):
+    our_pipe, their_pipe = pipelines[kind]
+    images, reference = ours(our_pipe, **arguments), diffusers_images(their_pipe, **arguments)
+    assert images.shape == reference.shape == (1, SIZE, SIZE, 3)
+    np.testing.assert_allclose(images, reference, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kind,arguments",
+    [("schnell", {}), ("dev", dict(true_cfg_scale=4.0, negative_prompt="blurry"))],
+    ids=["schnell", "dev-true-cfg"],
+)
+def test_reference_mode_matches_the_pytorch_reference(pipelines, kind, arguments):
+    """nag_mode defaults to "reference"; with CFG the uncond rows stay plain."""
+    our_pipe, their_pipe = pipelines[kind]
+    images = ours(our_pipe, **arguments, **NAG)
+    np.testing.assert_allclose(images, diffusers_images(their_pipe, nag=NAG, **arguments), atol=1e-3)
+    assert np.abs(images - ours(our_pipe, **arguments)).max() > 1e-2  # NAG changed the image
+
+
+def test_shared_image_equals_reference_when_the_pooled_embeddings_agree(pipelines, monkeypatch):
+    our_pipe, _ = pipelines["dev"]
+    family = our_pipe.family
+    started = time.process_time()
+    reference, shared = (ours(our_pipe, nag_mode=mode, **NAG) for mode in ("reference", "shared-image"))
+    plain = ours(our_pipe)
+    mode_gap, nag_effect = float(np.abs(shared - reference).max()), float(np.abs(reference - plain).max())
+    print(f"\nFlux pipeline, {STEPS} steps: shared-image vs reference images differ by max {mode_gap:.4f} "
+          f"(NAG itself moves them by {nag_effect:.4f}); {time.process_time() - started:.1f} s CPU")
+    assert 1e-5 < mode_gap < nag_effect
+
+    pooled = family.pooled_embeddings
+    monkeypatch.setattr(family, "pooled_embeddings", lambda prompts: pooled([PROMPT] * len(prompts)))
+    reference, shared = (ours(our_pipe, nag_mode=mode, **NAG) for mode in ("reference", "shared-image"))
+    assert np.abs(reference - plain).max() > 1e-2  # the negative T5 context still guides
+    np.testing.assert_allclose(shared, reference, atol=1e-5)
+
+
+def test_bfloat16_stays_close_to_float32(folders, pipelines):
+    float32 = ours(pipelines["dev"][0], **NAG)
+    bfloat16 = ours(nag_jax.NAGPipeline.from_pretrained(folders["dev"], dtype="bfloat16"), **NAG)
+    error = float(np.abs(bfloat16 - float32).max())
+    print(f"\nFlux pipeline bfloat16 vs float32 images: max |diff| = {error:.4f}")
+    assert np.isfinite(bfloat16).all() and error < 0.05
+
+
+def test_packing_matches_diffusers():
+    latents = torch.randn(2, 16, 8, 12)
+    packed = FluxPipeline._pack_latents(latents, 2, 16, 8, 12)
+    np.testing.assert_array_equal(pack_latents(latents.numpy()), packed.numpy())
+    np.testing.assert_array_equal(unpack_latents(packed.numpy(), 8, 12), latents.numpy())
+
+
+def test_defaults_and_bad_options(pipelines):
+    schnell, dev = pipelines["schnell"][0].family, pipelines["dev"][0].family
+    assert isinstance(dev, FluxFamily) and dev.defaults["num_inference_steps"] == 28 and dev.defaults["guidance_scale"] == 3.5
+    assert schnell.defaults["num_inference_steps"] == 4 and FluxFamily.option_defaults["nag_mode"] == "reference"
+    with pytest.raises(ValueError, match="nag_mode must be one of"):
+        ours(pipelines["dev"][0], nag_mode="two-images", **NAG)
+    with pytest.raises(ValueError, match="max_sequence_length must be"):
+        pipelines["dev"][0](PROMPT, max_sequence_length=513)
+    with pytest.raises(ValueError, match="height must be a positive multiple of 4"):
+        pipelines["dev"][0](PROMPT, height=30)
