@@ -17,6 +17,9 @@ import ml_dtypes
 import numpy as np
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+# A component folder converted by nag-jax (nag_jax.converted) holds its parameters in this one
+# file under their flat '/'-joined Flax paths; the key maps are then skipped (map_checkpoint).
+FLAX_PARAMS_FILE = "nag_jax_params.safetensors"
 
 DTYPES = {
     "float32": np.dtype(np.float32),
@@ -82,10 +85,11 @@ def _read_safetensors_header(path: Path):
 class Checkpoint:
     """A read-only mapping from tensor name to numpy array, reading on demand."""
 
-    def __init__(self, tensors: dict[str, tuple], description: str):
+    def __init__(self, tensors: dict[str, tuple], description: str, flax_paths: bool = False):
         # name -> (loader() -> np.ndarray, shape)
         self._tensors = tensors
         self.description = description
+        self.flax_paths = flax_paths  # keys are already Flax parameter paths (a converted folder)
 
     def keys(self):
         return self._tensors.keys()
@@ -111,7 +115,7 @@ class Checkpoint:
             new = rename(key)
             if new is not None:
                 out[new] = entry
-        return Checkpoint(out, self.description)
+        return Checkpoint(out, self.description, self.flax_paths)
 
 
 def _safetensors_tensors(path: Path) -> dict[str, tuple]:
@@ -177,9 +181,12 @@ def _pickle_tensors(path: Path) -> dict[str, tuple]:
 
 def open_checkpoint(path, *, allow_pickle: bool = False) -> Checkpoint:
     """Open a checkpoint: a .safetensors file, a *.safetensors.index.json, a folder holding
-    one of those (diffusers' and transformers' names), or, with allow_pickle, a pickle file."""
+    one of those (diffusers' and transformers' names), or, with allow_pickle, a pickle file.
+    A folder converted by nag-jax is read from its FLAX_PARAMS_FILE."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and (path / FLAX_PARAMS_FILE).exists():
+        path = path / FLAX_PARAMS_FILE
+    elif path.is_dir():
         candidates = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.safetensors"))
         if len(candidates) != 1:
             found = ", ".join(p.name for p in candidates) or "none"
@@ -191,7 +198,7 @@ def open_checkpoint(path, *, allow_pickle: bool = False) -> Checkpoint:
     if name.endswith(".safetensors.index.json"):
         return Checkpoint(_sharded_tensors(path), str(path))
     if name.endswith(".safetensors"):
-        return Checkpoint(_safetensors_tensors(path), str(path))
+        return Checkpoint(_safetensors_tensors(path), str(path), flax_paths=name == FLAX_PARAMS_FILE)
     if name.endswith(PICKLE_SUFFIXES):
         if not allow_pickle:
             raise CheckpointError(

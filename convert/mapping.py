@@ -101,13 +101,20 @@ def _route(rules, key):
     return None, ()
 
 
+# A converted folder's keys are the Flax paths themselves: each goes to itself, unchanged.
+FLAX_PATH_RULES = [Rule(r"(.+)", r"\1")]
+
+
 def map_checkpoint(checkpoint: Checkpoint, rules, shapes: dict, dtype="float32", what: str = "checkpoint"):
     """Build the nested Flax `params` dict from `checkpoint` following `rules`.
 
     Raises ConversionError naming every missing, unexpected and mis-shaped key. Tensors are
-    read, rearranged and cast one at a time.
+    read, rearranged and cast one at a time. A checkpoint holding Flax paths (a folder written
+    by nag_jax.converted) skips `rules` and is checked just as strictly.
     """
     dtype = parse_dtype(dtype)
+    if checkpoint.flax_paths:
+        rules = FLAX_PATH_RULES
     routes, unexpected = {}, []
     for key in checkpoint.keys():
         rule, targets = _route(rules, key)

@@ -23,7 +23,7 @@ from convert.unet import load_unet
 from convert.vae import load_vae
 from models.layers import timestep_embedding
 from models.vae import model_to_latents
-from nag_jax.pipeline import Family
+from nag_jax.pipeline import Family, with_scheduler
 from nag_jax.sampler import Conditioning
 from nag_jax.schedulers import make_schedule
 from nag_jax.tokenize import load_tokenizer, tokenize
@@ -70,18 +70,21 @@ class StableDiffusionFamily(Family):
     @classmethod
     def load(cls, path: Path, index: dict, dtype="float32", scheduler: str | None = None):
         dtype = jnp.dtype(parse_dtype(dtype))
+        # Arguments are checked before the (slow) weights are read.
+        scheduler_config = _read_json(_component(path, "scheduler") / "scheduler_config.json")
+        scheduler_config = with_scheduler(scheduler_config, scheduler)
         unet, unet_params = load_unet(_component(path, "unet"), dtype)
         vae, vae_params = load_vae(_component(path, "vae"), dtype=dtype)
         names = [n for n in ("text_encoder", "text_encoder_2") if index.get(n) and index[n][0] is not None]
         encoders, encoder_params, tokenizers = [], [], []
         for name in names:
-            module, params = load_clip(_component(path, name), dtype=dtype)
+            # The class in model_index.json says whether there is a projection (a converted folder's
+            # Flax parameter names do not carry the PyTorch name load_clip would look for).
+            projection = index[name][1] == "CLIPTextModelWithProjection"
+            module, params = load_clip(_component(path, name), dtype=dtype, projection=projection)
             encoders.append(module)
             encoder_params.append(params)
             tokenizers.append(load_tokenizer(_component(path, name.replace("text_encoder", "tokenizer"))))
-        scheduler_config = _read_json(_component(path, "scheduler") / "scheduler_config.json")
-        if scheduler is not None:
-            scheduler_config = dict(scheduler_config, _class_name=scheduler)
         params = {"unet": unet_params, "vae": vae_params, "text_encoders": encoder_params}
         sample_size = _read_json(path / "unet" / "config.json").get("sample_size", 64)
         return cls(unet, vae, encoders, tokenizers, params, scheduler_config, index, sample_size, dtype)
