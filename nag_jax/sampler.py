@@ -95,13 +95,27 @@ class _Progress:
             report(int(step), float(timestep), latents)
 
 
+def _report(report: str, step, timestep, sample, axis_name):
+    """Send this step to the host; under pmap only device 0 reports, with every device's rows."""
+    if report == "none":
+        return
+    if axis_name is None:  # one program (one device, or sharded jit): one call with whole arrays
+        jax.debug.callback(_Progress.tick, step, timestep, *([sample] if report == "latents" else []))
+        return
+    args = (step, timestep) + ((jax.lax.all_gather(sample, axis_name, tiled=True),) if report == "latents" else ())
+    jax.lax.cond(jax.lax.axis_index(axis_name) == 0, lambda: jax.debug.callback(_Progress.tick, *args), lambda: None)
+
+
 def denoise_loop(denoise: Callable, schedule, plan: GuidancePlan, report: str, params, latents, groups, scales,
-                 image_keys):
+                 image_keys, axis_name=None):
     """Run every step. `denoise(params, model_input, t, conditioning) -> model_output`.
 
     `report`: "none", "steps" (step index and timestep to the host, for progress bars) or
-    "latents" (the latents too, for a user's per-step callback).
+    "latents" (the latents too, for a user's per-step callback). `image_keys`: one PRNG key
+    (or its raw key data) per row. `axis_name`: the pmap axis, when run under pmap.
     """
+    if not jax.dtypes.issubdtype(image_keys.dtype, jax.dtypes.prng_key):
+        image_keys = jax.random.wrap_key_data(image_keys)
     timesteps = jnp.asarray(schedule.timesteps)
     nag_config = NAGConfig(scales.nag_scale, scales.nag_tau, scales.nag_alpha, plan.nag_mode)
 
@@ -123,19 +137,22 @@ def denoise_loop(denoise: Callable, schedule, plan: GuidancePlan, report: str, p
                 draw = lambda key: jax.random.normal(jax.random.fold_in(key, step), sample.shape[1:], sample.dtype)  # noqa: E731
                 noise = jax.vmap(draw)(image_keys)
             sample, state = schedule.step(state, step, output, sample, noise)
-            if report != "none":
-                jax.debug.callback(_Progress.tick, step, timesteps[step], *([sample] if report == "latents" else []))
+            _report(report, step, timesteps[step], sample, axis_name)
             return (sample, state), None
 
         return body
 
     carry = (latents, schedule.init_state(latents))
-    phases = ((True, 0, plan.nag_steps), (False, plan.nag_steps, schedule.num_steps)) if plan.nag else (
-        (False, 0, schedule.num_steps),)
-    for with_nag, start, stop in phases:
-        if stop > start:
-            carry, _ = jax.lax.scan(body_for(with_nag), carry, jnp.arange(start, stop))
+    for with_nag, start, stop in step_phases(plan, schedule.num_steps):
+        carry, _ = jax.lax.scan(body_for(with_nag), carry, jnp.arange(start, stop))
     return carry[0]
+
+
+def step_phases(plan: GuidancePlan, num_steps: int) -> list[tuple[bool, int, int]]:
+    """(with_nag, first step, end step) of each scan: NAG steps first, then the plain ones."""
+    cut = plan.nag_steps if plan.nag else 0
+    phases = [(True, 0, cut), (False, cut, num_steps)]
+    return [phase for phase in phases if phase[2] > phase[1]]
 
 
 def _digest(obj) -> str:
@@ -147,31 +164,69 @@ def resolve_parallel(parallel: str) -> str:
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {parallel!r}")
     if parallel == "auto":
-        return "sharded" if jax.local_device_count() > 1 else "none"
+        return "sharded" if jax.device_count() > 1 else "none"
     return parallel
 
 
-class Sampler:
-    """Compiles `denoise_loop` once per (schedule, plan, parallel mode) and runs it.
+def make_mesh(model_parallel: int = 1) -> Mesh:
+    """All devices (of every host) as a (data, model) mesh: batch rows over `data`, parameters
+    over `model` (see nag_jax/sharding.py). model_parallel=1 is plain data parallelism."""
+    devices = jax.devices()
+    if not isinstance(model_parallel, int) or model_parallel < 1 or len(devices) % model_parallel:
+        raise ValueError(f"model_parallel must be a positive integer dividing the device count ({len(devices)}), "
+                         f"got {model_parallel!r}")
+    return Mesh(np.array(devices).reshape(len(devices) // model_parallel, model_parallel), ("data", "model"))
 
-    Batches are split over all local devices for "sharded" (jit with a `data` mesh axis) and
-    "pmap"; the caller pads the batch to a multiple of `batch_multiple(parallel)`.
+
+def _to_global(tree, sharding_of):
+    """Place host-identical arrays onto (possibly several hosts') devices; `sharding_of(leaf)`."""
+    def place(leaf):
+        sharding = sharding_of(leaf)
+        if jax.process_count() == 1:
+            return jax.device_put(leaf, sharding)
+        host = np.asarray(leaf)  # every host holds the whole batch: each takes its own shards
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(place, tree)
+
+
+class Sampler:
+    """Compiles `denoise_loop` once per (schedule, plan, report, parallel mode) and runs it.
+
+    parallel="sharded": one jit over a (data, model) mesh of all devices; batch rows are split
+    over `data` and, with `model_parallel` > 1, each large parameter over `model` (FSDP-style:
+    XLA gathers a layer's weights where it is used), for models bigger than one device.
+    parallel="pmap": one program copy per local device, parameters replicated.
+    The caller pads the batch to a multiple of `batch_multiple(parallel)`.
     """
 
-    def __init__(self, denoise: Callable):
+    def __init__(self, denoise: Callable, model_parallel: int = 1):
         self.denoise = denoise
+        self.model_parallel = model_parallel
         self._compiled: dict = {}
 
-    @staticmethod
-    def batch_multiple(parallel: str) -> int:
-        return 1 if resolve_parallel(parallel) == "none" else jax.local_device_count()
+    def batch_multiple(self, parallel: str) -> int:
+        parallel = self._check(parallel)
+        if parallel == "none":
+            return 1
+        if parallel == "pmap":
+            return jax.local_device_count()
+        return make_mesh(self.model_parallel).shape["data"]
+
+    def _check(self, parallel: str) -> str:
+        parallel = resolve_parallel(parallel)
+        if self.model_parallel > 1 and parallel != "sharded":
+            raise ValueError(f"model_parallel={self.model_parallel} needs parallel='sharded' (or 'auto' with "
+                             f"several devices), got parallel={parallel!r}")
+        return parallel
 
     def _program(self, schedule, plan: GuidancePlan, report: str, parallel: str):
         key = (_digest(schedule), plan, report, parallel)
         if key not in self._compiled:
             loop = functools.partial(denoise_loop, self.denoise, schedule, plan, report)
             if parallel == "pmap":
-                self._compiled[key] = jax.pmap(loop, in_axes=(None, 0, 0, None, 0))
+                loop = functools.partial(loop, axis_name="data")
+                self._compiled[key] = jax.pmap(loop, axis_name="data", in_axes=(None, 0, 0, None, 0))
             else:
                 self._compiled[key] = jax.jit(loop)
         return self._compiled[key]
@@ -180,16 +235,20 @@ class Sampler:
                  parallel: str = "auto", reporters=(), report: str = "none"):
         """`reporters`: host functions (step, timestep, latents or None) called after each step;
         `report` says what the compiled loop sends them ("none", "steps", "latents")."""
-        parallel = resolve_parallel(parallel)
+        parallel = self._check(parallel)
         program = self._program(schedule, plan, report if reporters else "none", parallel)
-        devices = jax.local_devices()
+        image_keys = jax.random.key_data(image_keys)  # plain uint32 rows: placed like any other array
         if parallel == "sharded":
-            mesh = Mesh(np.array(devices), ("data",))
-            by_row = NamedSharding(mesh, PartitionSpec("data"))
-            latents, groups, image_keys = jax.device_put((latents, groups, image_keys), by_row)
-            params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+            from nag_jax.sharding import param_shardings
+
+            mesh = make_mesh(self.model_parallel)
+            by_row = lambda leaf: NamedSharding(mesh, PartitionSpec("data"))  # noqa: E731
+            latents, groups, image_keys = _to_global((latents, groups, image_keys), by_row)
+            shardings = param_shardings(params, mesh)
+            params = jax.tree.map(lambda leaf, sharding: _to_global(leaf, lambda _: sharding), params, shardings)
         elif parallel == "pmap":
-            per_device = lambda x: x.reshape(len(devices), x.shape[0] // len(devices), *x.shape[1:])  # noqa: E731
+            devices = jax.local_device_count()
+            per_device = lambda x: x.reshape(devices, x.shape[0] // devices, *x.shape[1:])  # noqa: E731
             latents, groups, image_keys = jax.tree.map(per_device, (latents, groups, image_keys))
         _Progress.active = list(reporters)
         try:
@@ -199,4 +258,8 @@ class Sampler:
             _Progress.active = []
         if parallel == "pmap":
             out = out.reshape(-1, *out.shape[2:])
+        if parallel == "sharded" and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            out = multihost_utils.process_allgather(out, tiled=True)
         return out

@@ -17,6 +17,7 @@ from tiny_unet import make_unet
 
 SCHEDULERS = {
     "euler": {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading", "steps_offset": 1},
+    "euler_ancestral": {"_class_name": "EulerAncestralDiscreteScheduler"},
     "euler_trailing": {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing"},
     "ddim": {"_class_name": "DDIMScheduler", "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False},
     "dpmpp_2m_karras": {"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True},
