@@ -1,0 +1,274 @@
+"""The `nag-jax` command: generate images, convert checkpoints, show the demo grid, benchmark.
+
+    nag-jax demo                                  # a NAG / CFG / no-guidance grid on the embedded model
+    nag-jax generate --prompt "a circle" --nag-negative-prompt red --output out/
+    nag-jax convert SRC DST [--dtype bfloat16]    # diffusers folder or single file -> fast-loading folder
+    nag-jax bench [--efficacy]
+
+Errors the user can fix (a bad value, a missing file, a checkpoint that does not fit) are
+printed as one line `nag-jax: error: ...` with exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png",)
+DEMO_PAIRS = (("a circle", "red"), ("a square on a gray background", "blue"), ("a triangle on a black background",
+                                                                                 "yellow"))
+DEMO_STEPS = (1, 2, 4)
+
+
+def embedded_model(name: str = "sd-shapes") -> Path:
+    """The folder of an embedded default model shipped inside the package."""
+    folder = Path(__file__).parent / "embedded" / name
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(f"the embedded model {name} is missing from {folder.parent}; pass --model PATH, "
+                                "or rebuild it with examples/train_tiny.py")
+    return folder
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def _float_or_none(text):
+    return None if text is None else float(text)
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", required=True, help="what the image should show")
+    parser.add_argument("--model", help="pipeline folder (diffusers layout or converted); default: the embedded "
+                                        "sd-shapes model")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="parameter and activation dtype (default float32)")
+    nag = parser.add_argument_group("NAG (normalized attention guidance)")
+    nag.add_argument("--nag-negative-prompt", metavar="TEXT",
+                     help="what the image should not show; turns NAG on at the model family's default scale")
+    nag.add_argument("--nag-scale", type=float, metavar="S",
+                     help="NAG strength, reference convention (paper phi + 1); NAG is on when > 1")
+    nag.add_argument("--nag-tau", type=float, metavar="T", help="normalization threshold (family default)")
+    nag.add_argument("--nag-alpha", type=float, metavar="A", help="blend with the positive branch (family default)")
+    nag.add_argument("--nag-end", type=float, default=1.0, metavar="E",
+                     help="fraction of the denoising run that gets NAG (default 1.0)")
+    cfg = parser.add_argument_group("CFG (classifier-free guidance)")
+    cfg.add_argument("--negative-prompt", metavar="TEXT", help="CFG's negative prompt (also NAG's when "
+                                                               "--nag-negative-prompt is absent)")
+    cfg.add_argument("--guidance-scale", type=float, metavar="G",
+                     help="CFG scale, on when > 1 (family default; 1 turns CFG off)")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--steps", type=int, metavar="N", help="denoising steps (family default)")
+    sampling.add_argument("--height", type=int, metavar="H", help="image height in pixels (model default)")
+    sampling.add_argument("--width", type=int, metavar="W", help="image width in pixels (model default)")
+    sampling.add_argument("--seed", type=int, default=0, help="random seed; image k uses (seed, k) (default 0)")
+    sampling.add_argument("--num-images", type=int, default=1, metavar="K", help="images to make (default 1)")
+    sampling.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--output", default="nag-jax-output",
+                        help="a .png file, or a folder (created) for one PNG per image; a .png with several "
+                             "images becomes NAME-0.png, NAME-1.png, ... (default: nag-jax-output/)")
+
+
+def output_paths(output: str, count: int) -> list[Path]:
+    """The output rule: a path without an image suffix is a folder with one PNG per image; a
+    .png path takes one image, or gets numbered files for several."""
+    path = Path(output)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        if count == 1:
+            return [path]
+        return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
+    if path.suffix:
+        raise ValueError(f"--output {output}: images are written as PNG; give a .png file or a folder")
+    return [path / f"image-{k}.png" for k in range(count)]
+
+
+def resolve_settings(args, defaults: dict) -> dict:
+    """The pipeline call's settings: the family's defaults for everything left unset; a NAG
+    negative prompt without --nag-scale gets the family's default NAG scale."""
+    nag_scale = args.nag_scale
+    if nag_scale is None:
+        nag_scale = defaults["nag_scale"] if args.nag_negative_prompt is not None else 1.0
+    return {
+        "prompt": args.prompt,
+        "nag_negative_prompt": args.nag_negative_prompt,
+        "nag_scale": nag_scale,
+        "nag_tau": defaults["nag_tau"] if args.nag_tau is None else args.nag_tau,
+        "nag_alpha": defaults["nag_alpha"] if args.nag_alpha is None else args.nag_alpha,
+        "nag_end": args.nag_end,
+        "negative_prompt": args.negative_prompt,
+        "guidance_scale": defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
+        "num_inference_steps": defaults["num_inference_steps"] if args.steps is None else args.steps,
+        "height": args.height,
+        "width": args.width,
+        "seed": args.seed,
+        "num_images_per_prompt": args.num_images,
+    }
+
+
+def png_info(settings: dict, model: str, dtype: str, index: int):
+    """PNG text chunks: every generation parameter, and one JSON chunk that reproduces the image."""
+    from PIL.PngImagePlugin import PngInfo
+
+    record = dict(settings, model=model, dtype=dtype, image_index=index)
+    info = PngInfo()
+    for key, value in record.items():
+        info.add_text(key, "" if value is None else str(value))
+    info.add_text("nag-jax", json.dumps(record))
+    return info
+
+
+def generate(args) -> int:
+    from nag_jax.pipeline import NAGPipeline
+
+    model = Path(args.model) if args.model else embedded_model()
+    paths = output_paths(args.output, args.num_images)  # checked before the slow part
+    pipe = NAGPipeline.from_pretrained(model, dtype=args.dtype)
+    settings = resolve_settings(args, pipe.family.defaults)
+    images = pipe(**settings, progress=not args.no_progress, check_finite=True).images
+    settings.update(height=images[0].height, width=images[0].width)
+    for index, (image, path) in enumerate(zip(images, paths)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, pnginfo=png_info(settings, str(model), args.dtype, index))
+        print(path)
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def demo_grid(pipe, pairs=DEMO_PAIRS, steps=DEMO_STEPS, seed: int = 0, scale: int = 2):
+    """A labelled PIL grid: a row per (prompt, negative) pair, a column per (steps, method)."""
+    from PIL import Image, ImageDraw
+
+    defaults = pipe.family.defaults
+    methods = {"no guidance": {"guidance_scale": 1.0},
+               "NAG": {"guidance_scale": 1.0, "nag_scale": defaults["nag_scale"]},
+               "CFG": {"guidance_scale": defaults["guidance_scale"]}}
+    columns = [(n, name) for n in steps for name in methods]
+    prompts, negatives = [p for p, _ in pairs], [n for _, n in pairs]
+    cells = [[] for _ in pairs]
+    for n, name in columns:  # one batched call per column: every row's prompt at once
+        negative = ({"nag_negative_prompt": negatives} if name == "NAG"
+                    else {"negative_prompt": negatives} if name == "CFG" else {})
+        images = pipe(prompts, num_inference_steps=n, seed=seed, check_finite=True, **methods[name],
+                      **negative).images
+        for row, image in zip(cells, images):
+            row.append(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
+    cell_w, cell_h = cells[0][0].size
+    label_w, header_h, pad = 260, 36, 4
+    grid = Image.new("RGB", (label_w + len(columns) * (cell_w + pad), header_h + len(pairs) * (cell_h + pad)),
+                     "white")
+    draw = ImageDraw.Draw(grid)
+    for c, (n, name) in enumerate(columns):
+        x = label_w + c * (cell_w + pad)
+        draw.text((x + 2, 2), name, fill="black")
+        draw.text((x + 2, 18), f"{n} step{'s' if n > 1 else ''}", fill="gray")
+    for r, ((prompt, negative), row) in enumerate(zip(pairs, cells)):
+        y = header_h + r * (cell_h + pad)
+        draw.text((4, y + cell_h // 2 - 12), f'prompt: "{prompt}"', fill="black")
+        draw.text((4, y + cell_h // 2 + 4), f'negative: "{negative}"', fill="darkred")
+        for c, image in enumerate(row):
+            grid.paste(image, (label_w + c * (cell_w + pad), y))
+    return grid
+
+
+def demo(args) -> int:
+    from nag_jax.pipeline import NAGPipeline
+
+    model = Path(args.model) if args.model else embedded_model()
+    pipe = NAGPipeline.from_pretrained(model)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "nag-demo.png"
+    print(f"sampling {len(DEMO_PAIRS) * len(DEMO_STEPS) * 3} images on {model} ...", file=sys.stderr)
+    demo_grid(pipe).save(path)
+    print(f"saved the comparison grid (rows: prompt / negative; columns: no guidance, NAG, CFG at "
+          f"{', '.join(map(str, DEMO_STEPS))} steps) to {path.resolve()}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- convert, bench
+
+
+def convert(args) -> int:
+    from nag_jax.converted import convert_pipeline
+
+    out = convert_pipeline(args.src, args.dst, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                           progress=not args.no_progress, template=args.template)
+    print(out)
+    return 0
+
+
+def bench(args, rest: list[str]) -> int:
+    if args.efficacy:
+        from nag_jax.efficacy import main as efficacy_main
+
+        return efficacy_main(rest)
+    from nag_jax.bench import main as bench_main
+
+    return bench_main(rest)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nag-jax",
+        description="Normalized Attention Guidance (NAG) for diffusion models in JAX. Without --model, commands "
+                    "use the small embedded model (64x64 shapes: circles, squares, triangles in six colours).",
+        epilog="Start with `nag-jax demo`. `nag-jax COMMAND --help` lists each command's options.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="text to image, with NAG and/or CFG",
+                              description="Generate images. Unset settings take the model family's defaults; "
+                                          "--nag-negative-prompt alone turns NAG on at the family's default scale.")
+    add_generate_arguments(gen)
+
+    dem = commands.add_parser("demo", help="a labelled no-guidance / NAG / CFG grid at 1, 2 and 4 steps",
+                              description="Sample the embedded model without guidance, with NAG and with CFG at "
+                                          "1, 2 and 4 steps and save a labelled grid PNG.")
+    dem.add_argument("--output-dir", default=".", help="folder for nag-demo.png (default: current folder)")
+    dem.add_argument("--model", help=argparse.SUPPRESS)  # tests and experiments: another SD-style folder
+
+    con = commands.add_parser("convert", help="checkpoint -> fast-loading nag-jax folder",
+                              description="Convert a diffusers pipeline folder or a single checkpoint file into a "
+                                          "folder that NAGPipeline.from_pretrained loads without converting again.")
+    con.add_argument("src", help="diffusers pipeline folder or single checkpoint file")
+    con.add_argument("dst", help="output folder (must not exist)")
+    con.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                     help="stored parameter dtype (default float32)")
+    con.add_argument("--allow-pickle", action="store_true",
+                     help="allow a pickled .ckpt/.pt single file (read with torch's weights-only loader)")
+    con.add_argument("--template", help="for a single file: the diffusers folder with its configs and tokenizers")
+    con.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ben = commands.add_parser("bench", help="speed/FLOP benchmarks, or --efficacy", add_help=False,
+                              description="Benchmarks; the remaining options go to the chosen benchmark.")
+    ben.add_argument("--efficacy", action="store_true",
+                     help="measure how often the negative colour appears without guidance, with NAG and with CFG")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "generate":
+            return generate(args)
+        if args.command == "demo":
+            return demo(args)
+        if args.command == "convert":
+            return convert(args)
+        return bench(args, rest)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
+        # convert's CheckpointError and ConversionError are ValueErrors; their text lists every problem.
+        print(f"nag-jax: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
