@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nag_jax.guidance import cfg
 from nag_jax.intercept import NAGConfig, guided
+from nag_jax.sharding import param_shardings
 
 PARALLEL_MODES = ("auto", "sharded", "pmap", "none")
 
@@ -204,6 +205,7 @@ class Sampler:
         self.denoise = denoise
         self.model_parallel = model_parallel
         self._compiled: dict = {}
+        self._placement: tuple = (None, None, None, None)
 
     def batch_multiple(self, parallel: str) -> int:
         parallel = self._check(parallel)
@@ -219,6 +221,13 @@ class Sampler:
             raise ValueError(f"model_parallel={self.model_parallel} needs parallel='sharded' (or 'auto' with "
                              f"several devices), got parallel={parallel!r}")
         return parallel
+
+    def _placed(self, params, layout, place):
+        """`params` on the devices, placed once per (params object, layout): the converters hand
+        over host arrays, and copying a large model to its devices every call would dominate."""
+        if self._placement[:2] != (id(params), layout):
+            self._placement = (id(params), layout, place(params), params)  # keeps params alive: id stays unique
+        return self._placement[2]
 
     def _program(self, schedule, plan: GuidancePlan, report: str, parallel: str):
         key = (_digest(schedule), plan, report, parallel)
@@ -239,13 +248,13 @@ class Sampler:
         program = self._program(schedule, plan, report if reporters else "none", parallel)
         image_keys = jax.random.key_data(image_keys)  # plain uint32 rows: placed like any other array
         if parallel == "sharded":
-            from nag_jax.sharding import param_shardings
-
             mesh = make_mesh(self.model_parallel)
             by_row = lambda leaf: NamedSharding(mesh, PartitionSpec("data"))  # noqa: E731
             latents, groups, image_keys = _to_global((latents, groups, image_keys), by_row)
-            shardings = param_shardings(params, mesh)
-            params = jax.tree.map(lambda leaf, sharding: _to_global(leaf, lambda _: sharding), params, shardings)
+            params = self._placed(params, ("sharded", self.model_parallel), lambda p: jax.tree.map(
+                lambda leaf, sharding: _to_global(leaf, lambda _: sharding), p, param_shardings(p, mesh)))
+        elif parallel == "none":
+            params = self._placed(params, "none", jax.device_put)
         elif parallel == "pmap":
             devices = jax.local_device_count()
             per_device = lambda x: x.reshape(devices, x.shape[0] // devices, *x.shape[1:])  # noqa: E731
