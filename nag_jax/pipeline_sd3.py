@@ -99,8 +99,9 @@ class SD3Family(Family):
 
     def encode(self, prompts, options):
         clip_skip = options.get("clip_skip")
-        max_sequence_length = options.get("max_sequence_length") or MAX_SEQUENCE_LENGTH
-        if not isinstance(max_sequence_length, int) or not 2 <= max_sequence_length <= 512:
+        max_sequence_length = options.get("max_sequence_length")
+        max_sequence_length = MAX_SEQUENCE_LENGTH if max_sequence_length is None else max_sequence_length
+        if not isinstance(max_sequence_length, int) or not 2 <= max_sequence_length <= 512:  # 512: diffusers' limit
             raise ValueError(f"max_sequence_length must be an integer in [2, 512], got {max_sequence_length!r}")
         hidden, pooled = [], []
         for encode, params, tokenizer in zip(self._clip, self.clip_params, self.tokenizers):
