@@ -74,10 +74,11 @@ class FluxFamily(Family):
 
     - "reference" (the default): what the PyTorch reference computes, two image copies in the
       single-stream blocks (nag_jax/flux_modes.py). Users compare our images with theirs, and the
-      fast mode is not close enough to be the default: on a small random Flux its difference
-      from the reference was 0.034 of the output scale against NAG's own effect of 0.094 (a
-      third of what NAG does), and in the pipeline test the images differ by the figure that
-      test prints.
+      fast mode is not close enough to be the default: on a small random Flux transformer its
+      output differed from the reference's by 0.034 of the output scale while NAG itself moved
+      it by 0.094; on the tiny pipeline of tests/test_pipeline_flux.py (2 steps) the images
+      differ by 0.010 while NAG moves them by 0.023. A third to a half of NAG's own effect is
+      not an approximation to impose silently.
     - "shared-image": one image stream everywhere; only the negative text rows are extra. It
       equals "reference" when the positive and negative pooled embeddings are equal, and is
       cheaper: +28% time over plain sampling against +79% for "reference" (reduced CPU

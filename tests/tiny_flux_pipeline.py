@@ -31,14 +31,17 @@ SCHEDULERS = {
 def make_flux_pipeline(folder, kind: str = "schnell") -> Path:
     """kind: "schnell" (no guidance embedding) or "dev" (guidance embedding, dynamic shift)."""
     folder = Path(folder)
-    transformer = tiny_flux.build_model(guidance_embeds=kind == "dev", in_channels=4 * LATENT_CHANNELS)
+    # one block of each kind (the pipeline tests compile several sampling loops; each costs per block)
+    transformer = tiny_flux.build_model(guidance_embeds=kind == "dev", in_channels=4 * LATENT_CHANNELS,
+                                        num_layers=1, num_single_layers=1)
     tiny_flux.save_sharded(transformer, folder / "transformer")
     save_tiny_vae(folder / "vae", latent_channels=LATENT_CHANNELS, block_out_channels=VAE_BLOCKS, norm_num_groups=4)
     save_tiny_clip_tokenizer(folder / "tokenizer")
     save_tiny_clip(folder / "text_encoder", hidden_size=tiny_flux.TINY_CONFIG["pooled_projection_dim"],
-                   num_attention_heads=2, vocab_size=CLIP_VOCAB_SIZE, seed=1)
+                   num_attention_heads=2, num_hidden_layers=2, vocab_size=CLIP_VOCAB_SIZE, seed=1)
     save_tiny_t5_tokenizer(folder / "tokenizer_2")
-    save_tiny_t5(folder / "text_encoder_2", d_model=tiny_flux.TINY_CONFIG["joint_attention_dim"], sharded=True, seed=2)
+    save_tiny_t5(folder / "text_encoder_2", d_model=tiny_flux.TINY_CONFIG["joint_attention_dim"], num_layers=1,
+                 sharded=True, seed=2)
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULERS[kind], indent=2))
     index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.30.0.dev0",
