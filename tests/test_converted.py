@@ -131,3 +131,28 @@ def test_flat_file_round_trips_every_dtype(tmp_path):
                           ("scale", params["scale"])):
         loaded = checkpoint.load(key)
         assert loaded.dtype == expected.dtype and np.array_equal(loaded, expected)
+
+
+def test_single_file_with_template(tmp_path):
+    """An SD1.5 LDM single file plus the matching diffusers folder (configs, tokenizer,
+    scheduler) converts to a folder holding the same parameters as converting that folder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from test_single_file import write_single_file
+
+    template = make_sd_pipeline(tmp_path / "sd15", "sd15")
+    single = tmp_path / "sd15.safetensors"
+    write_single_file(single, UNet2DConditionModel.from_pretrained(template / "unet"),
+                      AutoencoderKL.from_pretrained(template / "vae"),
+                      CLIPTextModel.from_pretrained(template / "text_encoder"))
+    with pytest.raises(ValueError, match="template: converting the single file"):
+        convert_pipeline(single, tmp_path / "out", progress=False)
+    dst = convert_pipeline(single, tmp_path / "out", template=template, progress=False)
+    from_folder = convert_pipeline(template, tmp_path / "from_folder", progress=False)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = open_checkpoint(dst / name), open_checkpoint(from_folder / name)
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert all(np.array_equal(a.load(key), b.load(key)) for key in a.keys())
+    assert json.loads((dst / "unet" / "config.json").read_text()) == json.loads(
+        (template / "unet" / "config.json").read_text())
