@@ -41,7 +41,7 @@ class NAGConfig:
     nag_scale: Any = 1.0
     nag_tau: Any = 2.5
     nag_alpha: Any = 0.5
-    # Flux only: "reference" reproduces the reference's two image copies in the single-stream
+    # "reference" (Flux) reproduces the reference's two image copies in the single-stream
     # blocks; "shared-image" keeps one image stream (nag-semantics.md section 2).
     nag_mode: str = "shared-image"
 

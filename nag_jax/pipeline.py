@@ -92,6 +92,20 @@ class PipelineOutput:
     images: Any  # list of PIL images, or float32 [B, H, W, 3] for "np", or latents for "latent"
 
 
+def read_json(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"{path.parent}: missing {path.name}; is this a complete diffusers pipeline folder?")
+    return json.loads(path.read_text())
+
+
+def component_folder(path: Path, name: str) -> Path:
+    """A pipeline's component folder (unet/, vae/, ...), or an error naming the missing one."""
+    folder = Path(path) / name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{path}: the pipeline needs the component folder {name}/, which is missing")
+    return folder
+
+
 def _as_list(value, name: str) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -108,7 +122,7 @@ def _broadcast(values: list[str], count: int, name: str) -> list[str]:
     raise ValueError(f"{name} has {len(values)} entries for {count} prompts; give one, or one per prompt")
 
 
-def _check_range(name: str, value, low, high, low_open=False, high_open=False):
+def check_range(name: str, value, low, high, low_open=False, high_open=False):
     number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
     below = number <= low if low_open else number < low
     above = number >= high if high_open else number > high
@@ -222,12 +236,12 @@ class NAGPipeline:
             raise ValueError(f"unknown argument(s) {', '.join(unknown)} for the {family.name} pipeline; "
                              f"its own options are: {allowed}")
         prompts = _as_list(prompt, "prompt")
-        nag_scale = _check_range("nag_scale", nag_scale, 0.0, math.inf)
-        nag_tau = _check_range("nag_tau", defaults["nag_tau"] if nag_tau is None else nag_tau, 0.0, math.inf, low_open=True)
-        nag_alpha = _check_range("nag_alpha", defaults["nag_alpha"] if nag_alpha is None else nag_alpha, 0.0, 1.0)
-        nag_end = _check_range("nag_end", nag_end, 0.0, 1.0, low_open=True)
+        nag_scale = check_range("nag_scale", nag_scale, 0.0, math.inf)
+        nag_tau = check_range("nag_tau", defaults["nag_tau"] if nag_tau is None else nag_tau, 0.0, math.inf, low_open=True)
+        nag_alpha = check_range("nag_alpha", defaults["nag_alpha"] if nag_alpha is None else nag_alpha, 0.0, 1.0)
+        nag_end = check_range("nag_end", nag_end, 0.0, 1.0, low_open=True)
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        guidance_scale = _check_range("guidance_scale", guidance_scale, 0.0, math.inf)
+        guidance_scale = check_range("guidance_scale", guidance_scale, 0.0, math.inf)
         steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
             raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")

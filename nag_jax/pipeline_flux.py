@@ -31,8 +31,7 @@ from convert.t5 import load_t5
 from convert.vae import load_vae
 from models.vae import model_to_latents
 from nag_jax.intercept import NAG_MODES
-from nag_jax.pipeline import Family, _check_range
-from nag_jax.pipeline_unet import _component, _read_json
+from nag_jax.pipeline import Family, check_range, component_folder, read_json
 from nag_jax.sampler import Conditioning
 from nag_jax.schedulers import flux_mu, flux_sigmas, make_schedule
 from nag_jax.tokenize import load_tokenizer, tokenize
@@ -106,12 +105,12 @@ class FluxFamily(Family):
     @classmethod
     def load(cls, path: Path, index: dict, dtype="float32"):
         dtype = jnp.dtype(parse_dtype(dtype))
-        transformer, transformer_params = load_flux_transformer(_component(path, "transformer"), dtype)
-        vae, vae_params = load_vae(_component(path, "vae"), dtype=dtype)
-        clip, clip_params = load_clip(_component(path, "text_encoder"), dtype=dtype)
-        t5, t5_params = load_t5(_component(path, "text_encoder_2"), dtype=dtype)
-        tokenizers = [load_tokenizer(_component(path, name)) for name in ("tokenizer", "tokenizer_2")]
-        scheduler_config = _read_json(_component(path, "scheduler") / "scheduler_config.json")
+        transformer, transformer_params = load_flux_transformer(component_folder(path, "transformer"), dtype)
+        vae, vae_params = load_vae(component_folder(path, "vae"), dtype=dtype)
+        clip, clip_params = load_clip(component_folder(path, "text_encoder"), dtype=dtype)
+        t5, t5_params = load_t5(component_folder(path, "text_encoder_2"), dtype=dtype)
+        tokenizers = [load_tokenizer(component_folder(path, name)) for name in ("tokenizer", "tokenizer_2")]
+        scheduler_config = read_json(component_folder(path, "scheduler") / "scheduler_config.json")
         params = {"transformer": transformer_params, "vae": vae_params, "clip": clip_params, "t5": t5_params}
         return cls(transformer, vae, clip, t5, tokenizers, params, scheduler_config, dtype)
 
@@ -123,7 +122,7 @@ class FluxFamily(Family):
         length = options["max_sequence_length"]
         if not isinstance(length, int) or isinstance(length, bool) or not 2 <= length <= MAX_SEQUENCE_LENGTH:
             raise ValueError(f"max_sequence_length must be an integer in [2, {MAX_SEQUENCE_LENGTH}], got {length!r}")
-        true_cfg_scale = _check_range("true_cfg_scale", options["true_cfg_scale"], 0.0, math.inf)
+        true_cfg_scale = check_range("true_cfg_scale", options["true_cfg_scale"], 0.0, math.inf)
         return true_cfg_scale > 1.0 and options["negative_prompt"] is not None
 
     def cfg_scale(self, guidance_scale, options):

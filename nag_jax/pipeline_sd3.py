@@ -12,7 +12,6 @@ given. Flow-matching Euler schedule, timestep 1000 * sigma, 16-channel VAE with 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -25,7 +24,7 @@ from convert.sd3 import load_sd3_transformer
 from convert.t5 import load_t5
 from convert.vae import load_vae
 from models.vae import model_to_latents
-from nag_jax.pipeline import Family
+from nag_jax.pipeline import Family, component_folder, read_json
 from nag_jax.sampler import Conditioning
 from nag_jax.schedulers import flux_mu, make_schedule
 from nag_jax.tokenize import load_tokenizer, tokenize
@@ -43,8 +42,8 @@ def _present(path: Path, index: dict, name: str) -> bool:
 
 def _required(path: Path, index: dict, name: str) -> Path:
     if not _present(path, index, name):
-        raise FileNotFoundError(f"{path}: the SD3 pipeline needs the component {name}/, which is missing")
-    return path / name
+        raise FileNotFoundError(f"{path}: the pipeline needs the component folder {name}/, which is missing")
+    return component_folder(path, name)
 
 
 class SD3Family(Family):
@@ -81,11 +80,9 @@ class SD3Family(Family):
         if _present(path, index, "text_encoder_3"):
             t5, t5_params = load_t5(path / "text_encoder_3", dtype=dtype)
             tokenizers.append(load_tokenizer(_required(path, index, "tokenizer_3")))
-        scheduler_path = _required(path, index, "scheduler") / "scheduler_config.json"
-        if not scheduler_path.exists():
-            raise FileNotFoundError(f"{path}: missing scheduler/scheduler_config.json")
+        scheduler_config = read_json(_required(path, index, "scheduler") / "scheduler_config.json")
         params = {"transformer": transformer_params, "vae": vae_params, "clips": clip_params, "t5": t5_params}
-        return cls(transformer, vae, clips, t5, tokenizers, params, json.loads(scheduler_path.read_text()), dtype)
+        return cls(transformer, vae, clips, t5, tokenizers, params, scheduler_config, dtype)
 
     # -- conditioning ---------------------------------------------------------------------
     def uses_cfg(self, guidance_scale, options):

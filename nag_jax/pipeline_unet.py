@@ -10,7 +10,6 @@ NAG reaches only the cross-attention (text rows of the `context`), via the inter
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -23,7 +22,7 @@ from convert.unet import load_unet
 from convert.vae import load_vae
 from models.layers import timestep_embedding
 from models.vae import model_to_latents
-from nag_jax.pipeline import Family, with_scheduler
+from nag_jax.pipeline import Family, component_folder, read_json, with_scheduler
 from nag_jax.sampler import Conditioning
 from nag_jax.schedulers import make_schedule
 from nag_jax.tokenize import load_tokenizer, tokenize
@@ -31,19 +30,6 @@ from nag_jax.tokenize import load_tokenizer, tokenize
 # nag-semantics.md section 5 (SD1.5 / SDXL rows) and the diffusers pipelines' defaults.
 SD_DEFAULTS = {"guidance_scale": 7.5, "num_inference_steps": 50, "nag_scale": 3.0, "nag_tau": 2.5, "nag_alpha": 0.375}
 SDXL_DEFAULTS = {"guidance_scale": 5.0, "num_inference_steps": 50, "nag_scale": 3.0, "nag_tau": 2.5, "nag_alpha": 0.5}
-
-
-def _read_json(path: Path) -> dict:
-    if not path.exists():
-        raise FileNotFoundError(f"{path.parent}: missing {path.name}; is this a complete diffusers pipeline folder?")
-    return json.loads(path.read_text())
-
-
-def _component(path: Path, name: str) -> Path:
-    folder = path / name
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{path}: the pipeline needs the component folder {name}/, which is missing")
-    return folder
 
 
 class StableDiffusionFamily(Family):
@@ -71,22 +57,22 @@ class StableDiffusionFamily(Family):
     def load(cls, path: Path, index: dict, dtype="float32", scheduler: str | None = None):
         dtype = jnp.dtype(parse_dtype(dtype))
         # Arguments are checked before the (slow) weights are read.
-        scheduler_config = _read_json(_component(path, "scheduler") / "scheduler_config.json")
+        scheduler_config = read_json(component_folder(path, "scheduler") / "scheduler_config.json")
         scheduler_config = with_scheduler(scheduler_config, scheduler)
-        unet, unet_params = load_unet(_component(path, "unet"), dtype)
-        vae, vae_params = load_vae(_component(path, "vae"), dtype=dtype)
+        unet, unet_params = load_unet(component_folder(path, "unet"), dtype)
+        vae, vae_params = load_vae(component_folder(path, "vae"), dtype=dtype)
         names = [n for n in ("text_encoder", "text_encoder_2") if index.get(n) and index[n][0] is not None]
         encoders, encoder_params, tokenizers = [], [], []
         for name in names:
             # The class in model_index.json says whether there is a projection (a converted folder's
             # Flax parameter names do not carry the PyTorch name load_clip would look for).
             projection = index[name][1] == "CLIPTextModelWithProjection"
-            module, params = load_clip(_component(path, name), dtype=dtype, projection=projection)
+            module, params = load_clip(component_folder(path, name), dtype=dtype, projection=projection)
             encoders.append(module)
             encoder_params.append(params)
-            tokenizers.append(load_tokenizer(_component(path, name.replace("text_encoder", "tokenizer"))))
+            tokenizers.append(load_tokenizer(component_folder(path, name.replace("text_encoder", "tokenizer"))))
         params = {"unet": unet_params, "vae": vae_params, "text_encoders": encoder_params}
-        sample_size = _read_json(path / "unet" / "config.json").get("sample_size", 64)
+        sample_size = read_json(path / "unet" / "config.json").get("sample_size", 64)
         return cls(unet, vae, encoders, tokenizers, params, scheduler_config, index, sample_size, dtype)
 
     # -- conditioning ---------------------------------------------------------------------
