@@ -187,6 +187,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="pipeline folder (default: the embedded sd-shapes model)")
     parser.add_argument("--seeds", type=int, default=200, help="images per prompt/negative pair and cell (default 200)")
     parser.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help="step counts (default 1 2 4 25)")
+    parser.add_argument("--negatives", nargs="+", default=list(BENCH_NEGATIVES),
+                        help=f"colours for the negative prompt (default {' '.join(BENCH_NEGATIVES)})")
     parser.add_argument("--batch", type=int, default=200, help="images per sampler call (default 200)")
     parser.add_argument("--output", help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
     from nag_jax.cli import embedded_model
 
     pipe = NAGPipeline.from_pretrained(args.model or embedded_model())
-    rows = run_efficacy(pipe, seeds=args.seeds, steps=args.steps, batch=args.batch)
+    rows = run_efficacy(pipe, seeds=args.seeds, steps=args.steps, negatives=args.negatives, batch=args.batch)
     print(format_table(rows))
     if args.output:
         with open(args.output, "w") as handle:
