@@ -145,3 +145,14 @@ def test_nag_off_is_bit_identical_to_diffusers(runs, kind):
         reference = run.flax(diffusers_class=True, **CFG)
     np.testing.assert_array_equal(off, reference)
     assert np.abs(off - run.flax(**CFG, **NAG)).max() > 1e-2  # and NAG on is not the same program
+
+
+def test_bad_nag_arguments_are_named(runs):
+    run = runs("sd15")
+    prompt_ids, key = run.pipe.prepare_inputs([PROMPT]), jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="nag_negative_prompt has 3 entries for 1 prompts"):
+        run.pipe(prompt_ids, run.params, key, nag_scale=3.0, nag_negative_prompt=["a", "b", "c"])
+    with pytest.raises(ValueError, match="nag_end must be a number in \\(0.0, 1.0\\]"):
+        run.pipe(prompt_ids, run.params, key, nag_scale=3.0, nag_end=0.0)
+    with pytest.raises(ValueError, match="prompt_ids' shape"):
+        run.pipe(prompt_ids, run.params, key, nag_scale=3.0, nag_negative_prompt=prompt_ids[None])
