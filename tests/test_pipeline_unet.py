@@ -54,7 +54,8 @@ def run_pair(folder, kind, scheduler, *, steps, guidance_scale, negative_prompt=
             calls.append(None)
             return torch.from_numpy(noise(len(calls) - 1)).to(dtype)
 
-        monkeypatch.setattr(f"diffusers.schedulers.scheduling_{scheduler}.randn_tensor", same_noise)
+        module = {"lcm": "scheduling_lcm", "euler_ancestral": "scheduling_euler_ancestral_discrete"}[scheduler]
+        monkeypatch.setattr(f"diffusers.schedulers.{module}.randn_tensor", same_noise)
 
     def generate():
         with torch.no_grad():
@@ -77,6 +78,7 @@ def run_pair(folder, kind, scheduler, *, steps, guidance_scale, negative_prompt=
         ("sd15", "euler", 3, 7.5),  # CFG on
         ("sd15", "ddim", 3, 1.0),  # CFG off
         ("sd15", "dpmpp_2m_karras", 4, 7.5),
+        ("sd15", "euler_ancestral", 2, 7.5),  # fresh noise per step: the same noise fed to diffusers
         ("sdxl", "euler_trailing", 2, 1.0),  # Lightning/Turbo-style
         ("sdxl", "euler", 2, 5.0),  # CFG with no negative prompt: zero embeddings (force_zeros_for_empty_prompt)
         ("lcm", "lcm", 3, 8.0),  # guidance embedded through time_cond_proj_dim, CFG off, fresh noise per step

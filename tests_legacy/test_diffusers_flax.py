@@ -118,8 +118,8 @@ def runs(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("kind,guidance", [("sd15", ALONE), ("sd15", CFG), ("sdxl", CFG)],
-                         ids=["sd15-nag-alone", "sd15-nag-with-cfg", "sdxl-nag-with-cfg"])
+@pytest.mark.parametrize("kind,guidance", [("sd15", ALONE), ("sd15", CFG), ("sdxl", ALONE), ("sdxl", CFG)],
+                         ids=["sd15-nag-alone", "sd15-nag-with-cfg", "sdxl-nag-alone", "sdxl-nag-with-cfg"])
 def test_adapter_matches_nag_pipeline(runs, kind, guidance):
     run = runs(kind)
     through_diffusers = run.flax(**guidance, **NAG)

@@ -1,0 +1,19 @@
+"""The installed distribution works on its own: run from outside the checkout, Python must find
+the three packages and the embedded model in site-packages, not in the source tree."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_installed_packages_import_outside_the_checkout(tmp_path):
+    code = ("import nag_jax, models, convert, nag_jax.cli as cli; "
+            "print(nag_jax.__file__); print(models.__file__); print(convert.__file__); print(cli.embedded_model())")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    *packages, embedded = done.stdout.split()
+    for path in packages:
+        assert "site-packages" in Path(path).parts, path
+    assert (Path(embedded) / "model_index.json").exists() and (Path(embedded) / "unet").is_dir()
