@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -232,4 +233,17 @@ def save_tiny_vae(folder, latent_channels: int = 4, seed: int = 0, block_out_cha
     folder = Path(folder)
     model.save_config(str(folder))
     _save_weights(_state_dict(model, dtype), folder, "diffusion_pytorch_model", sharded)
+    return model
+
+
+def randomize_mmdit(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Redraw every parameter of an MM-DiT (Flux, SD3) at 1/sqrt(fan-in), QK-norm scales near 1,
+    so every weight, the zero-initialized modulations included, visibly moves the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if re.search(r"\.norm_(added_)?[qk]\.weight$", name):
+                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) / max(param.shape[-1], 1) ** 0.5)
     return model

@@ -8,11 +8,11 @@ rewritten in Black Forest Labs' single-file naming by `bfl_state_dict`.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
 from diffusers import FluxTransformer2DModel
+
+from tiny_components import randomize_mmdit
 
 TINY_CONFIG = dict(
     patch_size=1,
@@ -34,14 +34,7 @@ def build_model(guidance_embeds: bool, seed: int = 0, **config) -> FluxTransform
     overrides TINY_CONFIG entries (e.g. in_channels=64 for a 16-channel VAE)."""
     torch.manual_seed(seed)
     model = FluxTransformer2DModel(**{**TINY_CONFIG, **config}, guidance_embeds=guidance_embeds).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if re.search(r"\.norm_(added_)?[qk]\.weight$", name):
-                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) / max(param.shape[-1], 1) ** 0.5)
-    return model
+    return randomize_mmdit(model, seed + 1)
 
 
 def save_sharded(model: FluxTransformer2DModel, folder) -> None:

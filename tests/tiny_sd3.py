@@ -8,12 +8,12 @@ first blocks). Weights are redrawn at random (scaled by 1/sqrt(fan-in); QK-norm 
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import save_file
+
+from tiny_components import randomize_mmdit
 
 BASE_CONFIG = dict(
     sample_size=16,
@@ -39,14 +39,7 @@ def build_model(variant: str, seed: int = 0) -> SD3Transformer2DModel:
     """A float32 diffusers model in eval mode with every parameter drawn at random."""
     torch.manual_seed(seed)
     model = SD3Transformer2DModel(**BASE_CONFIG, **VARIANTS[variant]).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if re.search(r"\.norm_(added_)?[qk]\.weight$", name):
-                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))  # QK-norm scales
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) / max(param.shape[-1], 1) ** 0.5)
-    return model
+    return randomize_mmdit(model, seed + 1)
 
 
 def save_diffusers(model: SD3Transformer2DModel, folder, sharded: bool) -> None:

@@ -12,14 +12,13 @@ pooled width = the two CLIP projections together.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from diffusers import SD3Transformer2DModel
 from transformers import AutoTokenizer
 
-from tiny_components import (save_sharded, save_tiny_clip, save_tiny_clip_tokenizer, save_tiny_t5,
+from tiny_components import (randomize_mmdit, save_sharded, save_tiny_clip, save_tiny_clip_tokenizer, save_tiny_t5,
                              save_tiny_t5_tokenizer, save_tiny_vae)
 
 CLIP_L = dict(hidden_size=8, num_attention_heads=2, projection_dim=8)
@@ -46,14 +45,7 @@ def random_transformer(seed: int) -> SD3Transformer2DModel:
     modulations included, move the images visibly."""
     torch.manual_seed(seed)
     model = SD3Transformer2DModel(**TRANSFORMER).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if re.search(r"\.norm_(added_)?[qk]\.weight$", name):
-                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) / max(param.shape[-1], 1) ** 0.5)
-    return model
+    return randomize_mmdit(model, seed + 1)
 
 
 def make_sd3_pipeline(folder) -> Path:
