@@ -47,7 +47,6 @@ class PAGConfig:
         return rows // self.row_groups if "/".join(module.path) in self.layers else 0
 
 
-
 @dataclasses.dataclass(frozen=True)
 class NAGConfig:
     """NAG parameters in the reference's convention (nag_scale = paper phi + 1).
@@ -159,7 +158,8 @@ def _image_over_image(q, k, v, perturbed: int):
     if not perturbed:
         return attention_partial(q, k, v)
     rest = slice(perturbed, None)
-    parts = (identity_partial(q[:perturbed], k[:perturbed], v[:perturbed]), attention_partial(q[rest], k[rest], v[rest]))
+    parts = (identity_partial(q[:perturbed], k[:perturbed], v[:perturbed]),
+             attention_partial(q[rest], k[rest], v[rest]))
     return jax.tree.map(lambda *rows: jnp.concatenate(rows, axis=0), *parts)
 
 

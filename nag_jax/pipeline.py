@@ -137,6 +137,24 @@ def diffusers_layer_name(path: str, layer_names) -> str | None:
     return None
 
 
+def check_pag(family: Family, pag_scale, pag_adaptive_scale, pag_applied_layers):
+    """The PAG arguments checked: (pag_scale, pag_adaptive_scale, list of layer patterns)."""
+    pag_scale = check_range("pag_scale", pag_scale, 0.0, math.inf)
+    pag_adaptive_scale = check_range("pag_adaptive_scale", pag_adaptive_scale, 0.0, math.inf)
+    if pag_scale > 0.0 and not family.pag_applied_layers:
+        raise ValueError(f"pag_scale = {pag_scale!r} asks for PAG, which the {family.name} pipeline does not have "
+                         "(PAG: Stable Diffusion, SDXL and SD3 families); use pag_scale = 0")
+    if pag_applied_layers is None:
+        return pag_scale, pag_adaptive_scale, list(family.pag_applied_layers)
+    patterns = _as_list(pag_applied_layers, "pag_applied_layers")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"pag_applied_layers entry {pattern!r} is not a regular expression ({error})") from None
+    return pag_scale, pag_adaptive_scale, patterns
+
+
 def check_range(name: str, value, low, high, low_open=False, high_open=False):
     number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
     below = number <= low if low_open else number < low
@@ -270,8 +288,8 @@ class NAGPipeline:
         guidance, diffusers' PAG pipelines) is on when pag_scale > 0: `pag_applied_layers`
         (regular expressions over diffusers' module names; default: the family's, "mid" for
         the UNets, "blocks.1" for SD3) get the identity attention map in the perturbed rows,
-        and pag_adaptive_scale > 0 lowers the scale by that much per unit of (1000 - t). Family options:
-        see the family (e.g. nag_mode and true_cfg_scale for Flux, max_sequence_length).
+        and pag_adaptive_scale > 0 lowers the scale by that much per unit of (1000 - t).
+        Family options: see the family (e.g. nag_mode and true_cfg_scale for Flux, max_sequence_length).
         """
         family = self.family
         defaults = family.defaults
@@ -285,21 +303,9 @@ class NAGPipeline:
         nag_tau = check_range("nag_tau", defaults["nag_tau"] if nag_tau is None else nag_tau, 0.0, math.inf, low_open=True)
         nag_alpha = check_range("nag_alpha", defaults["nag_alpha"] if nag_alpha is None else nag_alpha, 0.0, 1.0)
         nag_end = check_range("nag_end", nag_end, 0.0, 1.0, low_open=True)
-        pag_scale = check_range("pag_scale", pag_scale, 0.0, math.inf)
-        pag_adaptive_scale = check_range("pag_adaptive_scale", pag_adaptive_scale, 0.0, math.inf)
+        pag_scale, pag_adaptive_scale, pag_applied_layers = check_pag(family, pag_scale, pag_adaptive_scale,
+                                                                      pag_applied_layers)
         do_pag = pag_scale > 0.0
-        if do_pag and not family.pag_applied_layers:
-            raise ValueError(f"pag_scale = {pag_scale!r} asks for PAG, which the {family.name} pipeline does not have "
-                             "(PAG: Stable Diffusion, SDXL and SD3 families); use pag_scale = 0")
-        if pag_applied_layers is None:
-            pag_applied_layers = list(family.pag_applied_layers)
-        else:
-            pag_applied_layers = _as_list(pag_applied_layers, "pag_applied_layers")
-            for pattern in pag_applied_layers:
-                try:
-                    re.compile(pattern)
-                except re.error as error:
-                    raise ValueError(f"pag_applied_layers entry {pattern!r} is not a regular expression ({error})") from None
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         guidance_scale = check_range("guidance_scale", guidance_scale, 0.0, math.inf)
         steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
@@ -356,7 +362,9 @@ class NAGPipeline:
                 raise ValueError(f"latents must have shape {(images, *latent_shape)}, got {tuple(start.shape)}")
             start = start[np.minimum(np.arange(rows), images - 1)]
         start = (start * schedule.init_noise_sigma).astype(family.dtype)
-        layers = self._layers_with_guidance(start[:1], schedule.timesteps[0], groups["cond"]) if do_nag or do_pag else {}
+        layers = {}
+        if do_nag or do_pag:
+            layers = self._layers_with_guidance(start[:1], schedule.timesteps[0], groups["cond"])
         if do_nag:
             self._check_nag_reaches_attention(nag_scale, layers)
 

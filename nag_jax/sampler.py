@@ -1,10 +1,11 @@
 """The one denoising loop every family uses: a `lax.scan` over steps inside one compiled call.
 
 Static choices (CFG on or off, NAG on or off, where `nag_end` cuts, PAG's layers, progress
-reporting) live in a frozen `GuidancePlan` and select the traced program; the scales are traced values, so
-changing them reuses the compiled loop. `nag_end` is two scans: the steps after the cut are
-traced without the negative rows (and outside `guided` unless PAG runs), so they never
-compute the negative branch. The loop's length is a scan length, so compile time does not grow with the steps.
+reporting) live in a frozen `GuidancePlan` and select the traced program; the scales are
+traced values, so changing them reuses the compiled loop. `nag_end` is two scans: the steps
+after the cut are traced without the negative rows (and outside `guided` unless PAG runs), so
+they never compute the negative branch. The loop's length is a scan length, so compile time
+does not grow with the steps.
 
 Conditioning arrives as groups of `Conditioning` (cond, and optionally uncond for CFG and
 nag_negative for NAG), each with one row per image. They are assembled inside the compiled
@@ -89,7 +90,7 @@ def _rows(*trees):
     return jax.tree.map(lambda *leaves: jnp.concatenate(leaves, axis=0), *present)
 
 
-def assemble(groups: dict, with_nag: bool, with_pag: bool = False) -> Conditioning:
+def assemble(groups: dict, with_nag: bool, with_pag: bool) -> Conditioning:
     """Image rows [perturbed; uncond; cond] (perturbed with PAG: cond conditioning); text rows
     the same plus [nag_negative] when NAG runs."""
     uncond, cond = groups.get("uncond"), groups["cond"]

@@ -70,6 +70,10 @@ def test_unet_pag_matches_diffusers(sd15, arguments):
     np.testing.assert_allclose(got, diffusers_images(reference, latents, **arguments), atol=1e-3)
     without_pag = diffusers_images(reference, latents, **dict(arguments, pag_scale=0.0))
     assert np.abs(got - without_pag).max() > 1e-2  # PAG changed the image
+    programs = len(ours.sampler._compiled)
+    stronger = our_images(ours, latents, **dict(arguments, pag_scale=arguments["pag_scale"] + 1.0))
+    assert len(ours.sampler._compiled) == programs  # the scale is traced: no new program
+    assert np.abs(stronger - got).max() > 1e-2
 
 
 class CondRowsNAG:
@@ -193,6 +197,7 @@ def test_sd3_joint_pag_with_nag_matches_reference(tmp_path):
 
     def ours(config, rows=4):
         with guided(config):
+            # a fresh function per config: jit must not reuse a trace made under another config
             out = jax.jit(lambda *args: module.apply(*args))({"params": params}, latents, text[:rows], pooled[:rows],
                                                               timestep)
         return np.asarray(out)
@@ -210,13 +215,13 @@ def test_sd3_joint_pag_with_nag_matches_reference(tmp_path):
     assert np.abs(got - want).max() <= 1e-4 * scale
 
     pag_only = ours(NAGConfig(pag=pag), rows=3)  # no negative rows
-    nag_only = ours(NAGConfig(**nag))
-    plain = ours(NAGConfig(), rows=3)
+    nag_only = ours(NAGConfig(**nag))  # no perturbed layer: its first row is the plain cond row
     np.testing.assert_allclose(got[0], pag_only[0], atol=1e-5 * scale)  # perturbed row: PAG, no NAG
-    np.testing.assert_allclose(got[1], plain[1], atol=1e-5 * scale)  # uncond row: neither
+    np.testing.assert_allclose(got[1], pag_only[1], atol=1e-5 * scale)  # uncond row: neither
+    np.testing.assert_allclose(got[1], nag_only[1], atol=1e-5 * scale)
     np.testing.assert_allclose(got[2], nag_only[2], atol=1e-5 * scale)  # cond row: NAG, not perturbed
-    assert np.abs(pag_only[0] - plain[0]).max() > 1e-2 * scale  # the identity map changed the perturbed row
-    assert np.abs(nag_only[2] - plain[2]).max() > 1e-2 * scale  # NAG changed the cond row
+    assert np.abs(pag_only[0] - nag_only[0]).max() > 1e-2 * scale  # the identity map changed the perturbed row
+    assert np.abs(nag_only[2] - pag_only[2]).max() > 1e-2 * scale  # NAG changed the cond row
 
 
 FAST = dict(num_inference_steps=1, guidance_scale=1.0, output_type="latent")
