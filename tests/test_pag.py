@@ -8,7 +8,9 @@ SD3 (a tiny SD3-Medium-like folder: diffusers' PAG joint processors skip QK-norm
 folders are not compared): PAG with and without CFG equals StableDiffusion3PAGPipeline. At the
 model level, the joint transform with PAG and NAG equals torch_sd3_nag.py's reference with the
 PAG mask, with the perturbed rows untouched by NAG and the uncond rows untouched by both.
-Images in [0, 1] must agree within 1e-3, as in the other pipeline parity tests.
+Images in [0, 1] must agree within 1e-3, as in the other pipeline parity tests. Also: our
+`pag_applied_layers` selection equals diffusers' own, pag_scale = 0 is the plain program
+(no perturbed rows), changing pag_scale does not recompile, bad PAG arguments are ValueErrors.
 """
 
 from __future__ import annotations
