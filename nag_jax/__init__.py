@@ -14,12 +14,15 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "NAGConfig": "nag_jax.intercept",
+    "PAGConfig": "nag_jax.intercept",
     "guided": "nag_jax.intercept",
     "register_nag": "nag_jax.intercept",
+    "register_pag": "nag_jax.intercept",
     "NAGPipeline": "nag_jax.pipeline",
 }
 
-__all__ = ["NAGConfig", "NAGPipeline", "cfg", "guided", "nag", "nag_step_split", "nasa", "register_nag"]
+__all__ = ["NAGConfig", "NAGPipeline", "PAGConfig", "cfg", "guided", "nag", "nag_step_split", "nasa", "register_nag",
+           "register_pag"]
 
 
 def __getattr__(name):

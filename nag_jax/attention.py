@@ -47,6 +47,14 @@ def attention_partial(q, k, v, bias=None, scale=None) -> Partial:
     return Partial(out, to_bqh1(peak), to_bqh1(denom))
 
 
+def identity_partial(q, k, v, scale=None) -> Partial:
+    """The partial of each query over the one key at its own position (PAG's identity map on an
+    image-over-image block, diffusers' PAG joint processors): q and k have the same tokens."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    own_score = jnp.einsum("bqhd,bqhd->bqh", q, k, preferred_element_type=jnp.float32)[..., None] * scale
+    return Partial(v.astype(jnp.float32), own_score, jnp.ones_like(own_score))
+
+
 def merge_partials(parts, dtype=None):
     """Softmax attention over the union of the parts' key blocks (log-sum-exp merge)."""
     peak = parts[0].max

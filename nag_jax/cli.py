@@ -53,6 +53,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     nag.add_argument("--nag-alpha", type=float, metavar="A", help="blend with the positive branch (family default)")
     nag.add_argument("--nag-end", type=float, default=1.0, metavar="E",
                      help="fraction of the denoising run that gets NAG (default 1.0)")
+    pag = parser.add_argument_group("PAG (perturbed-attention guidance; UNet and SD3 families)")
+    pag.add_argument("--pag-scale", type=float, default=0.0, metavar="S", help="PAG strength, on when > 0 (default 0)")
+    pag.add_argument("--pag-adaptive-scale", type=float, default=0.0, metavar="A",
+                     help="lower the PAG scale by A per unit of (1000 - t) (default 0: constant)")
+    pag.add_argument("--pag-applied-layers", nargs="+", metavar="PATTERN",
+                     help="self-attention layers to perturb, diffusers' regular expressions over its module names "
+                          "(default: mid for the UNets, blocks.1 for SD3)")
     cfg = parser.add_argument_group("CFG (classifier-free guidance)")
     cfg.add_argument("--negative-prompt", metavar="TEXT", help="CFG's negative prompt (also NAG's when "
                                                                "--nag-negative-prompt is absent)")
@@ -96,6 +103,9 @@ def resolve_settings(args, defaults: dict) -> dict:
         "nag_tau": defaults["nag_tau"] if args.nag_tau is None else args.nag_tau,
         "nag_alpha": defaults["nag_alpha"] if args.nag_alpha is None else args.nag_alpha,
         "nag_end": args.nag_end,
+        "pag_scale": args.pag_scale,
+        "pag_adaptive_scale": args.pag_adaptive_scale,
+        "pag_applied_layers": args.pag_applied_layers,
         "negative_prompt": args.negative_prompt,
         "guidance_scale": defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
         "num_inference_steps": defaults["num_inference_steps"] if args.steps is None else args.steps,

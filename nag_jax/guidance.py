@@ -60,6 +60,12 @@ def cfg(pred_uncond, pred_cond, guidance_scale):
     return pred_uncond + guidance_scale * (pred_cond - pred_uncond)
 
 
+def pag_scale_at(pag_scale, pag_adaptive_scale, timestep):
+    """PAG's strength at `timestep` (diffusers' PAG pipelines): pag_scale, lowered by
+    pag_adaptive_scale per unit of (1000 - t) and never below 0."""
+    return jnp.maximum(pag_scale - pag_adaptive_scale * (1000.0 - timestep), 0.0)
+
+
 def nag_end_cut(nag_end: float, timestep_kind: str) -> float:
     """The timestep below which NAG switches off for good (the reference's rule).
 

@@ -7,7 +7,9 @@ through untouched, and nothing changes outside the context. Works under `jax.jit
 
 A transform is `fn(config, module, plain, *args, **kwargs)`: `plain` is the module's own
 method, `module` the bound module (so a transform for a foreign module can call its
-submodules).
+submodules, and PAG can select layers by `module.path`). A transform says which guidance it
+implements by how it is registered: `register_nag` (negative context rows), `register_pag`
+(perturbed-attention guidance: the identity attention map on the perturbed image rows).
 """
 
 from __future__ import annotations
@@ -22,12 +24,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.layers import CrossAttentionCore, JointAttentionCore
-from nag_jax.attention import attention, attention_partial, merge_heads, merge_partials
+from models.layers import CrossAttentionCore, JointAttentionCore, SelfAttentionCore
+from nag_jax.attention import attention, attention_partial, identity_partial, merge_heads, merge_partials
 from nag_jax.guidance import nag
 
 _TRANSFORMS: dict[tuple[type, str], Callable] = {}
+_GUIDANCE: dict[tuple[type, str], set[str]] = {}  # what each transform implements: "nag", "pag"
 NAG_MODES = ("shared-image", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class PAGConfig:
+    """Perturbed-attention guidance, decided before tracing: the attention cores that get the
+    identity map (module paths, names joined by "/") and how many equal row groups the image
+    batch has; the first group holds the perturbed rows (the sampler's layout)."""
+
+    layers: frozenset = frozenset()
+    row_groups: int = 1
+
+    def perturbed_rows(self, module, rows: int) -> int:
+        """How many leading image rows of this call are perturbed: one group in a PAG layer, else 0."""
+        return rows // self.row_groups if "/".join(module.path) in self.layers else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +61,7 @@ class NAGConfig:
     # "reference" (Flux) reproduces the reference's two image copies in the single-stream
     # blocks; "shared-image" keeps one image stream (nag-semantics.md section 2).
     nag_mode: str = "shared-image"
+    pag: PAGConfig = PAGConfig()  # no layers: PAG off
 
     @property
     def enabled(self) -> bool:
@@ -60,23 +78,39 @@ class NAGConfig:
         return nag(z_pos, z_neg, self.nag_scale, self.nag_tau, self.nag_alpha)
 
 
-def register_nag(module_type: type, method: str = "__call__"):
-    """Register `fn` as the NAG transform of `module_type.method`."""
-
+def _register(guidance: str, module_type: type, method: str):
     def register(fn):
         _TRANSFORMS[(module_type, method)] = fn
+        _GUIDANCE.setdefault((module_type, method), set()).add(guidance)
         return fn
 
     return register
 
 
+def register_nag(module_type: type, method: str = "__call__"):
+    """Register `fn` as the NAG transform of `module_type.method`."""
+    return _register("nag", module_type, method)
+
+
+def register_pag(module_type: type, method: str = "__call__"):
+    """Register `fn` as the PAG transform of `module_type.method` (also NAG's when registered
+    with both: one transform per method)."""
+    return _register("pag", module_type, method)
+
+
+def guidance_of(module_type: type, method: str = "__call__") -> frozenset:
+    """The guidance ("nag", "pag") the transform of `module_type.method` implements; empty if none."""
+    key = (module_type, method)
+    return frozenset(_GUIDANCE.get(key, ())) if key in _TRANSFORMS else frozenset()
+
+
 def has_nag_transform(module_type: type, method: str = "__call__") -> bool:
-    return (module_type, method) in _TRANSFORMS
+    return "nag" in guidance_of(module_type, method)
 
 
 @contextlib.contextmanager
 def guided(config: NAGConfig):
-    """Within this context, registered attention modules compute NAG."""
+    """Within this context, registered attention modules compute NAG (and PAG in `config.pag`'s layers)."""
     if config.nag_mode == "reference":  # its transform lives beside the Flux model it serves
         importlib.import_module("nag_jax.flux_modes")
 
@@ -108,16 +142,41 @@ def _cross_attention_nag(config, module, plain, q, k, v):
     return apply_to_last_rows(config, z_pos, z_neg)
 
 
+@register_pag(SelfAttentionCore)
+def _self_attention_pag(config, module, plain, q, k, v, bias=None):
+    """PAG's identity attention map: a perturbed row's output is its values (each token attends
+    only to itself), as diffusers' PAG identity processors compute it."""
+    perturbed = config.pag.perturbed_rows(module, q.shape[0])
+    if not perturbed:
+        return plain(q, k, v, bias)
+    rest = slice(perturbed, None)
+    return jnp.concatenate([merge_heads(v[:perturbed]), plain(q[rest], k[rest], v[rest], bias)], axis=0)
+
+
+def _image_over_image(q, k, v, perturbed: int):
+    """Image-query partials over the image keys; the first `perturbed` rows see only their own key."""
+    if not perturbed:
+        return attention_partial(q, k, v)
+    rest = slice(perturbed, None)
+    parts = (identity_partial(q[:perturbed], k[:perturbed], v[:perturbed]),
+             attention_partial(q[rest], k[rest], v[rest]))
+    return jax.tree.map(lambda *rows: jnp.concatenate(rows, axis=0), *parts)
+
+
+@register_pag(JointAttentionCore)
 @register_nag(JointAttentionCore)
-def _joint_attention_nag(config, module, plain, txt_q, txt_k, txt_v, img_q, img_k, img_v):
+def _joint_attention(config, module, plain, txt_q, txt_k, txt_v, img_q, img_k, img_v):
     """Every text row attends over [its text; its image]; image rows get NAG.
 
     Image keys are shared by the positive and negative branches, so image-query scores
-    against them are computed once and merged with each branch's text-key scores.
+    against them are computed once and merged with each branch's text-key scores. In a PAG
+    layer the perturbed rows' image queries see their own image token and all their text
+    tokens (diffusers' PAG joint processors); their text queries attend as usual.
     """
     rows = img_q.shape[0]
     extra = txt_q.shape[0] - rows
-    if extra == 0:
+    perturbed = config.pag.perturbed_rows(module, rows)
+    if extra == 0 and not perturbed:
         return plain(txt_q, txt_k, txt_v, img_q, img_k, img_v)
     image_of_text_row = np.concatenate([np.arange(rows), np.arange(rows - extra, rows)])
     txt_out = merge_partials(
@@ -127,9 +186,9 @@ def _joint_attention_nag(config, module, plain, txt_q, txt_k, txt_v, img_q, img_
         ],
         dtype=txt_q.dtype,
     )
-    img_over_img = attention_partial(img_q, img_k, img_v)
+    img_over_img = _image_over_image(img_q, img_k, img_v, perturbed)
     z_pos = merge_partials([img_over_img, attention_partial(img_q, txt_k[:rows], txt_v[:rows])], img_q.dtype)
-    if not config.enabled:  # negative text rows still flow, so the text stream keeps its shape
+    if extra == 0 or not config.enabled:  # negative text rows still flow, so the text stream keeps its shape
         return merge_heads(txt_out), merge_heads(z_pos)
     negative_rows = slice(rows - extra, rows)
     z_neg = merge_partials(

@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nag_jax.guidance import nag_step_split
-from nag_jax.intercept import has_nag_transform
+from nag_jax.intercept import guidance_of
 from nag_jax.sampler import Conditioning, GuidancePlan, Sampler, Scales, resolve_parallel
 
 # diffusers pipeline class (model_index.json "_class_name") -> "module:Family"
@@ -42,10 +43,15 @@ class Family:
     Attributes: `name`, `defaults` (dict with guidance_scale, num_inference_steps, nag_tau,
     nag_alpha), `height`, `width` (defaults), `size_multiple` (height/width must divide by it),
     `dtype` (of latents and activations), `params` (every parameter `denoise` needs),
-    `options` (names of the family's own call arguments).
+    `options` (names of the family's own call arguments), and for PAG `pag_layer_names`
+    (regular expressions over our attention cores' module paths, "/"-joined, each with the
+    diffusers module name it stands for, so `pag_applied_layers` means what it does in
+    diffusers) and `pag_applied_layers` (the default; none: the family has no PAG).
     """
 
     options: tuple[str, ...] = ()
+    pag_layer_names: tuple[tuple[str, str], ...] = ()
+    pag_applied_layers: tuple[str, ...] = ()
     option_defaults: dict = {}  # values of the family's own options when the call leaves them out (read-only)
     name: str
     defaults: dict
@@ -122,6 +128,33 @@ def _broadcast(values: list[str], count: int, name: str) -> list[str]:
     raise ValueError(f"{name} has {len(values)} entries for {count} prompts; give one, or one per prompt")
 
 
+def diffusers_layer_name(path: str, layer_names) -> str | None:
+    """The diffusers module name of our module at `path` by the family's table, or None."""
+    for pattern, name in layer_names:
+        match = re.fullmatch(pattern, path)
+        if match:
+            return match.expand(name)
+    return None
+
+
+def check_pag(family: Family, pag_scale, pag_adaptive_scale, pag_applied_layers):
+    """The PAG arguments checked: (pag_scale, pag_adaptive_scale, list of layer patterns)."""
+    pag_scale = check_range("pag_scale", pag_scale, 0.0, math.inf)
+    pag_adaptive_scale = check_range("pag_adaptive_scale", pag_adaptive_scale, 0.0, math.inf)
+    if pag_scale > 0.0 and not family.pag_applied_layers:
+        raise ValueError(f"pag_scale = {pag_scale!r} asks for PAG, which the {family.name} pipeline does not have "
+                         "(PAG: Stable Diffusion, SDXL and SD3 families); use pag_scale = 0")
+    if pag_applied_layers is None:
+        return pag_scale, pag_adaptive_scale, list(family.pag_applied_layers)
+    patterns = _as_list(pag_applied_layers, "pag_applied_layers")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"pag_applied_layers entry {pattern!r} is not a regular expression ({error})") from None
+    return pag_scale, pag_adaptive_scale, patterns
+
+
 def check_range(name: str, value, low, high, low_open=False, high_open=False):
     number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
     below = number <= low if low_open else number < low
@@ -152,29 +185,52 @@ class NAGPipeline:
     def __init__(self, family: Family, model_parallel: int = 1):
         self.family = family
         self.sampler = Sampler(family.denoise, model_parallel)
-        self._nag_layers = None  # attention layer types NAG reaches in this model, found on first use
+        self._guided_layers = None  # {module path: guidance its transform implements}, found on first use
 
-    def _check_nag_reaches_attention(self, nag_scale, latents, timestep, conditioning):
-        """NAG asked of a model none of whose attention layers has a NAG transform is an error,
-        not a silent plain run. Found once per pipeline by tracing one row's shapes."""
-        if self._nag_layers is None:
-            seen = set()
+    def _layers_with_guidance(self, latents, timestep, conditioning) -> dict[str, frozenset]:
+        """Every module call of the denoiser that has a guidance transform: its path ("/"-joined)
+        and what the transform implements. Found once per pipeline by tracing one row's shapes."""
+        if self._guided_layers is None:
+            seen = {}
 
             def record(next_fun, args, kwargs, context):
-                if has_nag_transform(type(context.module), context.method_name):
-                    seen.add(type(context.module).__name__)
+                guidance = guidance_of(type(context.module), context.method_name)
+                if guidance:
+                    seen["/".join(context.module.path)] = guidance
                 return next_fun(*args, **kwargs)
 
             one_row = jax.tree.map(lambda leaf: leaf[:1], conditioning)
             with nn.intercept_methods(record):
                 jax.eval_shape(lambda p, x, c: self.family.denoise(p, x, timestep, c), self.family.params, latents,
                                one_row)
-            self._nag_layers = sorted(seen)
-        if not self._nag_layers:
+            self._guided_layers = seen
+        return self._guided_layers
+
+    def _check_nag_reaches_attention(self, nag_scale, layers: dict):
+        """NAG asked of a model none of whose attention layers has a NAG transform is an error,
+        not a silent plain run."""
+        if not any("nag" in guidance for guidance in layers.values()):
             raise ValueError(
                 f"nag_scale = {nag_scale!r} asks for NAG, but no attention layer of the {self.family.name} model has a "
                 "NAG transform (nag_jax.intercept.register_nag); use nag_scale <= 1 (NAG off) with this model"
             )
+
+    def _pag_layers(self, pag_applied_layers: list[str], layers: dict) -> frozenset:
+        """Our module paths of the self-attention layers `pag_applied_layers` selects: as in
+        diffusers, each entry is a regular expression searched in the diffusers module names."""
+        names = {}
+        for path, guidance in layers.items():
+            name = diffusers_layer_name(path, self.family.pag_layer_names)
+            if "pag" in guidance and name is not None:
+                names[name] = path
+        selected = set()
+        for pattern in pag_applied_layers:
+            hits = {path for name, path in names.items() if re.search(pattern, name)}
+            if not hits:
+                raise ValueError(f"pag_applied_layers entry {pattern!r} selects no self-attention layer of the "
+                                 f"{self.family.name} model; its layers are named like {', '.join(sorted(names)[:3])}")
+            selected |= hits
+        return frozenset(selected)
 
     @classmethod
     def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, **family_options) -> "NAGPipeline":
@@ -217,6 +273,9 @@ class NAGPipeline:
         progress: bool = False,
         callback_on_step=None,
         check_finite: bool = False,
+        pag_scale: float = 0.0,
+        pag_adaptive_scale: float = 0.0,
+        pag_applied_layers=None,
         **options,
     ) -> PipelineOutput:
         """Generate images. NAG is on when nag_scale > 1 (reference convention: paper phi + 1).
@@ -225,8 +284,12 @@ class NAGPipeline:
         family's rule (guidance_scale > 1 for models trained with it). `latents` takes the
         diffusers pipeline's layout and meaning. `progress` shows a per-step bar;
         `callback_on_step(step, timestep, latents)` is called after every step.
-        `check_finite` raises instead of returning NaN/Inf images. Family options:
-        see the family (e.g. nag_mode and true_cfg_scale for Flux, max_sequence_length).
+        `check_finite` raises instead of returning NaN/Inf images. PAG (perturbed-attention
+        guidance, diffusers' PAG pipelines) is on when pag_scale > 0: `pag_applied_layers`
+        (regular expressions over diffusers' module names; default: the family's, "mid" for
+        the UNets, "blocks.1" for SD3) get the identity attention map in the perturbed rows,
+        and pag_adaptive_scale > 0 lowers the scale by that much per unit of (1000 - t).
+        Family options: see the family (e.g. nag_mode and true_cfg_scale for Flux, max_sequence_length).
         """
         family = self.family
         defaults = family.defaults
@@ -240,6 +303,9 @@ class NAGPipeline:
         nag_tau = check_range("nag_tau", defaults["nag_tau"] if nag_tau is None else nag_tau, 0.0, math.inf, low_open=True)
         nag_alpha = check_range("nag_alpha", defaults["nag_alpha"] if nag_alpha is None else nag_alpha, 0.0, 1.0)
         nag_end = check_range("nag_end", nag_end, 0.0, 1.0, low_open=True)
+        pag_scale, pag_adaptive_scale, pag_applied_layers = check_pag(family, pag_scale, pag_adaptive_scale,
+                                                                      pag_applied_layers)
+        do_pag = pag_scale > 0.0
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         guidance_scale = check_range("guidance_scale", guidance_scale, 0.0, math.inf)
         steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
@@ -296,16 +362,21 @@ class NAGPipeline:
                 raise ValueError(f"latents must have shape {(images, *latent_shape)}, got {tuple(start.shape)}")
             start = start[np.minimum(np.arange(rows), images - 1)]
         start = (start * schedule.init_noise_sigma).astype(family.dtype)
+        layers = {}
+        if do_nag or do_pag:
+            layers = self._layers_with_guidance(start[:1], schedule.timesteps[0], groups["cond"])
         if do_nag:
-            self._check_nag_reaches_attention(nag_scale, start[:1], schedule.timesteps[0], groups["cond"])
+            self._check_nag_reaches_attention(nag_scale, layers)
 
         plan = GuidancePlan(
             cfg=do_cfg,
             nag=do_nag,
             nag_steps=nag_step_split(schedule.timesteps, nag_end, schedule.timestep_kind) if do_nag else 0,
             nag_mode=options.get("nag_mode", "shared-image"),
+            pag_layers=self._pag_layers(pag_applied_layers, layers) if do_pag else frozenset(),
         )
-        scales = Scales(family.cfg_scale(guidance_scale, options), nag_scale, nag_tau, nag_alpha)
+        scales = Scales(family.cfg_scale(guidance_scale, options), nag_scale, nag_tau, nag_alpha, pag_scale,
+                        pag_adaptive_scale)
         reporters, report = [], "none"
         if progress:
             from tqdm.auto import tqdm

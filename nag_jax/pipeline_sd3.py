@@ -52,6 +52,10 @@ class SD3Family(Family):
     name = "SD3"
     defaults = SD3_DEFAULTS
     options = ("clip_skip", "max_sequence_length", "mu")
+    # PAG perturbs the joint attention of the blocks (not SD3.5-Medium's image-only attn2, on which
+    # diffusers' PAG processors cannot run); diffusers' PAG default "blocks.1".
+    pag_layer_names = ((r"blocks_(\d+)/attn", r"transformer_blocks.\1.attn"),)
+    pag_applied_layers = ("blocks.1",)
 
     def __init__(self, transformer, vae, clips, t5, tokenizers, params, scheduler_config, dtype):
         self.transformer, self.vae, self.clips, self.t5, self.tokenizers = transformer, vae, clips, t5, tokenizers

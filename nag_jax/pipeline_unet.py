@@ -36,6 +36,14 @@ class StableDiffusionFamily(Family):
     """SD1.5 / SD2.x (one CLIP encoder) and SDXL (two) UNet pipelines."""
 
     options = ("clip_skip", "timesteps")
+    # PAG perturbs the self-attention (attn1) of the transformer blocks; diffusers' PAG default "mid".
+    pag_layer_names = (
+        (r"(down|up)_blocks_(\d+)_attentions_(\d+)/transformer_blocks_(\d+)/attn1/core",
+         r"\1_blocks.\2.attentions.\3.transformer_blocks.\4.attn1"),
+        (r"mid_block_attentions_(\d+)/transformer_blocks_(\d+)/attn1/core",
+         r"mid_block.attentions.\1.transformer_blocks.\2.attn1"),
+    )
+    pag_applied_layers = ("mid",)
 
     def __init__(self, unet, vae, encoders, tokenizers, params, scheduler_config, pipeline_config, sample_size,
                  dtype):

@@ -1,16 +1,19 @@
 """The one denoising loop every family uses: a `lax.scan` over steps inside one compiled call.
 
-Static choices (CFG on or off, NAG on or off, where `nag_end` cuts, progress reporting) live in
-a frozen `GuidancePlan` and select the traced program; the scales are traced values, so
-changing them reuses the compiled loop. `nag_end` is two scans: the steps after the cut are
-traced without the negative rows and outside `guided`, so they never compute the negative
-branch. The loop's length is a scan length, so compile time does not grow with the steps.
+Static choices (CFG on or off, NAG on or off, where `nag_end` cuts, PAG's layers, progress
+reporting) live in a frozen `GuidancePlan` and select the traced program; the scales are
+traced values, so changing them reuses the compiled loop. `nag_end` is two scans: the steps
+after the cut are traced without the negative rows (and outside `guided` unless PAG runs), so
+they never compute the negative branch. The loop's length is a scan length, so compile time
+does not grow with the steps.
 
 Conditioning arrives as groups of `Conditioning` (cond, and optionally uncond for CFG and
 nag_negative for NAG), each with one row per image. They are assembled inside the compiled
 function into the row layout the models expect (image rows [uncond; cond]; text rows
 [uncond; cond; nag_negative]), so the same code runs on one device, sharded over a `data`
-mesh axis, or per device under `pmap`.
+mesh axis, or per device under `pmap`. PAG puts its perturbed rows (cond conditioning) first:
+image rows [perturbed; uncond; cond], so NAG's extra text rows still belong to the last,
+cond, rows and the perturbed and uncond rows never get NAG (nag-semantics.md section 3).
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from nag_jax.guidance import cfg
-from nag_jax.intercept import NAGConfig, guided
+from nag_jax.guidance import cfg, pag_scale_at
+from nag_jax.intercept import NAGConfig, PAGConfig, guided
 from nag_jax.sharding import param_shardings
 
 PARALLEL_MODES = ("auto", "sharded", "pmap", "none")
@@ -57,6 +60,16 @@ class GuidancePlan:
     nag_steps: int = 0  # leading steps that run NAG (nag_step_split)
     nag_mode: str = "shared-image"
     progress: bool = False
+    pag_layers: frozenset = frozenset()  # module paths of the attention cores PAG perturbs; empty: PAG off
+
+    @property
+    def pag(self) -> bool:
+        return bool(self.pag_layers)
+
+    @property
+    def row_groups(self) -> int:
+        """Copies of the image batch the denoiser sees: [perturbed;] [uncond;] cond."""
+        return 1 + self.cfg + self.pag
 
 
 @flax.struct.dataclass
@@ -67,6 +80,8 @@ class Scales:
     nag_scale: Any = 1.0
     nag_tau: Any = 2.5
     nag_alpha: Any = 0.5
+    pag_scale: Any = 0.0
+    pag_adaptive_scale: Any = 0.0
 
 
 def _rows(*trees):
@@ -75,14 +90,28 @@ def _rows(*trees):
     return jax.tree.map(lambda *leaves: jnp.concatenate(leaves, axis=0), *present)
 
 
-def assemble(groups: dict, with_nag: bool) -> Conditioning:
-    """Image rows [uncond; cond]; text rows [uncond; cond] plus [nag_negative] when NAG runs."""
+def assemble(groups: dict, with_nag: bool, with_pag: bool) -> Conditioning:
+    """Image rows [perturbed; uncond; cond] (perturbed with PAG: cond conditioning); text rows
+    the same plus [nag_negative] when NAG runs."""
     uncond, cond = groups.get("uncond"), groups["cond"]
+    perturbed = cond if with_pag else None
     negative = groups.get("nag_negative") if with_nag else None
     return Conditioning(
-        text=_rows(uncond and uncond.text, cond.text, negative and negative.text),
-        image=None if cond.image is None else _rows(uncond and uncond.image, cond.image),
+        text=_rows(perturbed and perturbed.text, uncond and uncond.text, cond.text, negative and negative.text),
+        image=None if cond.image is None else _rows(perturbed and perturbed.image, uncond and uncond.image, cond.image),
     )
+
+
+def combine(plan: GuidancePlan, scales: Scales, timestep, output):
+    """The guided prediction from the denoiser's row groups: CFG, then PAG's
+    pag_scale(t) * (cond - perturbed) (diffusers' PAG pipelines)."""
+    groups = jnp.split(output, plan.row_groups, axis=0)
+    cond = groups[-1]
+    guided_output = cfg(groups[-2], cond, scales.guidance_scale) if plan.cfg else cond
+    if plan.pag:
+        guided_output = guided_output + pag_scale_at(scales.pag_scale, scales.pag_adaptive_scale, timestep) * (
+            cond - groups[0])
+    return guided_output
 
 
 class _Progress:
@@ -118,21 +147,21 @@ def denoise_loop(denoise: Callable, schedule, plan: GuidancePlan, report: str, p
     if not jax.dtypes.issubdtype(image_keys.dtype, jax.dtypes.prng_key):
         image_keys = jax.random.wrap_key_data(image_keys)
     timesteps = jnp.asarray(schedule.timesteps)
-    nag_config = NAGConfig(scales.nag_scale, scales.nag_tau, scales.nag_alpha, plan.nag_mode)
+    nag_config = NAGConfig(scales.nag_scale, scales.nag_tau, scales.nag_alpha, plan.nag_mode,
+                           PAGConfig(plan.pag_layers, plan.row_groups))
 
     def body_for(with_nag: bool):
-        conditioning = assemble(groups, with_nag)
+        conditioning = assemble(groups, with_nag, plan.pag)
 
         def body(carry, step):
             sample, state = carry
             model_input = schedule.scale_model_input(sample, step)
-            if plan.cfg:
-                model_input = jnp.concatenate([model_input, model_input], axis=0)
-            with guided(nag_config) if with_nag else contextlib.nullcontext():
+            if plan.row_groups > 1:
+                model_input = jnp.concatenate([model_input] * plan.row_groups, axis=0)
+            with guided(nag_config) if with_nag or plan.pag else contextlib.nullcontext():
                 output = denoise(params, model_input, timesteps[step], conditioning)
-            if plan.cfg:
-                uncond_out, cond_out = jnp.split(output, 2, axis=0)
-                output = cfg(uncond_out, cond_out, scales.guidance_scale)
+            if plan.row_groups > 1:
+                output = combine(plan, scales, timesteps[step], output)
             noise = None
             if schedule.needs_noise:  # each image's noise from its own key, whatever the layout
                 draw = lambda key: jax.random.normal(jax.random.fold_in(key, step), sample.shape[1:], sample.dtype)  # noqa: E731

@@ -35,8 +35,10 @@ def run_pipelines(folder):
     split = nag_jax.NAGPipeline.from_pretrained(folder, model_parallel=2)
     results = {}
     for name, (prompts, per_prompt) in CASES.items():
+        # every guidance at once (CFG, NAG, PAG): each adds row groups the devices must split alike
         args = dict(prompt=prompts, num_images_per_prompt=per_prompt, nag_scale=3.0, nag_negative_prompt="blurry",
-                    guidance_scale=7.5, num_inference_steps=2, height=16, width=16, seed=5, output_type="latent")
+                    guidance_scale=7.5, pag_scale=2.0, num_inference_steps=2, height=16, width=16, seed=5,
+                    output_type="latent")
         reference = pipe(parallel="none", **args).images
         diffs, calls = {}, {}
         for mode in ("sharded", "pmap"):

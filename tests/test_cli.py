@@ -41,12 +41,14 @@ def test_generate_to_a_folder_writes_pngs_with_their_parameters(tmp_path, capsys
 def test_generate_several_images_to_one_png_name_numbers_them(tmp_path):
     target = tmp_path / "shape.png"
     code = main(["generate", "--prompt", "a square", "--num-images", "2", "--steps", "1", "--guidance-scale", "1",
-                 "--no-progress", "--output", str(target)])
+                 "--pag-scale", "1.5", "--pag-applied-layers", "mid", "up", "--no-progress", "--output", str(target)])
     assert code == 0
     first, second = tmp_path / "shape-0.png", tmp_path / "shape-1.png"
     assert first.exists() and second.exists() and not target.exists()
     assert json.loads(Image.open(second).text["nag-jax"])["image_index"] == 1
-    assert json.loads(Image.open(first).text["nag-jax"])["nag_scale"] == 1.0  # no NAG negative: NAG off
+    record = json.loads(Image.open(first).text["nag-jax"])
+    assert record["nag_scale"] == 1.0  # no NAG negative: NAG off
+    assert record["pag_scale"] == 1.5 and record["pag_applied_layers"] == ["mid", "up"]
     assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))
 
 
@@ -64,6 +66,7 @@ def test_demo_writes_a_labelled_grid(tmp_path, capsys, monkeypatch):
     (["generate", "--prompt", "a circle", "--steps", "0", "--output", "x"], "num_inference_steps"),
     (["generate", "--prompt", "a circle", "--model", "/nonexistent/model"], "model_index.json"),
     (["generate", "--prompt", "a circle", "--output", "picture.jpg"], ".png"),
+    (["generate", "--prompt", "a circle", "--pag-scale", "2", "--pag-applied-layers", "nowhere"], "'nowhere'"),
     (["convert", "/nonexistent/src", "/tmp/nag-jax-never-written"], "nonexistent"),
 ])
 def test_bad_arguments_print_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):

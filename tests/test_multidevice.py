@@ -2,7 +2,7 @@
 
 parallel="sharded" (jit over a data mesh), "pmap", and a (data 4, model 2) mesh with the
 parameters split over `model` all give the latents of parallel="none", for batches that do not
-divide by the device count, with CFG, NAG and a stochastic scheduler (every image's noise
+divide by the device count, with CFG, NAG, PAG and a stochastic scheduler (every image's noise
 comes from its own (seed, image index) key, whatever the layout). The per-step callback sees
 each step once, with the unpadded batch. XLA's memory analysis of a small Flux transformer's
 parameters sharded 8 ways gives the expected per-device bytes. Two local processes joined by

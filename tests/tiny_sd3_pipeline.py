@@ -40,17 +40,17 @@ TRANSFORMER = dict(
 )
 
 
-def random_transformer(seed: int) -> SD3Transformer2DModel:
+def random_transformer(seed: int, qk_norm: str | None = "rms_norm") -> SD3Transformer2DModel:
     """Every parameter redrawn (1/sqrt(fan-in); QK-norm scales near 1) so all of them, the
-    modulations included, move the images visibly."""
+    modulations included, move the images visibly. qk_norm=None: SD3-Medium-like."""
     torch.manual_seed(seed)
-    model = SD3Transformer2DModel(**TRANSFORMER).eval()
+    model = SD3Transformer2DModel(**dict(TRANSFORMER, qk_norm=qk_norm)).eval()
     return randomize_mmdit(model, seed + 1)
 
 
-def make_sd3_pipeline(folder) -> Path:
+def make_sd3_pipeline(folder, qk_norm: str | None = "rms_norm") -> Path:
     folder = Path(folder)
-    transformer = random_transformer(seed=5)
+    transformer = random_transformer(seed=5, qk_norm=qk_norm)
     transformer.save_config(str(folder / "transformer"))
     state = {k: v.detach().contiguous() for k, v in transformer.state_dict().items()}
     save_sharded(state, folder / "transformer", prefix="diffusion_pytorch_model")

@@ -5,7 +5,9 @@ batched the same way, so temb has a row per text row; the image stream (and the 
 is modulated by the positive rows. After every joint attention the image rows of guided
 samples get the NAG combination of z_pos (image queries over [image; text_pos]) and z_neg
 (over [image; text_neg]), before the output projection. The MMDiT-X image self-attention
-(attn2) is left alone. Extra text rows belong to the last image rows, in order.
+(attn2) is left alone. Extra text rows belong to the last image rows, in order. With
+`perturbed_rows`, the first image rows get PAG's identity map in the image-over-image block
+(the mask of diffusers' PAG joint processors): image token i sees image token i and the text.
 
 `install_nag` patches a transformer in place; `with_nag_text` wraps its forward so that,
 while the flow-matching `nag_end` rule keeps NAG on, the negative rows are appended (the
@@ -31,8 +33,9 @@ class NAGJointAttnProcessor:
     """Joint attention where text row j attends with the image row it belongs to and the image
     rows of guided samples get NAG."""
 
-    def __init__(self, scale, tau, alpha):
+    def __init__(self, scale, tau, alpha, perturbed_rows=0):
         self.args = (scale, tau, alpha)
+        self.perturbed_rows = perturbed_rows
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         rows, extra = hidden_states.shape[0], encoder_hidden_states.shape[0] - hidden_states.shape[0]
@@ -47,8 +50,13 @@ class NAGJointAttnProcessor:
             q, k = attn.norm_q(q), attn.norm_k(k)
             txt_q, txt_k = attn.norm_added_q(txt_q), attn.norm_added_k(txt_k)
         joint = [torch.cat([image[image_of_text_row], text], dim=2) for image, text in ((q, txt_q), (k, txt_k), (v, txt_v))]
-        out = F.scaled_dot_product_attention(*joint).transpose(1, 2).flatten(2)
         image_tokens = hidden_states.shape[1]
+        mask = None
+        if self.perturbed_rows:
+            mask = torch.zeros(len(image_of_text_row), 1, joint[0].shape[2], joint[0].shape[2])
+            identity = torch.full((image_tokens, image_tokens), float("-inf")).fill_diagonal_(0)
+            mask[: self.perturbed_rows, :, :image_tokens, :image_tokens] = identity
+        out = F.scaled_dot_product_attention(*joint, attn_mask=mask).transpose(1, 2).flatten(2)
         img_out, txt_out = out[:rows, :image_tokens], out[:, image_tokens:]
         if extra:
             z_neg = out[rows:, :image_tokens]
