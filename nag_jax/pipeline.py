@@ -122,6 +122,25 @@ def _broadcast(values: list[str], count: int, name: str) -> list[str]:
     raise ValueError(f"{name} has {len(values)} entries for {count} prompts; give one, or one per prompt")
 
 
+# The numeric call arguments' allowed ranges (low, high, low_open), shared with the CLI's flag checks.
+ARGUMENT_RANGES = {"nag_scale": (0.0, math.inf, False), "nag_tau": (0.0, math.inf, True),
+                   "nag_alpha": (0.0, 1.0, False), "nag_end": (0.0, 1.0, True),
+                   "guidance_scale": (0.0, math.inf, False)}
+
+
+def check_argument(name: str, value) -> float:
+    low, high, low_open = ARGUMENT_RANGES[name]
+    return check_range(name, value, low, high, low_open=low_open)
+
+
+def one_at_a_time(function, items, enabled: bool):
+    """`function(items)`; when `enabled` (batch_invariant), `function` of each item alone with the
+    rows concatenated, so every row comes from the program compiled for one item."""
+    if not enabled:
+        return function(items)
+    return jax.tree.map(lambda *rows: jnp.concatenate(rows), *[function(items[i:i + 1]) for i in range(len(items))])
+
+
 def check_range(name: str, value, low, high, low_open=False, high_open=False):
     number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
     below = number <= low if low_open else number < low
@@ -217,6 +236,7 @@ class NAGPipeline:
         progress: bool = False,
         callback_on_step=None,
         check_finite: bool = False,
+        batch_invariant: bool = False,
         **options,
     ) -> PipelineOutput:
         """Generate images. NAG is on when nag_scale > 1 (reference convention: paper phi + 1).
@@ -225,7 +245,9 @@ class NAGPipeline:
         family's rule (guidance_scale > 1 for models trained with it). `latents` takes the
         diffusers pipeline's layout and meaning. `progress` shows a per-step bar;
         `callback_on_step(step, timestep, latents)` is called after every step.
-        `check_finite` raises instead of returning NaN/Inf images. Family options:
+        `check_finite` raises instead of returning NaN/Inf images. `batch_invariant` encodes,
+        denoises and decodes one image at a time, so each image is bit-identical whatever the
+        rest of the batch and the device count (docs/reproducibility.md; slower). Family options:
         see the family (e.g. nag_mode and true_cfg_scale for Flux, max_sequence_length).
         """
         family = self.family
@@ -236,12 +258,12 @@ class NAGPipeline:
             raise ValueError(f"unknown argument(s) {', '.join(unknown)} for the {family.name} pipeline; "
                              f"its own options are: {allowed}")
         prompts = _as_list(prompt, "prompt")
-        nag_scale = check_range("nag_scale", nag_scale, 0.0, math.inf)
-        nag_tau = check_range("nag_tau", defaults["nag_tau"] if nag_tau is None else nag_tau, 0.0, math.inf, low_open=True)
-        nag_alpha = check_range("nag_alpha", defaults["nag_alpha"] if nag_alpha is None else nag_alpha, 0.0, 1.0)
-        nag_end = check_range("nag_end", nag_end, 0.0, 1.0, low_open=True)
-        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        guidance_scale = check_range("guidance_scale", guidance_scale, 0.0, math.inf)
+        nag_scale = check_argument("nag_scale", nag_scale)
+        nag_tau = check_argument("nag_tau", defaults["nag_tau"] if nag_tau is None else nag_tau)
+        nag_alpha = check_argument("nag_alpha", defaults["nag_alpha"] if nag_alpha is None else nag_alpha)
+        nag_end = check_argument("nag_end", nag_end)
+        guidance_scale = check_argument("guidance_scale",
+                                        defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
         steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
             raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
@@ -256,6 +278,11 @@ class NAGPipeline:
             if not isinstance(value, int) or value <= 0 or value % family.size_multiple:
                 raise ValueError(f"{name} must be a positive multiple of {family.size_multiple}, got {value!r}")
         parallel = resolve_parallel(parallel)
+        if not isinstance(batch_invariant, bool):
+            raise ValueError(f"batch_invariant must be True or False, got {batch_invariant!r}")
+        if batch_invariant and self.sampler.model_parallel > 1:
+            raise ValueError(f"batch_invariant=True needs model_parallel=1 (parameters split over devices change how "
+                             f"sums round), got model_parallel={self.sampler.model_parallel}")
 
         negatives = None if negative_prompt is None else _broadcast(_as_list(negative_prompt, "negative_prompt"),
                                                                     len(prompts), "negative_prompt")
@@ -277,11 +304,16 @@ class NAGPipeline:
         def per_image(conditioning):
             return jax.tree.map(lambda leaf: leaf[row_prompt], conditioning)
 
-        groups = {"cond": per_image(family.encode(prompts, options))}
+        def encode(texts):
+            return one_at_a_time(lambda batch: family.encode(batch, options), texts, batch_invariant)
+
+        groups = {"cond": per_image(encode(prompts))}
         if do_cfg:
-            groups["uncond"] = per_image(family.encode_uncond(negatives, len(prompts), options))
+            groups["uncond"] = per_image(one_at_a_time(
+                lambda batch: family.encode_uncond(batch if negatives else None, len(batch), options),
+                negatives or [""] * len(prompts), batch_invariant))
         if do_nag:
-            groups["nag_negative"] = per_image(family.encode(nag_negatives, options))
+            groups["nag_negative"] = per_image(encode(nag_negatives))
 
         schedule = family.make_schedule(steps, height, width, options)
         # Each image's randomness depends on (seed, image index) only, never on the device layout.
@@ -304,6 +336,7 @@ class NAGPipeline:
             nag=do_nag,
             nag_steps=nag_step_split(schedule.timesteps, nag_end, schedule.timestep_kind) if do_nag else 0,
             nag_mode=options.get("nag_mode", "shared-image"),
+            per_image=batch_invariant,
         )
         scales = Scales(family.cfg_scale(guidance_scale, options), nag_scale, nag_tau, nag_alpha)
         reporters, report = [], "none"
@@ -325,7 +358,7 @@ class NAGPipeline:
         final = final[:images]
         if output_type == "latent":
             return PipelineOutput(np.asarray(final, np.float32))
-        pixels = family.decode(final, height, width)
+        pixels = np.asarray(one_at_a_time(lambda batch: family.decode(batch, height, width), final, batch_invariant))
         if check_finite and not np.isfinite(pixels).all():
             raise FloatingPointError(
                 "the generated images contain NaN or Inf (try dtype='float32', or lower nag_scale/guidance_scale)"

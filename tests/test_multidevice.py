@@ -3,8 +3,9 @@
 parallel="sharded" (jit over a data mesh), "pmap", and a (data 4, model 2) mesh with the
 parameters split over `model` all give the latents of parallel="none", for batches that do not
 divide by the device count, with CFG, NAG and a stochastic scheduler (every image's noise
-comes from its own (seed, image index) key, whatever the layout). The per-step callback sees
-each step once, with the unpadded batch. XLA's memory analysis of a small Flux transformer's
+comes from its own (seed, image index) key, whatever the layout), to float32 rounding; with
+batch_invariant=True bit for bit, image 0 alone too. The per-step callback sees each step once,
+with the unpadded batch. XLA's memory analysis of a small Flux transformer's
 parameters sharded 8 ways gives the expected per-device bytes. Two local processes joined by
 jax.distributed (multi-host) sample what one process does.
 """
@@ -46,6 +47,15 @@ def test_parallel_modes_match_one_device(results, case, images):
         assert diff <= 1e-4 * result["scale"], (mode, diff, result["scale"])
     for mode, calls in result["calls"].items():  # once per step, padding rows dropped
         assert calls == [[0, [images, 4, 8, 8]], [1, [images, 4, 8, 8]]], mode
+
+
+def test_batch_invariant_images_are_bit_identical_across_device_counts(results):
+    """batch_invariant=True: 1 device, 8 devices sharded and pmap, and image 0 alone (padded to
+    8 rows) give the same latents bit for bit, with CFG, NAG and Euler ancestral."""
+    result = results["batch_invariant"]
+    assert result["distinct"] > 0.1  # the three images really differ
+    assert result["equal"] == {"sharded": True, "pmap": True, "alone sharded": True}, result["diffs"]
+    assert result["calls"] == [[0, [1, 4, 8, 8]], [1, [1, 4, 8, 8]]]  # the callback under shard_map: once per step
 
 
 def test_sharded_parameters_take_an_eighth_per_device(results):
