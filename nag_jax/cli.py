@@ -99,8 +99,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--seed", type=int, default=0, help="random seed; image k uses (seed, k) (default 0)")
     sampling.add_argument("--num-images", type=positive_int, default=1, metavar="K", help="images to make (default 1)")
     sampling.add_argument("--batch-invariant", action="store_true",
-                          help="make each image alone (bit-identical whatever --num-images and the device count; "
-                               "slower, see docs/reproducibility.md)")
+                          help="make each image alone (bit-identical whatever --num-images and the device count, see "
+                               "docs/reproducibility.md; slower)")
     sampling.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--output", default="nag-jax-output",
                         help="a .png file, or a folder (created) for one PNG per image; a .png with several "

@@ -14,7 +14,8 @@ mesh axis, or per device under `pmap`.
 
 `per_image` (the pipeline's batch_invariant) runs the denoiser on one image's rows at a time
 inside each step, on each device's own rows, so every image gets the same compiled arithmetic
-whatever the batch grouping or device count (bit-identical results; see docs/reproducibility.md).
+whatever the batch grouping or device count (bit-identical results, one exception: see
+docs/reproducibility.md).
 """
 
 from __future__ import annotations
@@ -143,10 +144,13 @@ def denoise_loop(denoise: Callable, schedule, plan: GuidancePlan, report: str, p
             cannot see: never unrolled or inlined into its surroundings, it compiles to the same
             numerics whatever the batch size, device count or parallel mode."""
             count = jax.lax.optimization_barrier(jnp.int32(model_input.shape[0]))
+            # Rows are read from arrays with a spare row: from a one-row array XLA would drop the
+            # slice and hoist the image's work out of the loop, which changes its arithmetic.
+            rows = jax.tree.map(lambda leaf: jnp.concatenate([leaf, leaf[:1]]), (model_input, groups))
 
             def one_image(i, outputs):
                 row = lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, i, 1)  # noqa: E731
-                x, image_groups = jax.tree.map(row, (model_input, groups))
+                x, image_groups = jax.tree.map(row, rows)
                 output = guided_output(x, assemble(image_groups, with_nag), timestep)
                 return jax.lax.dynamic_update_slice_in_dim(outputs, output, i, 0)
 

@@ -68,6 +68,22 @@ def run_batch_invariant(folder):
             "distinct": float(np.abs(reference[0] - reference[1]).max()), "calls": calls}
 
 
+def run_flux_batch_invariant(folder):
+    """The MM-DiT limit of batch_invariant, on tiny Flux-dev with true CFG and NAG both on:
+    whether sharded and pmap equal each other and parallel="none" bit for bit, and how far apart."""
+    from tiny_flux_pipeline import MAX_SEQUENCE_LENGTH
+
+    pipe = nag_jax.NAGPipeline.from_pretrained(folder)
+    args = dict(true_cfg_scale=2.0, negative_prompt="ugly", nag_scale=5.0, nag_negative_prompt="a dog",
+                num_inference_steps=2, height=32, width=32, seed=3, output_type="latent",
+                max_sequence_length=MAX_SEQUENCE_LENGTH, batch_invariant=True)
+    out = {mode: pipe(["a cat", "a red car", "a bird"], parallel=mode, **args).images
+           for mode in ("none", "sharded", "pmap")}
+    return {"sharded == pmap": bool(np.array_equal(out["sharded"], out["pmap"])),
+            "sharded == none": bool(np.array_equal(out["sharded"], out["none"])),
+            "diff": float(np.abs(out["sharded"] - out["none"]).max()), "scale": float(np.abs(out["none"]).max())}
+
+
 def tiny_flux_memory():
     """Total and per-device (model axis of 8) parameter bytes of a small Flux transformer."""
     model = FluxTransformer2DModel.from_config(dict(num_layers=2, num_single_layers=2, attention_head_dim=32,
@@ -87,4 +103,5 @@ def tiny_flux_memory():
 
 if __name__ == "__main__":
     print(json.dumps({"devices": jax.device_count(), "pipelines": run_pipelines(sys.argv[1]),
-                      "batch_invariant": run_batch_invariant(sys.argv[1]), "memory": tiny_flux_memory()}))
+                      "batch_invariant": run_batch_invariant(sys.argv[1]),
+                      "flux_batch_invariant": run_flux_batch_invariant(sys.argv[2]), "memory": tiny_flux_memory()}))

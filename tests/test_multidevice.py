@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tiny_flux_pipeline import make_flux_pipeline
 from tiny_pipelines import make_sd_pipeline
 
 TESTS = Path(__file__).parent
@@ -28,8 +29,9 @@ TESTS = Path(__file__).parent
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     folder = make_sd_pipeline(tmp_path_factory.mktemp("sd15"), "sd15", scheduler="euler_ancestral")
+    flux = make_flux_pipeline(tmp_path_factory.mktemp("flux"), "dev")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]))
-    done = subprocess.run([sys.executable, str(TESTS / "multidevice_cases.py"), str(folder)], env=env,
+    done = subprocess.run([sys.executable, str(TESTS / "multidevice_cases.py"), str(folder), str(flux)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -56,6 +58,15 @@ def test_batch_invariant_images_are_bit_identical_across_device_counts(results):
     assert result["distinct"] > 0.1  # the three images really differ
     assert result["equal"] == {"sharded": True, "pmap": True, "alone sharded": True}, result["diffs"]
     assert result["calls"] == [[0, [1, 4, 8, 8]], [1, [1, 4, 8, 8]]]  # the callback under shard_map: once per step
+
+
+def test_batch_invariant_mmdit_with_cfg_and_nag_matches_across_devices_only_to_rounding(results):
+    """The documented limit (docs/reproducibility.md): Flux/SD3 with CFG and NAG both on. The
+    multi-device programs (sharded, pmap) agree bit for bit; one device compiles the same
+    per-image work differently and lands within float32 rounding of them."""
+    result = results["flux_batch_invariant"]
+    assert result["sharded == pmap"]
+    assert result["diff"] <= 1e-5 * result["scale"], result
 
 
 def test_sharded_parameters_take_an_eighth_per_device(results):
