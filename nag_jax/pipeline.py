@@ -247,7 +247,7 @@ class NAGPipeline:
         `callback_on_step(step, timestep, latents)` is called after every step.
         `check_finite` raises instead of returning NaN/Inf images. `batch_invariant` encodes,
         denoises and decodes one image at a time, so each image is bit-identical whatever the
-        rest of the batch and the device count (slower; one exception: docs/reproducibility.md).
+        rest of the batch and the device count (slower; docs/reproducibility.md).
         Family options: see the family (e.g. nag_mode and true_cfg_scale for Flux,
         max_sequence_length).
         """

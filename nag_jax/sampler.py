@@ -14,8 +14,7 @@ mesh axis, or per device under `pmap`.
 
 `per_image` (the pipeline's batch_invariant) runs the denoiser on one image's rows at a time
 inside each step, on each device's own rows, so every image gets the same compiled arithmetic
-whatever the batch grouping or device count (bit-identical results, one exception: see
-docs/reproducibility.md).
+whatever the batch grouping or device count (bit-identical results; docs/reproducibility.md).
 """
 
 from __future__ import annotations

@@ -8,9 +8,8 @@ Promised and tested:
   num_images_per_prompt=2, or the prompt listed twice), or image 0 alone instead of within a
   larger batch, give bit-identical images: prompts are encoded, images denoised and decoded
   one at a time by programs compiled for one image (Flux: test_pipeline_flux.py). Across
-  device counts and parallel modes (1 device, 8 sharded, pmap, padded batches) likewise, except
-  Flux/SD3 with CFG and NAG both on, where one device matches several only to float32 rounding
-  (docs/reproducibility.md): test_multidevice.py;
+  device counts and parallel modes (1 device, 8 sharded, pmap, padded batches) likewise, for
+  SD1.5 and Flux-dev: test_multidevice.py;
 - by default (batched, faster) the regrouped rows get the same noise, so the same image up to
   float32 rounding: XLA compiles another program for another batch shape, whose sums may round
   differently.
