@@ -18,6 +18,8 @@ Parts:
 - compile: the whole sampler (`NAGPipeline`, CFG and NAG on) on a tiny random SD1.5-like
   pipeline built from nag-jax's own modules, at 4, 25 and 50 steps: first call minus second
   call of a fresh pipeline, interleaved over repetitions, median.
+- invariant: seconds per compiled call of that pipeline with `batch_invariant` off and on
+  (1 and 4 images, CFG and NAG on), interleaved over repetitions, median.
 
 "NAG reference layout" is what the PyTorch reference computes: every negative-branch attention
 over the full concatenated keys [negative text; image] (image queries, keys and values repeated
@@ -51,7 +53,7 @@ from models.unet import UNet2DConditionModel
 from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
 
 FAMILIES = ("unet", "flux", "sd3")
-PARTS = ("flops", "timing", "compile")
+PARTS = ("flops", "timing", "compile", "invariant")
 
 # Published configurations (diffusers config.json values of the full-size models).
 SDXL_UNET_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
@@ -518,6 +520,33 @@ def compile_figures(step_counts=(4, 25, 50), repeats: int = 3, progress=None) ->
     return records
 
 
+# -- part 4: cost of batch_invariant ---------------------------------------------------------
+
+
+def batch_invariant_figures(pipeline=None, image_counts=(1, 4), steps: int = 4, repeats: int = 5,
+                            progress=None) -> list[dict]:
+    """Seconds per whole call (encode, sample, decode; compiled beforehand) with batch_invariant
+    off and on, CFG and NAG on, interleaved over repetitions, median; `pipeline` defaults to the
+    tiny SD1.5-like one."""
+    pipeline = pipeline or tiny_sd_pipeline()()
+    args = dict(nag_scale=3.0, nag_negative_prompt="blurry", guidance_scale=7.5, num_inference_steps=steps,
+                output_type="np")
+    variants = [(n, invariant) for n in image_counts for invariant in (False, True)]
+    for n, invariant in variants:  # compile
+        pipeline(["a cat"] * n, batch_invariant=invariant, **args)
+    seconds = {variant: [] for variant in variants}
+    for _ in range(repeats):
+        for n, invariant in variants:
+            start = time.perf_counter()
+            pipeline(["a cat"] * n, batch_invariant=invariant, **args)
+            seconds[n, invariant].append(time.perf_counter() - start)
+        if progress:
+            progress.update(1)
+    medians = {variant: statistics.median(v) for variant, v in seconds.items()}
+    return [_record("invariant", "unet", f"{n} image{'s' * (n > 1)}, {'batch_invariant' if invariant else 'default'}",
+                    medians[n, invariant], "s", medians[n, False], tiny=True) for n, invariant in variants]
+
+
 # -- the command line ----------------------------------------------------------------------
 
 
@@ -575,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
         parts = [p for p in parts if p != "timing"]
     total = (len(parts) and sum(
         len(variants(f)) if p == "flops" else args.repeats if p == "timing" else 0 for p in parts for f in families)
-        + ("compile" in parts and "unet" in families) * 3 * args.compile_repeats)
+        + ("compile" in parts and "unet" in families) * 3 * args.compile_repeats
+        + ("invariant" in parts and "unet" in families) * args.repeats)
     progress = None
     if not args.no_progress:
         from tqdm.auto import tqdm
@@ -590,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
                 records += timing_figures(family, args.repeats, progress)
         if "compile" in parts and "unet" in families:
             records += compile_figures(repeats=args.compile_repeats, progress=progress)
+        if "invariant" in parts and "unet" in families:
+            records += batch_invariant_figures(repeats=args.repeats, progress=progress)
     finally:
         if progress:
             progress.close()

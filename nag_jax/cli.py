@@ -6,13 +6,15 @@
     nag-jax bench [--efficacy]
 
 Errors the user can fix (a bad value, a missing file, a checkpoint that does not fit) are
-printed as one line `nag-jax: error: ...` with exit status 2, without a traceback.
+printed as one line `nag-jax: error: ...` with exit status 2, without a traceback. Values that
+need no model (ranges, counts, the output path) are checked before the model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,8 +36,38 @@ def embedded_model(name: str = "sd-shapes") -> Path:
 # ----------------------------------------------------------------------------- generate
 
 
-def _float_or_none(text):
-    return None if text is None else float(text)
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer > 0."""
+    try:
+        if int(text) > 0:
+            return int(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+
+
+def in_range(name: str):
+    """An argparse type: a number in the pipeline's allowed range for the call argument `name`."""
+    def parse(text: str) -> float:
+        from nag_jax.pipeline import check_argument
+
+        try:
+            value = float(text)
+        except ValueError:
+            value = text  # not a number: check_argument says so, with the text
+        try:
+            return check_argument(name, value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,15 +79,17 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     nag = parser.add_argument_group("NAG (normalized attention guidance)")
     nag.add_argument("--nag-negative-prompt", metavar="TEXT",
                      help="what the image should not show; turns NAG on at the model family's default scale")
-    nag.add_argument("--nag-scale", type=float, metavar="S",
+    nag.add_argument("--nag-scale", type=in_range("nag_scale"), metavar="S",
                      help="NAG strength, reference convention (paper phi + 1); NAG is on when > 1")
-    nag.add_argument("--nag-tau", type=float, metavar="T", help="normalization threshold (family default)")
-    nag.add_argument("--nag-alpha", type=float, metavar="A", help="blend with the positive branch (family default)")
-    nag.add_argument("--nag-end", type=float, default=1.0, metavar="E",
+    nag.add_argument("--nag-tau", type=in_range("nag_tau"), metavar="T",
+                     help="normalization threshold (family default)")
+    nag.add_argument("--nag-alpha", type=in_range("nag_alpha"), metavar="A",
+                     help="blend with the positive branch (family default)")
+    nag.add_argument("--nag-end", type=in_range("nag_end"), default=1.0, metavar="E",
                      help="fraction of the denoising run that gets NAG (default 1.0)")
     pag = parser.add_argument_group("PAG (perturbed-attention guidance; UNet and SD3 families)")
-    pag.add_argument("--pag-scale", type=float, default=0.0, metavar="S", help="PAG strength, on when > 0 (default 0)")
-    pag.add_argument("--pag-adaptive-scale", type=float, default=0.0, metavar="A",
+    pag.add_argument("--pag-scale", type=in_range("pag_scale"), default=0.0, metavar="S", help="PAG strength, on when > 0 (default 0)")
+    pag.add_argument("--pag-adaptive-scale", type=in_range("pag_adaptive_scale"), default=0.0, metavar="A",
                      help="lower the PAG scale by A per unit of (1000 - t) (default 0: constant)")
     pag.add_argument("--pag-applied-layers", nargs="+", metavar="PATTERN",
                      help="self-attention layers to perturb, diffusers' regular expressions over its module names "
@@ -63,14 +97,17 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     cfg = parser.add_argument_group("CFG (classifier-free guidance)")
     cfg.add_argument("--negative-prompt", metavar="TEXT", help="CFG's negative prompt (also NAG's when "
                                                                "--nag-negative-prompt is absent)")
-    cfg.add_argument("--guidance-scale", type=float, metavar="G",
+    cfg.add_argument("--guidance-scale", type=in_range("guidance_scale"), metavar="G",
                      help="CFG scale, on when > 1 (family default; 1 turns CFG off)")
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--steps", type=int, metavar="N", help="denoising steps (family default)")
-    sampling.add_argument("--height", type=int, metavar="H", help="image height in pixels (model default)")
-    sampling.add_argument("--width", type=int, metavar="W", help="image width in pixels (model default)")
+    sampling.add_argument("--steps", type=positive_int, metavar="N", help="denoising steps (family default)")
+    sampling.add_argument("--height", type=positive_int, metavar="H", help="image height in pixels (model default)")
+    sampling.add_argument("--width", type=positive_int, metavar="W", help="image width in pixels (model default)")
     sampling.add_argument("--seed", type=int, default=0, help="random seed; image k uses (seed, k) (default 0)")
-    sampling.add_argument("--num-images", type=int, default=1, metavar="K", help="images to make (default 1)")
+    sampling.add_argument("--num-images", type=positive_int, default=1, metavar="K", help="images to make (default 1)")
+    sampling.add_argument("--batch-invariant", action="store_true",
+                          help="make each image alone (bit-identical whatever --num-images and the device count, see "
+                               "docs/reproducibility.md; slower)")
     sampling.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--output", default="nag-jax-output",
                         help="a .png file, or a folder (created) for one PNG per image; a .png with several "
@@ -88,6 +125,14 @@ def output_paths(output: str, count: int) -> list[Path]:
     if path.suffix:
         raise ValueError(f"--output {output}: images are written as PNG; give a .png file or a folder")
     return [path / f"image-{k}.png" for k in range(count)]
+
+
+def check_writable(output: str, paths: list[Path]) -> None:
+    """Each image's folder exists as a writable folder, or can be created in one."""
+    for folder in {path.parent for path in paths}:
+        existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"--output {output}: cannot write there ({existing} is not a writable folder)")
 
 
 def resolve_settings(args, defaults: dict) -> dict:
@@ -113,6 +158,7 @@ def resolve_settings(args, defaults: dict) -> dict:
         "width": args.width,
         "seed": args.seed,
         "num_images_per_prompt": args.num_images,
+        "batch_invariant": args.batch_invariant,
     }
 
 
@@ -128,12 +174,22 @@ def png_info(settings: dict, model: str, dtype: str, index: int):
     return info
 
 
-def generate(args) -> int:
+def load_pipeline(model: Path, dtype: str = "float32"):
+    """NAGPipeline.from_pretrained, its errors (missing files, damaged or mismatched weights)
+    naming --model."""
     from nag_jax.pipeline import NAGPipeline
 
+    try:
+        return NAGPipeline.from_pretrained(model, dtype=dtype)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"--model: {error}") from None
+
+
+def generate(args) -> int:
     model = Path(args.model) if args.model else embedded_model()
     paths = output_paths(args.output, args.num_images)  # checked before the slow part
-    pipe = NAGPipeline.from_pretrained(model, dtype=args.dtype)
+    check_writable(args.output, paths)
+    pipe = load_pipeline(model, args.dtype)
     settings = resolve_settings(args, pipe.family.defaults)
     images = pipe(**settings, progress=not args.no_progress, check_finite=True).images
     settings.update(height=images[0].height, width=images[0].width)
@@ -184,10 +240,8 @@ def demo_grid(pipe, pairs=DEMO_PAIRS, steps=DEMO_STEPS, seed: int = 0, scale: in
 
 
 def demo(args) -> int:
-    from nag_jax.pipeline import NAGPipeline
-
     model = Path(args.model) if args.model else embedded_model()
-    pipe = NAGPipeline.from_pretrained(model)
+    pipe = load_pipeline(model)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "nag-demo.png"
@@ -224,7 +278,7 @@ def bench(args, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="nag-jax",
         description="Normalized Attention Guidance (NAG) for diffusion models in JAX. Without --model, commands "
                     "use the small embedded model (64x64 shapes: circles, squares, triangles in six colours).",
@@ -274,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert":
             return convert(args)
         return bench(args, rest)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
-        # convert's CheckpointError and ConversionError are ValueErrors; their text lists every problem.
-        print(f"nag-jax: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError) as error:
+        # convert's CheckpointError and ConversionError are ValueErrors; a ConversionError lists
+        # every problem on its own line: joined here, so an error is always one line.
+        print("nag-jax: error: " + "; ".join(line.strip() for line in str(error).splitlines()), file=sys.stderr)
         return 2
 
 

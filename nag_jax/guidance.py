@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,8 +43,12 @@ def nag(z_pos, z_neg, nag_scale, nag_tau, nag_alpha):
     token_scale = _exact_token_scale(pos, neg)
     pos, neg = pos / token_scale, neg / token_scale
     guided = nag_scale * pos - (nag_scale - 1.0) * neg
-    norm_pos = jnp.sum(jnp.abs(pos), axis=-1, keepdims=True)
-    norm_guided = jnp.sum(jnp.abs(guided), axis=-1, keepdims=True)
+    # L1 norms as products with ones: XLA fuses a sum into its neighbours differently in a
+    # one-device and a multi-device program (their roundings then differ); it never fuses a dot
+    # that way, which keeps batch_invariant images equal across device counts.
+    ones = jnp.ones((pos.shape[-1], 1), jnp.float32)
+    norm_pos = jnp.matmul(jnp.abs(pos), ones, precision=jax.lax.Precision.HIGHEST)
+    norm_guided = jnp.matmul(jnp.abs(guided), ones, precision=jax.lax.Precision.HIGHEST)
     clipped = norm_guided > nag_tau * norm_pos  # r > tau, with no division
     shrink = jnp.where(clipped, nag_tau * norm_pos / jnp.where(clipped, norm_guided, 1.0), 1.0)
     refined = nag_alpha * (guided * shrink) + (1.0 - nag_alpha) * pos

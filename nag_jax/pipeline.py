@@ -128,6 +128,26 @@ def _broadcast(values: list[str], count: int, name: str) -> list[str]:
     raise ValueError(f"{name} has {len(values)} entries for {count} prompts; give one, or one per prompt")
 
 
+# The numeric call arguments' allowed ranges (low, high, low_open), shared with the CLI's flag checks.
+ARGUMENT_RANGES = {"nag_scale": (0.0, math.inf, False), "nag_tau": (0.0, math.inf, True),
+                   "nag_alpha": (0.0, 1.0, False), "nag_end": (0.0, 1.0, True),
+                   "guidance_scale": (0.0, math.inf, False),
+                   "pag_scale": (0.0, math.inf, False), "pag_adaptive_scale": (0.0, math.inf, False)}
+
+
+def check_argument(name: str, value) -> float:
+    low, high, low_open = ARGUMENT_RANGES[name]
+    return check_range(name, value, low, high, low_open=low_open)
+
+
+def one_at_a_time(function, items, enabled: bool):
+    """`function(items)`; when `enabled` (batch_invariant), `function` of each item alone with the
+    rows concatenated, so every row comes from the program compiled for one item."""
+    if not enabled:
+        return function(items)
+    return jax.tree.map(lambda *rows: jnp.concatenate(rows), *[function(items[i:i + 1]) for i in range(len(items))])
+
+
 def diffusers_layer_name(path: str, layer_names) -> str | None:
     """The diffusers module name of our module at `path` by the family's table, or None."""
     for pattern, name in layer_names:
@@ -139,8 +159,8 @@ def diffusers_layer_name(path: str, layer_names) -> str | None:
 
 def check_pag(family: Family, pag_scale, pag_adaptive_scale, pag_applied_layers):
     """The PAG arguments checked: (pag_scale, pag_adaptive_scale, list of layer patterns)."""
-    pag_scale = check_range("pag_scale", pag_scale, 0.0, math.inf)
-    pag_adaptive_scale = check_range("pag_adaptive_scale", pag_adaptive_scale, 0.0, math.inf)
+    pag_scale = check_argument("pag_scale", pag_scale)
+    pag_adaptive_scale = check_argument("pag_adaptive_scale", pag_adaptive_scale)
     if pag_scale > 0.0 and not family.pag_applied_layers:
         raise ValueError(f"pag_scale = {pag_scale!r} asks for PAG, which the {family.name} pipeline does not have "
                          "(PAG: Stable Diffusion, SDXL and SD3 families); use pag_scale = 0")
@@ -276,6 +296,7 @@ class NAGPipeline:
         pag_scale: float = 0.0,
         pag_adaptive_scale: float = 0.0,
         pag_applied_layers=None,
+        batch_invariant: bool = False,
         **options,
     ) -> PipelineOutput:
         """Generate images. NAG is on when nag_scale > 1 (reference convention: paper phi + 1).
@@ -289,7 +310,10 @@ class NAGPipeline:
         (regular expressions over diffusers' module names; default: the family's, "mid" for
         the UNets, "blocks.1" for SD3) get the identity attention map in the perturbed rows,
         and pag_adaptive_scale > 0 lowers the scale by that much per unit of (1000 - t).
-        Family options: see the family (e.g. nag_mode and true_cfg_scale for Flux, max_sequence_length).
+        `batch_invariant` encodes, denoises and decodes one image at a time, so each image is
+        bit-identical whatever the rest of the batch and the device count (slower;
+        docs/reproducibility.md). Family options: see the family (e.g. nag_mode and
+        true_cfg_scale for Flux, max_sequence_length).
         """
         family = self.family
         defaults = family.defaults
@@ -299,15 +323,15 @@ class NAGPipeline:
             raise ValueError(f"unknown argument(s) {', '.join(unknown)} for the {family.name} pipeline; "
                              f"its own options are: {allowed}")
         prompts = _as_list(prompt, "prompt")
-        nag_scale = check_range("nag_scale", nag_scale, 0.0, math.inf)
-        nag_tau = check_range("nag_tau", defaults["nag_tau"] if nag_tau is None else nag_tau, 0.0, math.inf, low_open=True)
-        nag_alpha = check_range("nag_alpha", defaults["nag_alpha"] if nag_alpha is None else nag_alpha, 0.0, 1.0)
-        nag_end = check_range("nag_end", nag_end, 0.0, 1.0, low_open=True)
+        nag_scale = check_argument("nag_scale", nag_scale)
+        nag_tau = check_argument("nag_tau", defaults["nag_tau"] if nag_tau is None else nag_tau)
+        nag_alpha = check_argument("nag_alpha", defaults["nag_alpha"] if nag_alpha is None else nag_alpha)
+        nag_end = check_argument("nag_end", nag_end)
+        guidance_scale = check_argument("guidance_scale",
+                                        defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
         pag_scale, pag_adaptive_scale, pag_applied_layers = check_pag(family, pag_scale, pag_adaptive_scale,
                                                                       pag_applied_layers)
         do_pag = pag_scale > 0.0
-        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        guidance_scale = check_range("guidance_scale", guidance_scale, 0.0, math.inf)
         steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
             raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
@@ -322,6 +346,11 @@ class NAGPipeline:
             if not isinstance(value, int) or value <= 0 or value % family.size_multiple:
                 raise ValueError(f"{name} must be a positive multiple of {family.size_multiple}, got {value!r}")
         parallel = resolve_parallel(parallel)
+        if not isinstance(batch_invariant, bool):
+            raise ValueError(f"batch_invariant must be True or False, got {batch_invariant!r}")
+        if batch_invariant and self.sampler.model_parallel > 1:
+            raise ValueError(f"batch_invariant=True needs model_parallel=1 (parameters split over devices change how "
+                             f"sums round), got model_parallel={self.sampler.model_parallel}")
 
         negatives = None if negative_prompt is None else _broadcast(_as_list(negative_prompt, "negative_prompt"),
                                                                     len(prompts), "negative_prompt")
@@ -343,11 +372,16 @@ class NAGPipeline:
         def per_image(conditioning):
             return jax.tree.map(lambda leaf: leaf[row_prompt], conditioning)
 
-        groups = {"cond": per_image(family.encode(prompts, options))}
+        def encode(texts):
+            return one_at_a_time(lambda batch: family.encode(batch, options), texts, batch_invariant)
+
+        groups = {"cond": per_image(encode(prompts))}
         if do_cfg:
-            groups["uncond"] = per_image(family.encode_uncond(negatives, len(prompts), options))
+            groups["uncond"] = per_image(one_at_a_time(
+                lambda batch: family.encode_uncond(batch if negatives else None, len(batch), options),
+                negatives or [""] * len(prompts), batch_invariant))
         if do_nag:
-            groups["nag_negative"] = per_image(family.encode(nag_negatives, options))
+            groups["nag_negative"] = per_image(encode(nag_negatives))
 
         schedule = family.make_schedule(steps, height, width, options)
         # Each image's randomness depends on (seed, image index) only, never on the device layout.
@@ -374,6 +408,7 @@ class NAGPipeline:
             nag_steps=nag_step_split(schedule.timesteps, nag_end, schedule.timestep_kind) if do_nag else 0,
             nag_mode=options.get("nag_mode", "shared-image"),
             pag_layers=self._pag_layers(pag_applied_layers, layers) if do_pag else frozenset(),
+            per_image=batch_invariant,
         )
         scales = Scales(family.cfg_scale(guidance_scale, options), nag_scale, nag_tau, nag_alpha, pag_scale,
                         pag_adaptive_scale)
@@ -396,7 +431,7 @@ class NAGPipeline:
         final = final[:images]
         if output_type == "latent":
             return PipelineOutput(np.asarray(final, np.float32))
-        pixels = family.decode(final, height, width)
+        pixels = np.asarray(one_at_a_time(lambda batch: family.decode(batch, height, width), final, batch_invariant))
         if check_finite and not np.isfinite(pixels).all():
             raise FloatingPointError(
                 "the generated images contain NaN or Inf (try dtype='float32', or lower nag_scale/guidance_scale)"

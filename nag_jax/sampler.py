@@ -14,6 +14,10 @@ function into the row layout the models expect (image rows [uncond; cond]; text 
 mesh axis, or per device under `pmap`. PAG puts its perturbed rows (cond conditioning) first:
 image rows [perturbed; uncond; cond], so NAG's extra text rows still belong to the last,
 cond, rows and the perturbed and uncond rows never get NAG (nag-semantics.md section 3).
+
+`per_image` (the pipeline's batch_invariant) runs the denoiser on one image's rows at a time
+inside each step, on each device's own rows, so every image gets the same compiled arithmetic
+whatever the batch grouping or device count (bit-identical results; docs/reproducibility.md).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class GuidancePlan:
     nag_steps: int = 0  # leading steps that run NAG (nag_step_split)
     nag_mode: str = "shared-image"
     progress: bool = False
+    per_image: bool = False  # the denoiser sees one image (its CFG/NAG rows) at a time: batch_invariant
     pag_layers: frozenset = frozenset()  # module paths of the attention cores PAG perturbs; empty: PAG off
 
     @property
@@ -153,15 +158,39 @@ def denoise_loop(denoise: Callable, schedule, plan: GuidancePlan, report: str, p
     def body_for(with_nag: bool):
         conditioning = assemble(groups, with_nag, plan.pag)
 
-        def body(carry, step):
-            sample, state = carry
-            model_input = schedule.scale_model_input(sample, step)
+        def guided_output(model_input, conditioning, timestep):
             if plan.row_groups > 1:
                 model_input = jnp.concatenate([model_input] * plan.row_groups, axis=0)
             with guided(nag_config) if with_nag or plan.pag else contextlib.nullcontext():
-                output = denoise(params, model_input, timesteps[step], conditioning)
+                output = denoise(params, model_input, timestep, conditioning)
             if plan.row_groups > 1:
-                output = combine(plan, scales, timesteps[step], output)
+                output = combine(plan, scales, timestep, output)
+            return output
+
+        def image_by_image(model_input, timestep):
+            """The denoiser on one image's rows at a time, as the body of a loop whose length XLA
+            cannot see: never unrolled or inlined into its surroundings, it compiles to the same
+            numerics whatever the batch size, device count or parallel mode."""
+            count = jax.lax.optimization_barrier(jnp.int32(model_input.shape[0]))
+            # Rows are read from arrays with a spare row: from a one-row array XLA would drop the
+            # slice and hoist the image's work out of the loop, which changes its arithmetic.
+            rows = jax.tree.map(lambda leaf: jnp.concatenate([leaf, leaf[:1]]), (model_input, groups))
+
+            def one_image(i, outputs):
+                row = lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, i, 1)  # noqa: E731
+                x, image_groups = jax.tree.map(row, rows)
+                output = guided_output(x, assemble(image_groups, with_nag, plan.pag), timestep)
+                return jax.lax.dynamic_update_slice_in_dim(outputs, output, i, 0)
+
+            return jax.lax.fori_loop(0, count, one_image, jnp.zeros_like(model_input))
+
+        def body(carry, step):
+            sample, state = carry
+            model_input = schedule.scale_model_input(sample, step)
+            if plan.per_image:
+                output = image_by_image(model_input, timesteps[step])
+            else:
+                output = guided_output(model_input, conditioning, timesteps[step])
             noise = None
             if schedule.needs_noise:  # each image's noise from its own key, whatever the layout
                 draw = lambda key: jax.random.normal(jax.random.fold_in(key, step), sample.shape[1:], sample.dtype)  # noqa: E731
@@ -265,6 +294,13 @@ class Sampler:
             if parallel == "pmap":
                 loop = functools.partial(loop, axis_name="data")
                 self._compiled[key] = jax.pmap(loop, axis_name="data", in_axes=(None, 0, 0, None, 0))
+            elif parallel == "sharded" and plan.per_image:
+                # Each device runs the one-device program on its own rows (a jit over the mesh would
+                # gather the rows into the image loop); parameters whole on every device.
+                rows, whole = PartitionSpec("data"), PartitionSpec()
+                loop = functools.partial(loop, axis_name="data")
+                self._compiled[key] = jax.jit(jax.shard_map(loop, mesh=make_mesh(self.model_parallel),
+                                                            in_specs=(whole, rows, rows, whole, rows), out_specs=rows))
             else:
                 self._compiled[key] = jax.jit(loop)
         return self._compiled[key]

@@ -53,6 +53,41 @@ def run_pipelines(folder):
     return results
 
 
+def run_batch_invariant(folder):
+    """batch_invariant=True with CFG, NAG and PAG: whether 3 images (padded to 8 rows) sharded, under
+    pmap, and image 0 alone (padded to 8, sharded, with a per-step callback) equal parallel="none"
+    bit for bit."""
+    pipe = nag_jax.NAGPipeline.from_pretrained(folder)
+    args = dict(nag_scale=3.0, nag_negative_prompt="blurry", guidance_scale=7.5, pag_scale=2.0, num_inference_steps=2, height=16,
+                width=16, seed=5, output_type="latent", batch_invariant=True)
+    prompts = ["a cat", "a dog", "a bird"]
+    reference = pipe(prompts, parallel="none", **args).images
+    calls = []
+    results = {mode: pipe(prompts, parallel=mode, **args).images for mode in ("sharded", "pmap")}
+    results["alone sharded"] = pipe(prompts[0], parallel="sharded", callback_on_step=lambda step, t, x: calls.append(
+        [int(step), list(np.shape(x))]), **args).images
+    return {"equal": {mode: bool(np.array_equal(out, reference[:len(out)])) for mode, out in results.items()},
+            "diffs": {mode: float(np.abs(out - reference[:len(out)]).max()) for mode, out in results.items()},
+            "distinct": float(np.abs(reference[0] - reference[1]).max()), "calls": calls}
+
+
+def run_flux_batch_invariant(folder):
+    """batch_invariant=True on tiny Flux-dev with true CFG and NAG: whether sharded and pmap equal
+    parallel="none" bit for bit (3 images padded to 8 rows)."""
+    from tiny_flux_pipeline import MAX_SEQUENCE_LENGTH
+
+    pipe = nag_jax.NAGPipeline.from_pretrained(folder)
+    args = dict(true_cfg_scale=2.0, negative_prompt="ugly", nag_scale=5.0, nag_negative_prompt="a dog",
+                num_inference_steps=2, height=32, width=32, seed=3, output_type="latent",
+                max_sequence_length=MAX_SEQUENCE_LENGTH, batch_invariant=True)
+    out = {mode: pipe(["a cat", "a red car", "a bird"], parallel=mode, **args).images
+           for mode in ("none", "sharded", "pmap")}
+    reference = out.pop("none")
+    return {"equal": {mode: bool(np.array_equal(images, reference)) for mode, images in out.items()},
+            "diffs": {mode: float(np.abs(images - reference).max()) for mode, images in out.items()},
+            "distinct": float(np.abs(reference[0] - reference[1]).max()), "scale": float(np.abs(reference).max())}
+
+
 def tiny_flux_memory():
     """Total and per-device (model axis of 8) parameter bytes of a small Flux transformer."""
     model = FluxTransformer2DModel.from_config(dict(num_layers=2, num_single_layers=2, attention_head_dim=32,
@@ -72,4 +107,5 @@ def tiny_flux_memory():
 
 if __name__ == "__main__":
     print(json.dumps({"devices": jax.device_count(), "pipelines": run_pipelines(sys.argv[1]),
-                      "memory": tiny_flux_memory()}))
+                      "batch_invariant": run_batch_invariant(sys.argv[1]),
+                      "flux_batch_invariant": run_flux_batch_invariant(sys.argv[2]), "memory": tiny_flux_memory()}))

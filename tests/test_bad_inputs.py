@@ -58,6 +58,7 @@ BAD_CALLS = [
     (dict(num_inference_steps=0), "num_inference_steps", "0"),
     (dict(num_inference_steps=-3), "num_inference_steps", "-3"),
     (dict(num_inference_steps=2.5), "num_inference_steps", "2.5"),
+    (dict(batch_invariant="yes"), "batch_invariant", "'yes'"),
 ]
 
 
@@ -83,6 +84,14 @@ def test_bad_load_option_raises_value_error_naming_it(folder, options, name, val
     assert type(error.value) is ValueError
     message = str(error.value)
     assert message.startswith(name) and value in message and allowed in message, message
+
+
+def test_batch_invariant_with_parameters_split_over_devices_is_an_error(pipe):
+    split = nag_jax.NAGPipeline(pipe.family, model_parallel=2)
+    with pytest.raises(ValueError) as error:
+        split("a cat", batch_invariant=True, **FAST)
+    assert type(error.value) is ValueError and str(error.value).startswith("batch_invariant=True"), error.value
+    assert "model_parallel=2" in str(error.value)
 
 
 def test_nag_of_a_model_without_nag_transform_is_an_error(pipe, monkeypatch):

@@ -5,6 +5,10 @@ a fresh Python with JAX.
 """
 
 import json
+import os
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nag_jax import cli
+from models.layers import CrossAttentionCore
+from nag_jax import cli, intercept
 from nag_jax.cli import embedded_model, main, output_paths
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -62,26 +67,136 @@ def test_demo_writes_a_labelled_grid(tmp_path, capsys, monkeypatch):
     assert str((tmp_path / "nag-demo.png").resolve()) in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "--prompt", "a circle", "--steps", "0", "--output", "x"], "num_inference_steps"),
-    (["generate", "--prompt", "a circle", "--model", "/nonexistent/model"], "model_index.json"),
-    (["generate", "--prompt", "a circle", "--output", "picture.jpg"], ".png"),
-    (["generate", "--prompt", "a circle", "--pag-scale", "2", "--pag-applied-layers", "nowhere"], "'nowhere'"),
-    (["convert", "/nonexistent/src", "/tmp/nag-jax-never-written"], "nonexistent"),
-])
-def test_bad_arguments_print_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("nag-jax: error: ") and err.count("\n") == 1 and message in err
+def run(argv) -> int:
+    """main(argv)'s exit status, whether it returns it or argparse exits."""
+    try:
+        return main(argv)
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
+def assert_one_line_error(err: str, *names_and_values: str):
+    """stderr is exactly one `nag-jax[ COMMAND]: error: ...` line that names each given text."""
+    assert re.fullmatch(r"nag-jax( \w+)?: error: [^\n]+\n", err), err
     assert "Traceback" not in err
+    for text in names_and_values:
+        assert text in err, (text, err)
 
 
-def test_argparse_errors_exit_2_without_traceback(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--steps", "3"])  # --prompt missing
-    assert exit_info.value.code == 2
-    assert "--prompt" in capsys.readouterr().err
+GENERATE = ["generate", "--prompt", "a circle"]
+# Rejected while parsing, before any model is read: (extra arguments, texts the line must hold)
+BAD_FLAGS = [
+    (["--steps", "0"], ["--steps", "'0'"]),
+    (["--steps", "-3"], ["--steps", "'-3'"]),
+    (["--steps", "2.5"], ["--steps", "'2.5'"]),
+    (["--num-images", "0"], ["--num-images", "'0'"]),
+    (["--num-images", "many"], ["--num-images", "'many'"]),
+    (["--height", "-64"], ["--height", "'-64'"]),
+    (["--width", "0"], ["--width", "'0'"]),
+    (["--nag-scale", "-0.5"], ["--nag-scale", "-0.5"]),
+    (["--nag-scale", "nan"], ["--nag-scale", "nan"]),
+    (["--nag-tau", "0"], ["--nag-tau", "0.0"]),
+    (["--nag-tau", "-1"], ["--nag-tau", "-1.0"]),
+    (["--nag-tau", "high"], ["--nag-tau", "'high'"]),
+    (["--nag-alpha", "-0.1"], ["--nag-alpha", "-0.1"]),
+    (["--nag-alpha", "1.5"], ["--nag-alpha", "1.5"]),
+    (["--nag-end", "0"], ["--nag-end", "0.0"]),
+    (["--nag-end", "1.2"], ["--nag-end", "1.2"]),
+    (["--guidance-scale", "-2"], ["--guidance-scale", "-2.0"]),
+    (["--pag-scale", "-1"], ["--pag-scale", "-1.0"]),
+    (["--pag-adaptive-scale", "-0.1"], ["--pag-adaptive-scale", "-0.1"]),
+    (["--dtype", "float8"], ["--dtype", "'float8'"]),
+    (["--seed", "abc"], ["--seed", "'abc'"]),
+    (["--nag-scael", "3"], ["--nag-scael"]),
+    (["--output", "picture.jpg"], ["--output", "picture.jpg"]),
+]
+
+
+@pytest.mark.parametrize("extra, texts", BAD_FLAGS, ids=[" ".join(case[0]) for case in BAD_FLAGS])
+def test_bad_flag_exits_2_with_one_line_before_loading_a_model(extra, texts, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "load_pipeline", None)  # loading a model would fail the test
+    assert run(GENERATE + extra) == 2
+    assert_one_line_error(capsys.readouterr().err, *texts)
+
+
+def test_other_commands_bad_arguments_exit_2_with_one_line(capsys, tmp_path):
+    cases = [
+        (["generate", "--steps", "3"], ["--prompt"]),  # --prompt missing
+        (["paint"], ["'paint'"]),
+        (["convert", "/nonexistent/src", str(tmp_path / "out")], ["src", "/nonexistent/src"]),
+        (["convert", str(embedded_model()), str(tmp_path)], ["dst", str(tmp_path)]),  # exists already
+        (["convert", str(embedded_model()), str(tmp_path / "out"), "--dtype", "fp16"], ["--dtype", "'fp16'"]),
+    ]
+    for argv, texts in cases:
+        assert run(argv) == 2, argv
+        assert_one_line_error(capsys.readouterr().err, *texts)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_is_refused_before_loading(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "load_pipeline", None)
+    (tmp_path / "file.txt").write_text("not a folder")
+    target = str(tmp_path / "file.txt" / "images")
+    assert run(GENERATE + ["--output", target]) == 2
+    assert_one_line_error(capsys.readouterr().err, "--output", target)
+
+
+@pytest.fixture(scope="module")
+def broken_models(tmp_path_factory):
+    """Copies of the embedded model: without vae/, with a truncated UNet file, with a UNet config
+    that does not match its weights (several mismatches: a multi-line ConversionError)."""
+    root = tmp_path_factory.mktemp("broken")
+    models = {name: root / name for name in ("no vae", "truncated unet", "config mismatch")}
+    for folder in models.values():
+        shutil.copytree(embedded_model(), folder)
+    shutil.rmtree(models["no vae"] / "vae")
+    weights = models["truncated unet"] / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    config_path = models["config mismatch"] / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["block_out_channels"] = [16, 64]
+    config_path.write_text(json.dumps(config))
+    return models
+
+
+@pytest.mark.parametrize("case, texts", [
+    ("nonexistent", ["--model", "/nonexistent/model", "model_index.json"]),
+    ("no vae", ["--model", "no vae", "vae/"]),
+    ("truncated unet", ["--model", "diffusion_pytorch_model.safetensors", "corrupt"]),
+    ("config mismatch", ["--model", "does not match", "wrong shape"]),
+])
+def test_bad_model_exits_2_with_one_line(broken_models, case, texts, capsys, tmp_path):
+    model = broken_models.get(case, "/nonexistent/model")
+    assert run(GENERATE + ["--model", str(model), "--output", str(tmp_path)]) == 2
+    assert_one_line_error(capsys.readouterr().err, *texts)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("extra, texts", [
+    (["--height", "62"], ["height", "62", "multiple of"]),
+    (["--width", "30"], ["width", "30", "multiple of"]),
+    (["--pag-scale", "2", "--pag-applied-layers", "nowhere"], ["pag_applied_layers", "'nowhere'"]),
+])
+def test_model_dependent_bad_argument_exits_2_with_one_line(extra, texts, capsys, tmp_path):
+    assert run(GENERATE + extra + ["--output", str(tmp_path)]) == 2
+    assert_one_line_error(capsys.readouterr().err, *texts)
+
+
+def test_nag_on_a_model_without_nag_transform_exits_2_with_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.delitem(intercept._TRANSFORMS, (CrossAttentionCore, "__call__"))
+    assert run(GENERATE + ["--nag-negative-prompt", "red", "--output", str(tmp_path)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "nag_scale", "3.0", "NAG transform")
+
+
+def test_real_process_prints_one_line_and_no_traceback(tmp_path):
+    """What reaches a terminal: a parse-time error and one found after the model is loaded."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    for extra, texts in ((["--nag-alpha", "1.5"], ["--nag-alpha", "1.5"]), (["--height", "62"], ["height", "62"])):
+        done = subprocess.run([sys.executable, "-m", "nag_jax.cli"] + GENERATE + extra + ["--output", str(tmp_path)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and done.stdout == ""
+        assert_one_line_error(done.stderr, *texts)
 
 
 def test_output_path_rules(tmp_path):

@@ -136,3 +136,15 @@ def test_defaults_and_bad_options(pipelines):
         pipelines["dev"][0](PROMPT, max_sequence_length=513)
     with pytest.raises(ValueError, match="height must be a positive multiple of 4"):
         pipelines["dev"][0](PROMPT, height=30)
+
+
+def test_batch_invariant_image_alone_is_bit_identical_to_it_in_a_batch(pipelines):
+    """Flux-dev with true CFG and reference-mode NAG: with batch_invariant=True image 0 comes out
+    the same alone as within a batch (test_reproducibility.py covers the UNet family)."""
+    pipe = pipelines["dev"][0]
+    args = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="np", seed=3, true_cfg_scale=2.0,
+                negative_prompt="ugly", max_sequence_length=MAX_SEQUENCE_LENGTH, batch_invariant=True, **NAG)
+    batch = pipe([PROMPT, "a red car"], **args).images
+    alone = pipe(PROMPT, **args).images
+    assert np.abs(batch[0] - batch[1]).max() > 0.01
+    assert np.array_equal(alone[0], batch[0])
