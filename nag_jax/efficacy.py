@@ -130,21 +130,44 @@ BENCH_NEGATIVES = ("red", "blue", "green")
 STEPS = (1, 2, 4, 25)
 
 
-def _methods(defaults: dict) -> dict[str, dict]:
-    return {
-        "none": dict(guidance_scale=1.0),
-        "NAG": dict(guidance_scale=1.0, nag_scale=defaults["nag_scale"]),
-        "CFG": dict(guidance_scale=defaults["guidance_scale"]),
-    }
+FULL_SCENES = tuple((c, s, b) for c in COLOUR_NAMES for s in SHAPES for b in BACKGROUND_NAMES)
+
+
+def prompt_accuracy(pipe, seeds: int = 4, steps=STEPS, log=print) -> list[dict]:
+    """Does the model follow its prompt at all? Per step count, without guidance: the accuracy of
+    colour, shape and background read back from `seeds` images of each of the 54 fully specified
+    captions ("a red circle on a white background"). Chance is 1/6, 1/3 and 1/3."""
+    prompts = [caption(*scene) for scene in FULL_SCENES]
+    rows = []
+    for step_count in steps:
+        images = pipe(prompts, num_inference_steps=step_count, num_images_per_prompt=seeds, guidance_scale=1.0,
+                      output_type="np", check_finite=True).images
+        wanted = [scene for scene in FULL_SCENES for _ in range(seeds)]
+        found = read_attributes(images)
+        row = {"steps": step_count, "images": len(found)}
+        for i, attribute in enumerate(("colour", "shape", "background")):
+            row[f"{attribute}_accuracy"] = float(np.mean([f[attribute] == w[i] for f, w in zip(found, wanted)]))
+        log(json.dumps(row))
+        rows.append(row)
+    return rows
+
+
+def _methods(defaults: dict, nag_scales=None) -> dict[str, dict]:
+    """No guidance, NAG ("NAG" at the family default, "NAG 5" per scale of `nag_scales`), CFG."""
+    nag = ({"NAG": defaults["nag_scale"]} if nag_scales is None else {f"NAG {scale:g}": scale for scale in nag_scales})
+    return {"none": dict(guidance_scale=1.0),
+            **{name: dict(guidance_scale=1.0, nag_scale=scale) for name, scale in nag.items()},
+            "CFG": dict(guidance_scale=defaults["guidance_scale"])}
 
 
 def run_efficacy(pipe, seeds: int = 200, steps=STEPS, prompts=BENCH_PROMPTS, negatives=BENCH_NEGATIVES,
-                 batch: int = 200, log=print) -> list[dict]:
+                 batch: int = 200, nag_scales=None, log=print) -> list[dict]:
     """One row per (steps, method): rate of the negative colour and shape accuracy over all
-    prompt/negative pairs, `seeds` images each (seeds 0..seeds-1)."""
+    prompt/negative pairs, `seeds` images each (seeds 0..seeds-1). `nag_scales` replaces NAG at
+    the family's default scale by one NAG row per scale."""
     rows = []
     for step_count in steps:
-        for method, settings in _methods(pipe.family.defaults).items():
+        for method, settings in _methods(pipe.family.defaults, nag_scales).items():
             hits = correct = total = 0
             started = time.perf_counter()
             for prompt, want_shape in prompts:
@@ -152,7 +175,7 @@ def run_efficacy(pipe, seeds: int = 200, steps=STEPS, prompts=BENCH_PROMPTS, neg
                     for first in range(0, seeds, batch):
                         count = min(batch, seeds - first)
                         extra = {}
-                        if method == "NAG":
+                        if method.startswith("NAG"):
                             extra["nag_negative_prompt"] = negative
                         elif method == "CFG":
                             extra["negative_prompt"] = negative
@@ -179,6 +202,16 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_accuracy_table(rows: list[dict]) -> str:
+    """Markdown table: steps x colour / shape / background accuracy on fully specified prompts."""
+    lines = ["| steps | colour accuracy | shape accuracy | background accuracy | images |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append(f"| {row['steps']} | {100 * row['colour_accuracy']:.1f}% | {100 * row['shape_accuracy']:.1f}% | "
+                     f"{100 * row['background_accuracy']:.1f}% | {row['images']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="nag-jax bench --efficacy",
@@ -190,6 +223,11 @@ def main(argv=None) -> int:
     parser.add_argument("--negatives", nargs="+", default=list(BENCH_NEGATIVES),
                         help=f"colours for the negative prompt (default {' '.join(BENCH_NEGATIVES)})")
     parser.add_argument("--batch", type=int, default=200, help="images per sampler call (default 200)")
+    parser.add_argument("--nag-scales", type=float, nargs="+",
+                        help="NAG scales to compare (default: the family's default scale alone)")
+    parser.add_argument("--accuracy-seeds", type=int, default=4,
+                        help="images per fully specified caption for the prompt-accuracy check (54 captions; "
+                             "default 4, 0 skips it)")
     parser.add_argument("--output", help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
     from nag_jax.pipeline import NAGPipeline
@@ -197,9 +235,13 @@ def main(argv=None) -> int:
     from nag_jax.cli import embedded_model
 
     pipe = NAGPipeline.from_pretrained(args.model or embedded_model())
-    rows = run_efficacy(pipe, seeds=args.seeds, steps=args.steps, negatives=args.negatives, batch=args.batch)
+    accuracy = prompt_accuracy(pipe, seeds=args.accuracy_seeds, steps=args.steps) if args.accuracy_seeds else []
+    rows = run_efficacy(pipe, seeds=args.seeds, steps=args.steps, negatives=args.negatives, batch=args.batch,
+                        nag_scales=args.nag_scales)
+    if accuracy:
+        print(format_accuracy_table(accuracy) + "\n")
     print(format_table(rows))
     if args.output:
         with open(args.output, "w") as handle:
-            json.dump(rows, handle, indent=2)
+            json.dump({"prompt_accuracy": accuracy, "efficacy": rows}, handle, indent=2)
     return 0

@@ -2,8 +2,10 @@
 
 import numpy as np
 
-from nag_jax.efficacy import (BACKGROUND_NAMES, COLOUR_NAMES, SHAPES, caption, format_table, random_scenes,
-                              read_attributes, render)
+from types import SimpleNamespace
+
+from nag_jax.efficacy import (BACKGROUND_NAMES, COLOUR_NAMES, SHAPES, caption, format_accuracy_table, format_table,
+                              prompt_accuracy, random_scenes, read_attributes, render, run_efficacy)
 
 
 def _accuracy(found, scenes, attribute, names):
@@ -46,3 +48,50 @@ def test_table_lists_every_row():
     rows = [{"steps": 1, "method": "NAG", "images": 10, "negative_colour_rate": 0.1, "shape_accuracy": 0.9}]
     table = format_table(rows)
     assert "| 1 | NAG | 10.0% | 90.0% | 10 |" in table
+
+
+class _RenderingPipe:
+    """Stands in for a model: draws each prompt's scene, with the colour swapped to green when
+    `wrong_colour` (so colour accuracy must drop to the share of green captions)."""
+
+    def __init__(self, wrong_colour=False):
+        self.wrong_colour = wrong_colour
+        self.scene_of = {caption(COLOUR_NAMES[c], SHAPES[s], BACKGROUND_NAMES[b]): (c, s, b)
+                         for c in range(6) for s in range(3) for b in range(3)}
+
+    def __call__(self, prompts, num_images_per_prompt, **settings):
+        index = np.array([self.scene_of[p] for p in prompts for _ in range(num_images_per_prompt)])
+        colour = np.full(len(index), COLOUR_NAMES.index("green")) if self.wrong_colour else index[:, 0]
+        scenes = {"colour": colour, "shape": index[:, 1], "background": index[:, 2], "half": np.full(len(index), 14.0),
+                  "cx": np.full(len(index), 32.0), "cy": np.full(len(index), 32.0)}
+        return SimpleNamespace(images=render(scenes).astype(np.float32) / 255.0)
+
+
+def test_prompt_accuracy_counts_each_attribute_against_its_caption():
+    right = prompt_accuracy(_RenderingPipe(), seeds=2, steps=(4,), log=lambda _: None)
+    assert right == [{"steps": 4, "images": 108, "colour_accuracy": 1.0, "shape_accuracy": 1.0,
+                      "background_accuracy": 1.0}]
+    wrong = prompt_accuracy(_RenderingPipe(wrong_colour=True), seeds=1, steps=(1,), log=lambda _: None)[0]
+    assert abs(wrong["colour_accuracy"] - 1 / 6) < 1e-9 and wrong["shape_accuracy"] == 1.0
+    assert "| 1 | 16.7% | 100.0% | 100.0% | 54 |" in format_accuracy_table([wrong])
+
+
+class _ScaleSensitivePipe:
+    """Red circles, blue ones once NAG's scale exceeds 4: a NAG sweep must show exactly that."""
+
+    family = SimpleNamespace(defaults={"nag_scale": 3.0, "guidance_scale": 7.5})
+
+    def __call__(self, prompt, num_images_per_prompt, nag_scale=1.0, **settings):
+        count = num_images_per_prompt
+        colour = COLOUR_NAMES.index("blue" if nag_scale > 4 else "red")
+        scenes = {"colour": np.full(count, colour), "shape": np.zeros(count, int), "background": np.zeros(count, int),
+                  "half": np.full(count, 14.0), "cx": np.full(count, 32.0), "cy": np.full(count, 32.0)}
+        return SimpleNamespace(images=render(scenes))
+
+
+def test_efficacy_sweeps_nag_scales_beside_no_guidance_and_cfg():
+    rows = run_efficacy(_ScaleSensitivePipe(), seeds=3, steps=(2,), prompts=(("a circle", "circle"),),
+                        negatives=("red",), nag_scales=(3, 5), log=lambda _: None)
+    rates = {row["method"]: row["negative_colour_rate"] for row in rows}
+    assert rates == {"none": 1.0, "NAG 3": 1.0, "NAG 5": 0.0, "CFG": 1.0}
+    assert all(row["shape_accuracy"] == 1.0 and row["images"] == 3 for row in rows)
