@@ -88,7 +88,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     nag.add_argument("--nag-end", type=in_range("nag_end"), default=1.0, metavar="E",
                      help="fraction of the denoising run that gets NAG (default 1.0)")
     pag = parser.add_argument_group("PAG (perturbed-attention guidance; UNet and SD3 families)")
-    pag.add_argument("--pag-scale", type=in_range("pag_scale"), default=0.0, metavar="S", help="PAG strength, on when > 0 (default 0)")
+    pag.add_argument("--pag-scale", type=in_range("pag_scale"), default=0.0, metavar="S",
+                     help="PAG strength, on when > 0 (default 0)")
     pag.add_argument("--pag-adaptive-scale", type=in_range("pag_adaptive_scale"), default=0.0, metavar="A",
                      help="lower the PAG scale by A per unit of (1000 - t) (default 0: constant)")
     pag.add_argument("--pag-applied-layers", nargs="+", metavar="PATTERN",
