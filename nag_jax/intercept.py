@@ -28,8 +28,8 @@ from models.layers import CrossAttentionCore, JointAttentionCore, SelfAttentionC
 from nag_jax.attention import attention, attention_partial, identity_partial, merge_heads, merge_partials
 from nag_jax.guidance import nag
 
-_TRANSFORMS: dict[tuple[type, str], Callable] = {}
-_GUIDANCE: dict[tuple[type, str], set[str]] = {}  # what each transform implements: "nag", "pag"
+# (module type, method) -> (transform, the guidance it implements: "nag", "pag")
+_TRANSFORMS: dict[tuple[type, str], tuple[Callable, frozenset]] = {}
 NAG_MODES = ("shared-image", "reference")
 
 
@@ -80,8 +80,8 @@ class NAGConfig:
 
 def _register(guidance: str, module_type: type, method: str):
     def register(fn):
-        _TRANSFORMS[(module_type, method)] = fn
-        _GUIDANCE.setdefault((module_type, method), set()).add(guidance)
+        _, implemented = _TRANSFORMS.get((module_type, method), (None, frozenset()))
+        _TRANSFORMS[(module_type, method)] = (fn, implemented | {guidance})
         return fn
 
     return register
@@ -100,12 +100,7 @@ def register_pag(module_type: type, method: str = "__call__"):
 
 def guidance_of(module_type: type, method: str = "__call__") -> frozenset:
     """The guidance ("nag", "pag") the transform of `module_type.method` implements; empty if none."""
-    key = (module_type, method)
-    return frozenset(_GUIDANCE.get(key, ())) if key in _TRANSFORMS else frozenset()
-
-
-def has_nag_transform(module_type: type, method: str = "__call__") -> bool:
-    return "nag" in guidance_of(module_type, method)
+    return _TRANSFORMS.get((module_type, method), (None, frozenset()))[1]
 
 
 @contextlib.contextmanager
@@ -115,7 +110,7 @@ def guided(config: NAGConfig):
         importlib.import_module("nag_jax.flux_modes")
 
     def interceptor(next_fun, args, kwargs, context):
-        transform = _TRANSFORMS.get((type(context.module), context.method_name))
+        transform, _ = _TRANSFORMS.get((type(context.module), context.method_name), (None, None))
         if transform is None:
             return next_fun(*args, **kwargs)
         return transform(config, context.module, next_fun, *args, **kwargs)

@@ -7,7 +7,7 @@ import pytest
 
 from models.layers import CrossAttentionCore, JointAttentionCore, SelfAttentionCore
 from nag_jax import NAGConfig, guided
-from nag_jax.intercept import has_nag_transform
+from nag_jax.intercept import guidance_of
 
 HEADS, HEAD_DIM = 2, 8
 WIDTH = HEADS * HEAD_DIM
@@ -155,7 +155,7 @@ def test_nothing_changes_outside_the_context(block):
     np.testing.assert_array_equal(run(model, params, x, pos), before)
     with pytest.raises(ValueError, match="only meaningful inside nag_jax.guided"):
         run(model, params, x, np.concatenate([pos, neg]))
-    assert has_nag_transform(CrossAttentionCore) and not has_nag_transform(SelfAttentionCore)
+    assert guidance_of(CrossAttentionCore) == {"nag"} and "nag" not in guidance_of(SelfAttentionCore)
 
 
 class TinyJointBlock(nn.Module):
