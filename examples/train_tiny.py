@@ -1,10 +1,12 @@
-"""Train the embedded default model: a tiny SD-style pipeline on the synthetic shapes domain.
+"""Train the embedded default models: tiny SD-style and Flux-style pipelines on the synthetic shapes domain.
 
 The data (nag_jax/efficacy.py: circles, squares and triangles in six colours on three
 backgrounds, captions with attributes left out) is generated in code. The components are
-the real architectures nag-jax loads (CLIP text encoder, AutoencoderKL, UNet2DConditionModel,
-EulerDiscreteScheduler), saved in the diffusers directory format so diffusers loads the
-folder too:
+the real architectures nag-jax loads, saved in the diffusers directory format so diffusers
+loads the folders too.
+
+`--family sd` (sd-shapes: CLIP text encoder, AutoencoderKL, UNet2DConditionModel,
+EulerDiscreteScheduler):
 
 1. a CLIP-style BPE tokenizer is trained with `tokenizers` on the captions and saved as the
    published CLIP file set (vocab.json, merges.txt, tokenizer configs);
@@ -19,6 +21,16 @@ folder too:
    specified captions follow them (colour, shape, background read back);
 5. the trained Flax parameters are written back over the PyTorch files with the converters'
    key maps run backwards (`export_params`).
+
+`--family flux` (flux-shapes: a FluxPipeline folder): the same CLIP tokenizer and text encoder
+(its pooled output), a T5-style unigram tokenizer and T5 encoder (the token context), a
+schnell-like FluxTransformer2DModel (no guidance embedding; 2 double and 4 single blocks of
+width 64) and FlowMatchEulerDiscreteScheduler without shift. It reuses the trained sd-shapes VAE
+(copied, `--vae`): 4 latent channels, so the transformer takes 16-channel tokens, 8x8 of them
+for a 64x64 image. The transformer and both text encoders are trained together by rectified
+flow (velocity noise - x0 at uniform sigma, 10% empty captions for CFG), steps 4 and 5 as above.
+`--resume FOLDER --reflow N` distils a trained flux folder into a few-step student: it samples
+N (noise, 25-step ODE solution) pairs from it and trains on those straight paths.
 
 Why the earlier recipe (300 VAE steps at batch 8, 500 denoiser steps, SD's scaled-linear
 schedule, epsilon prediction) gave a model that ignored its text: its VAE could not reproduce
@@ -62,9 +74,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from convert.checkpoint import open_checkpoint  # noqa: E402
 from convert.clip import CLIP_RULES, load_clip  # noqa: E402
+from convert.flux import DIFFUSERS_RULES as FLUX_RULES  # noqa: E402
+from convert.flux import load_flux_transformer  # noqa: E402
 from convert.mapping import _route  # noqa: E402
+from convert.t5 import T5_RULES, load_t5  # noqa: E402
 from convert.unet import UNET_RULES, load_unet  # noqa: E402
 from convert.vae import VAE_RULES, load_vae  # noqa: E402
+from nag_jax.pipeline_flux import image_ids, pack_latents, unpack_latents  # noqa: E402
 from nag_jax.efficacy import (BACKGROUND_NAMES, COLOUR_NAMES, FULL_SCENES, SHAPES, caption, random_scenes,  # noqa: E402
                               read_attributes, render)
 
@@ -80,6 +96,8 @@ BETAS = {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "num
 PREDICTION = "v_prediction"
 VAE_STEPS = 1200
 DENOISER_STEPS = 3000
+FLUX_DOUBLE_BLOCKS, FLUX_SINGLE_BLOCKS, FLUX_HEADS = 2, 4, 4  # width 64 = 4 heads of 16
+FLUX_IMAGE_IDS = jnp.asarray(image_ids(8, 8))  # 16x16 latents packed into 8x8 tokens
 
 # ----------------------------------------------------------------------------- tokenizer
 
@@ -117,23 +135,55 @@ def train_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
+def train_t5_tokenizer(folder: Path) -> None:
+    """A T5-style unigram tokenizer (`tokenizers`, Metaspace pieces, T5's ids pad 0, eos 1, unk 2)
+    saved as tokenizer.json with T5's configs. Its pieces are the caption words with their
+    log-frequencies, then single characters far less likely (any text still tokenizes):
+    `tokenizers`' UnigramTrainer prunes this 12-word corpus down to characters."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    words = Counter("\u2581" + word for text in all_captions() for word in text.split())
+    total = sum(words.values())
+    characters = sorted({c for word in words for c in word})
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(word, float(np.log(count / total))) for word, count in sorted(words.items())]
+    vocab += [(c, -20.0) for c in characters if c not in words]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": MAX_TOKENS, "extra_ids": 0, **specials}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
 # ----------------------------------------------------------------------------- PyTorch layout
 
 
-def save_initial_components(folder: Path, vocab_size: int, seed: int) -> None:
-    """Random-init PyTorch components saved by their libraries: configs and file layouts."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def save_clip(folder: Path, vocab_size: int) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(seed)
     text_config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
                                  projection_dim=TEXT_WIDTH, bos_token_id=vocab_size - 2,
                                  eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
     text_encoder = CLIPTextModel(text_config)
     text_encoder.config.architectures = ["CLIPTextModel"]
-    text_encoder.save_pretrained(folder / "text_encoder")
+    text_encoder.save_pretrained(folder)
+
+
+def save_initial_components(folder: Path, vocab_size: int, seed: int) -> None:
+    """Random-init PyTorch components saved by their libraries: configs and file layouts."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    save_clip(folder / "text_encoder", vocab_size)
     AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 3,
                   up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 16, 32), layers_per_block=1,
                   norm_num_groups=8, sample_size=64, mid_block_add_attention=False,
@@ -154,6 +204,48 @@ def save_initial_components(folder: Path, vocab_size: int, seed: int) -> None:
              "safety_checker": [None, None], "scheduler": ["diffusers", "EulerDiscreteScheduler"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_initial_flux_components(folder: Path, clip_vocab: int, t5_vocab: int, vae_folder: Path, seed: int) -> None:
+    """The Flux-style pipeline: CLIP (pooled) + T5 (tokens) text encoders, a schnell-like
+    FluxTransformer2DModel (no guidance embedding) over the 2x2-packed latents of the trained
+    sd-shapes VAE (copied: 4 channels, so in_channels 16), flow-matching Euler without shift."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    save_clip(folder / "text_encoder", clip_vocab)
+    t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab, d_model=TEXT_WIDTH, d_kv=8, d_ff=2 * TEXT_WIDTH, num_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                 feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+                                 dropout_rate=0.0, pad_token_id=0, eos_token_id=1))
+    t5.config.architectures = ["T5EncoderModel"]
+    t5.save_pretrained(folder / "text_encoder_2")
+    shutil.copytree(vae_folder, folder / "vae", dirs_exist_ok=True)
+    vae_config = json.loads((vae_folder / "config.json").read_text())
+    latent_channels = vae_config["latent_channels"]
+    # FluxPipeline decodes latents / scaling_factor + shift_factor: the SD-style VAE has no shift
+    (folder / "vae" / "config.json").write_text(json.dumps(dict(vae_config, shift_factor=0.0), indent=2))
+    FluxTransformer2DModel(patch_size=1, in_channels=4 * latent_channels, num_layers=FLUX_DOUBLE_BLOCKS,
+                           num_single_layers=FLUX_SINGLE_BLOCKS, attention_head_dim=16,
+                           num_attention_heads=FLUX_HEADS, joint_attention_dim=TEXT_WIDTH,
+                           pooled_projection_dim=TEXT_WIDTH, guidance_embeds=False,
+                           axes_dims_rope=(4, 6, 6)).save_pretrained(folder / "transformer")
+    # nag-jax reads the default image size from this key (diffusers ignores it): 16 latent pixels, 64 image pixels
+    config_file = folder / "transformer" / "config.json"
+    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), sample_size=16), indent=2))
+    (folder / "scheduler").mkdir(exist_ok=True)
+    scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.42.1",
+                 "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1",
+             "feature_extractor": [None, None], "image_encoder": [None, None],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
+             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
@@ -184,13 +276,22 @@ def export_params(reference_file: Path, rules, params) -> dict[str, np.ndarray]:
     return tensors
 
 
+# component folder -> (key map, weight file)
+COMPONENT_FILES = {
+    "text_encoder": (CLIP_RULES, "model.safetensors"),
+    "text_encoder_2": (T5_RULES, "model.safetensors"),
+    "vae": (VAE_RULES, "diffusion_pytorch_model.safetensors"),
+    "unet": (UNET_RULES, "diffusion_pytorch_model.safetensors"),
+    "transformer": (FLUX_RULES, "diffusion_pytorch_model.safetensors"),
+}
+
+
 def write_params(folder: Path, params: dict) -> None:
-    """Overwrite the PyTorch weight files in `folder` with the trained Flax params."""
-    for name, rules, file in (("text_encoder", CLIP_RULES, "model.safetensors"),
-                              ("vae", VAE_RULES, "diffusion_pytorch_model.safetensors"),
-                              ("unet", UNET_RULES, "diffusion_pytorch_model.safetensors")):
+    """Overwrite the PyTorch weight files in `folder` with the trained Flax params, per component."""
+    for name, component_params in params.items():
+        rules, file = COMPONENT_FILES[name]
         path = folder / name / file
-        tensors = export_params(path, rules, params[name])
+        tensors = export_params(path, rules, component_params)
         save_file(tensors, str(path), metadata={"format": "pt"})
 
 
@@ -198,15 +299,21 @@ def write_params(folder: Path, params: dict) -> None:
 
 
 class Data:
-    """Scenes, images and every caption's token ids; batches drawn with a seeded generator."""
+    """Scenes, images and every caption's token ids per tokenizer; batches drawn with a seeded generator."""
 
-    def __init__(self, tokenizer, count: int, seed: int):
+    def __init__(self, tokenizers, count: int, seed: int):
         self.rng = np.random.default_rng(seed)
         self.scenes = random_scenes(count, self.rng)
         self.images = render(self.scenes)
         captions = all_captions() + [""]
         self.caption_index = {text: i for i, text in enumerate(captions)}
-        self.tokens = np.asarray(tokenizer(captions, padding="max_length", max_length=MAX_TOKENS).input_ids, np.int32)
+        self.tokens = [np.asarray(tokenizer(captions, padding="max_length", max_length=MAX_TOKENS).input_ids, np.int32)
+                       for tokenizer in tokenizers]
+
+    def ids(self, captions) -> tuple[np.ndarray, ...]:
+        """Token ids of `captions`, one array per tokenizer."""
+        index = np.array([self.caption_index[text] for text in captions])
+        return tuple(tokens[index] for tokens in self.tokens)
 
     def image_batch(self, size):
         index = self.rng.integers(0, len(self.images), size)
@@ -214,14 +321,14 @@ class Data:
 
     def token_batch(self, index, keep=0.7, empty=0.1):
         """Captions with each attribute kept with p=0.7; a fraction `empty` of them replaced by ""."""
-        ids = []
+        captions = []
         for i in index:
             kept = self.rng.random(3) < keep
             text = caption(COLOUR_NAMES[self.scenes["colour"][i]] if kept[0] else None,
                            SHAPES[self.scenes["shape"][i]] if kept[1] else None,
                            BACKGROUND_NAMES[self.scenes["background"][i]] if kept[2] else None)
-            ids.append(self.caption_index["" if self.rng.random() < empty else text])
-        return self.tokens[np.array(ids)]
+            captions.append("" if self.rng.random() < empty else text)
+        return self.ids(captions)
 
 
 def make_optimizer(steps: int, peak: float):
@@ -277,11 +384,19 @@ def alphas_cumprod() -> np.ndarray:
     return np.cumprod(1.0 - betas)
 
 
-def make_probe(unet, clip, vae, vae_params, data: Data, scaling: float, steps: int = 25):
+
+def read_probe(images_nchw) -> dict[str, float]:
+    """Attribute accuracies of probe samples, one per caption of FULL_SCENES in order."""
+    found = read_attributes(np.asarray(images_nchw).transpose(0, 2, 3, 1) / 2 + 0.5)
+    return {attribute: float(np.mean([f[attribute] == scene[i] for f, scene in zip(found, FULL_SCENES)]))
+            for i, attribute in enumerate(("colour", "shape", "background"))}
+
+
+def make_unet_probe(unet, clip, vae, vae_params, data: Data, scaling: float, steps: int = 25):
     """-> probe(params): attribute accuracies of one sample per fully specified caption (54), drawn
     with deterministic DDIM on trailing timesteps (the same ODE steps as the shipped Euler
     scheduler) and read by `read_attributes`. Cheap enough to run at every checkpoint."""
-    ids = data.tokens[[data.caption_index[caption(*scene)] for scene in FULL_SCENES]]
+    (ids,) = data.ids([caption(*scene) for scene in FULL_SCENES])
     table = alphas_cumprod()
     timesteps = (np.arange(1000, 0, -1000 / steps).round() - 1).astype(np.int32)
     a = jnp.asarray(table[timesteps], jnp.float32)
@@ -301,36 +416,97 @@ def make_probe(unet, clip, vae, vae_params, data: Data, scaling: float, steps: i
         x, _ = jax.lax.scan(step, jax.random.normal(key, (len(ids), 4, 16, 16)), (timesteps, a, a_next))
         return vae.apply({"params": vae_params}, x / scaling, method=vae.decode)
 
-    def probe(params) -> dict[str, float]:
-        images = np.asarray(sample(params, jax.random.key(3))).transpose(0, 2, 3, 1) / 2 + 0.5
-        found = read_attributes(images)
-        return {attribute: float(np.mean([f[attribute] == scene[i] for f, scene in zip(found, FULL_SCENES)]))
-                for i, attribute in enumerate(("colour", "shape", "background"))}
-
-    return probe
+    return lambda params: read_probe(sample(params, jax.random.key(3)))
 
 
-def train_denoiser(unet, clip, params, latents, data: Data, steps: int, batch: int, lr: float, log, checkpoint=None,
-                   stop_after: int | None = None, every: int = 500):
-    """UNet + text encoder, v-prediction on latents already multiplied by the scaling factor.
-    `checkpoint(params)` runs every `every` steps; `stop_after` ends the run early while keeping
-    the learning-rate schedule of `steps`."""
+def unet_loss(unet, clip):
+    """v-prediction loss on DDPM's linear schedule; x0 are latents times the scaling factor."""
     alphas_bar = jnp.asarray(alphas_cumprod(), jnp.float32)
-    optimizer = make_optimizer(steps, lr)
 
-    def loss_fn(p, x0, ids, key):
+    def loss_fn(p, batch, key):
+        x0, ids = batch["x0"], batch["ids"]
         t_key, n_key = jax.random.split(key)
         t = jax.random.randint(t_key, (x0.shape[0],), 0, 1000)
         noise = jax.random.normal(n_key, x0.shape)
         a = alphas_bar[t][:, None, None, None]
         noisy = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
-        context = clip.apply({"params": p["text_encoder"]}, ids).last_hidden_state
+        context = clip.apply({"params": p["text_encoder"]}, ids[0]).last_hidden_state
         predicted = unet.apply({"params": p["unet"]}, noisy, t, context)
         return jnp.mean((predicted - (jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * x0)) ** 2)
 
+    return loss_fn
+
+
+def flux_velocity(transformer, clip, t5, p, x, sigma, ids):
+    """The Flux-style model's velocity for packed latents x [B, 64, 16] at noise level sigma [B]."""
+    pooled = clip.apply({"params": p["text_encoder"]}, ids[0]).pooled
+    context = t5.apply({"params": p["text_encoder_2"]}, ids[1])
+    return transformer.apply({"params": p["transformer"]}, x, context, pooled, sigma, FLUX_IMAGE_IDS,
+                             jnp.zeros((context.shape[1], 3), jnp.float32))
+
+
+def flux_loss(transformer, clip, t5):
+    """Rectified flow: x_sigma = (1 - sigma) x0 + sigma noise, velocity target noise - x0, sigma
+    uniform in [0, 1]; x0 are packed latents (model space: times the VAE's scaling factor). A batch
+    with "noise" pairs each x0 with its own noise (reflow); otherwise the noise is drawn."""
+
+    def loss_fn(p, batch, key):
+        x0, ids = batch["x0"], batch["ids"]
+        s_key, n_key = jax.random.split(key)
+        sigma = jax.random.uniform(s_key, (x0.shape[0],))
+        noise = batch["noise"] if "noise" in batch else jax.random.normal(n_key, x0.shape)
+        noisy = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        return jnp.mean((flux_velocity(transformer, clip, t5, p, noisy, sigma, ids) - (noise - x0)) ** 2)
+
+    return loss_fn
+
+
+def make_flux_probe(transformer, clip, t5, vae, vae_params, data: Data, scaling: float, steps: int = 25):
+    """-> probe(params): as the UNet probe, sampled with flow-matching Euler on linspace(1, 0)."""
+    ids = data.ids([caption(*scene) for scene in FULL_SCENES])
+
     @jax.jit
-    def step(p, state, x0, ids, key):
-        loss, grads = jax.value_and_grad(loss_fn)(p, x0, ids, key)
+    def sample(params, key):
+        x = flux_euler(transformer, clip, t5, params, jax.random.normal(key, (len(ids[0]), 64, 16)), ids, steps)
+        return vae.apply({"params": vae_params}, unpack_latents(x, 16, 16) / scaling, method=vae.decode)
+
+    return lambda params: read_probe(sample(params, jax.random.key(3)))
+
+
+def flux_euler(transformer, clip, t5, params, noise, ids, steps: int):
+    """Flow-matching Euler from `noise` (sigma 1) to sigma 0 in `steps` equal steps: packed latents."""
+    sigmas = jnp.linspace(1.0, 0.0, steps + 1)
+
+    def step(x, pair):
+        sigma, sigma_next = pair
+        v = flux_velocity(transformer, clip, t5, params, x, jnp.full((len(x),), sigma), ids)
+        return x + (sigma_next - sigma) * v, None
+
+    return jax.lax.scan(step, noise, (sigmas[:-1], sigmas[1:]))[0]
+
+
+def reflow_pairs(transformer, clip, t5, params, data: Data, count: int, log, steps: int = 25, chunk: int = 250):
+    """Reflow data from the trained (teacher) model: noise, the latents its 25-step ODE takes that
+    noise to, and the captions (drawn as in training, 10% empty so CFG keeps an unconditional model)."""
+    solve = jax.jit(lambda p, noise, ids: flux_euler(transformer, clip, t5, p, noise, ids, steps))
+    noise = data.rng.standard_normal((count, 64, 16)).astype(np.float32)
+    ids = data.token_batch(data.rng.integers(0, len(data.images), count))
+    x0 = []
+    for start in range(0, count, chunk):
+        x0.append(np.asarray(solve(params, noise[start:start + chunk], tuple(i[start:start + chunk] for i in ids))))
+        log(f"reflow pairs {start + len(x0[-1])}/{count}")
+    return {"x0": np.concatenate(x0), "ids": ids, "noise": noise}
+
+
+def train_denoiser(loss_fn, params, next_batch, data: Data, steps: int, lr: float, log, checkpoint=None,
+                   stop_after: int | None = None, every: int = 500):
+    """Denoiser + text encoders on `loss_fn(params, next_batch(), key)`. `checkpoint(params)` runs every
+    `every` steps; `stop_after` ends the run early while keeping the learning-rate schedule of `steps`."""
+    optimizer = make_optimizer(steps, lr)
+
+    @jax.jit
+    def step(p, state, batch, key):
+        loss, grads = jax.value_and_grad(loss_fn)(p, batch, key)
         updates, state = optimizer.update(grads, state, p)
         return optax.apply_updates(p, updates), state, loss
 
@@ -338,8 +514,7 @@ def train_denoiser(unet, clip, params, latents, data: Data, steps: int, batch: i
     last = min(steps, stop_after or steps)
     for i in range(last):
         key, sub = jax.random.split(key)
-        index = data.rng.integers(0, len(latents), batch)
-        params, state, loss = step(params, state, latents[index], data.token_batch(index), sub)
+        params, state, loss = step(params, state, next_batch(), sub)
         running.append(float(loss))
         if i % 100 == 0:
             log(f"denoiser step {i} loss {np.mean(running[-100:]):.4f}")
@@ -357,20 +532,31 @@ def read_back(images_nchw, scenes: dict) -> dict[str, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default="nag_jax/embedded/sd-shapes", help="pipeline folder to write")
+    parser.add_argument("--family", choices=("sd", "flux"), default="sd",
+                        help="sd: the UNet pipeline (sd-shapes); flux: the Flux-style pipeline (flux-shapes), which "
+                             "reuses the VAE of --vae")
+    parser.add_argument("--output", help="pipeline folder to write (default nag_jax/embedded/sd-shapes or "
+                                         "flux-shapes)")
+    parser.add_argument("--vae", default="nag_jax/embedded/sd-shapes/vae", help="flux: the trained VAE folder to copy")
     parser.add_argument("--vae-steps", type=int, default=VAE_STEPS)
     parser.add_argument("--vae-batch", type=int, default=16)
-    parser.add_argument("--resume", help="continue from a pipeline folder this script wrote: its tokenizer, VAE and "
+    parser.add_argument("--resume", help="continue from a pipeline folder this script wrote: its tokenizers, VAE and "
                                          "weights, with a new learning-rate schedule of --steps (no VAE training)")
+    parser.add_argument("--reflow", type=int, metavar="PAIRS",
+                        help="flux with --resume: distil the resumed model into a few-step student by reflow on this "
+                             "many (noise, 25-step ODE solution) pairs it generates")
     parser.add_argument("--steps", type=int, default=DENOISER_STEPS, help="denoiser training steps (schedule length)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak denoiser learning rate")
     parser.add_argument("--stop-after", type=int, help="end after this many denoiser steps, keeping the schedule")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--checkpoint-every", type=int, default=500,
                         help="save the pipeline folder and log the prompt probe every this many denoiser steps")
+    parser.add_argument("--probe-steps", type=int, default=25, help="sampling steps of the prompt probe")
     parser.add_argument("--images", type=int, default=8000, help="size of the generated training set")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.reflow and not (args.family == "flux" and args.resume):
+        parser.error("--reflow needs --family flux and --resume TEACHER")
     from transformers import AutoTokenizer
 
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -379,24 +565,29 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - started:7.1f} s wall {time.process_time() - cpu_started:7.1f} s cpu] "
               f"{message}", flush=True)
 
-    folder = Path(args.output)
+    flux = args.family == "flux"
+    folder = Path(args.output or f"nag_jax/embedded/{'flux' if flux else 'sd'}-shapes")
     work = folder.with_name(folder.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    tokenizer_folders = ["tokenizer", "tokenizer_2"] if flux else ["tokenizer"]
     if args.resume:
         shutil.copytree(Path(args.resume), work, dirs_exist_ok=True)
     else:
         train_tokenizer(work / "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
-    if not args.resume:
-        save_initial_components(work, len(tokenizer), args.seed)
+        if flux:
+            train_t5_tokenizer(work / "tokenizer_2")
+    tokenizers = [AutoTokenizer.from_pretrained(str(work / name)) for name in tokenizer_folders]
+    if not args.resume and flux:
+        save_initial_flux_components(work, len(tokenizers[0]), len(tokenizers[1]), Path(args.vae), args.seed)
+    elif not args.resume:
+        save_initial_components(work, len(tokenizers[0]), args.seed)
     clip, clip_params = load_clip(work / "text_encoder")
     vae, vae_params = load_vae(work / "vae")
-    unet, unet_params = load_unet(work / "unet")
-    data = Data(tokenizer, args.images, args.seed)
-    log(f"data: {len(data.images)} images; vocabulary {len(tokenizer)} tokens")
+    data = Data(tokenizers, args.images, args.seed)
+    log(f"data: {len(data.images)} images; vocabularies {[len(t) for t in tokenizers]} tokens")
 
-    if not args.resume:
+    if not args.resume and not flux:
         vae_params = train_vae(vae, vae_params, data, args.vae_steps, args.vae_batch, log)
     held_out = random_scenes(300, np.random.default_rng(args.seed + 1))
     x = render(held_out).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
@@ -404,22 +595,41 @@ def main(argv=None) -> int:
                               method=vae.decode)
     log(f"VAE reconstructions of 300 new scenes read back: {read_back(reconstructed, held_out)}")
     latents = encode_all(vae, vae_params, data.images)
-    if args.resume:
+    if args.resume or flux:
         scaling = json.loads((work / "vae" / "config.json").read_text())["scaling_factor"]
     else:
         scaling = float(1.0 / latents.std())
         vae_config = json.loads((work / "vae" / "config.json").read_text())
         (work / "vae" / "config.json").write_text(json.dumps(dict(vae_config, scaling_factor=scaling), indent=2))
     log(f"latent std {latents.std():.3f}, scaling_factor {scaling:.4f}")
-    probe = make_probe(unet, clip, vae, vae_params, data, scaling)
+
+    if flux:
+        transformer, transformer_params = load_flux_transformer(work / "transformer")
+        t5, t5_params = load_t5(work / "text_encoder_2")
+        params = {"transformer": transformer_params, "text_encoder": clip_params, "text_encoder_2": t5_params}
+        probe = make_flux_probe(transformer, clip, t5, vae, vae_params, data, scaling, args.probe_steps)
+        loss_fn, x0 = flux_loss(transformer, clip, t5), np.asarray(pack_latents(latents * scaling))
+        if args.reflow:
+            pairs = reflow_pairs(transformer, clip, t5, params, data, args.reflow, log)
+    else:
+        unet, unet_params = load_unet(work / "unet")
+        params = {"unet": unet_params, "text_encoder": clip_params}
+        probe = make_unet_probe(unet, clip, vae, vae_params, data, scaling, args.probe_steps)
+        loss_fn, x0 = unet_loss(unet, clip), latents * scaling
 
     def save(params):
-        write_params(work, {"text_encoder": params["text_encoder"], "unet": params["unet"], "vae": vae_params})
-        log(f"saved {work}; 25-step samples of the 54 full captions read back: {probe(params)}")
+        write_params(work, params if flux else {**params, "vae": vae_params})
+        log(f"saved {work}; {args.probe_steps}-step samples of the 54 full captions read back: {probe(params)}")
 
-    params = train_denoiser(unet, clip, {"unet": unet_params, "text_encoder": clip_params}, latents * scaling, data,
-                            args.steps, args.batch, args.lr, log, checkpoint=save, stop_after=args.stop_after,
-                            every=args.checkpoint_every)
+    def next_batch():
+        if args.reflow:
+            index = data.rng.integers(0, args.reflow, args.batch)
+            return {"x0": pairs["x0"][index], "ids": tuple(i[index] for i in pairs["ids"]), "noise": pairs["noise"][index]}
+        index = data.rng.integers(0, len(x0), args.batch)
+        return {"x0": x0[index], "ids": data.token_batch(index)}
+
+    params = train_denoiser(loss_fn, params, next_batch, data, args.steps, args.lr, log, checkpoint=save,
+                            stop_after=args.stop_after, every=args.checkpoint_every)
     save(params)
     shutil.rmtree(folder, ignore_errors=True)
     work.rename(folder)
