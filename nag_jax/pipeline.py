@@ -134,7 +134,7 @@ def _broadcast(values: list[str], count: int, name: str) -> list[str]:
 # The numeric call arguments' allowed ranges (low, high, low_open), shared with the CLI's flag checks.
 ARGUMENT_RANGES = {"nag_scale": (0.0, math.inf, False), "nag_tau": (0.0, math.inf, True),
                    "nag_alpha": (0.0, 1.0, False), "nag_end": (0.0, 1.0, True),
-                   "guidance_scale": (0.0, math.inf, False),
+                   "guidance_scale": (0.0, math.inf, False), "true_cfg_scale": (0.0, math.inf, False),
                    "pag_scale": (0.0, math.inf, False), "pag_adaptive_scale": (0.0, math.inf, False)}
 
 

@@ -19,7 +19,6 @@ Guidance, as in diffusers:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import jax
@@ -33,7 +32,7 @@ from convert.t5 import load_t5
 from convert.vae import load_vae
 from models.vae import model_to_latents
 from nag_jax.intercept import NAG_MODES
-from nag_jax.pipeline import Family, check_range, component_folder, read_json
+from nag_jax.pipeline import Family, check_argument, component_folder, read_json
 from nag_jax.sampler import Conditioning
 from nag_jax.schedulers import flux_mu, flux_sigmas, make_schedule
 from nag_jax.tokenize import load_tokenizer, tokenize
@@ -134,7 +133,7 @@ class FluxFamily(Family):
         length = options["max_sequence_length"]
         if not isinstance(length, int) or isinstance(length, bool) or not 2 <= length <= MAX_SEQUENCE_LENGTH:
             raise ValueError(f"max_sequence_length must be an integer in [2, {MAX_SEQUENCE_LENGTH}], got {length!r}")
-        true_cfg_scale = check_range("true_cfg_scale", options["true_cfg_scale"], 0.0, math.inf)
+        true_cfg_scale = check_argument("true_cfg_scale", options["true_cfg_scale"])
         return true_cfg_scale > 1.0 and options["negative_prompt"] is not None
 
     def cfg_scale(self, guidance_scale, options):
