@@ -1,6 +1,6 @@
 """The `nag-jax` command: generate images, convert checkpoints, show the demo grid, benchmark.
 
-    nag-jax demo                                  # a NAG / CFG / no-guidance grid on the embedded model
+    nag-jax demo                                  # a NAG / CFG / no-guidance grid on the embedded models
     nag-jax generate --prompt "a circle" --nag-negative-prompt red --output out/
     nag-jax convert SRC DST [--dtype bfloat16]    # diffusers folder or single file -> fast-loading folder
     nag-jax bench [--efficacy]
@@ -22,6 +22,7 @@ IMAGE_SUFFIXES = (".png",)
 DEMO_PAIRS = (("a circle", "red"), ("a square on a gray background", "blue"), ("a triangle on a black background",
                                                                                  "yellow"))
 DEMO_STEPS = (1, 2, 4)
+EMBEDDED_MODELS = ("sd-shapes", "flux-shapes")  # folders under nag_jax/embedded/, trained by examples/train_tiny.py
 
 
 def embedded_model(name: str = "sd-shapes") -> Path:
@@ -31,6 +32,16 @@ def embedded_model(name: str = "sd-shapes") -> Path:
         raise FileNotFoundError(f"the embedded model {name} is missing from {folder.parent}; pass --model PATH, "
                                 "or rebuild it with examples/train_tiny.py")
     return folder
+
+
+def model_folder(model: str | None) -> Path:
+    """--model: a pipeline folder, or the name of an embedded model (an existing folder of that
+    name wins, as a local folder does over a Hub id in diffusers); None: the embedded sd-shapes."""
+    if model is None:
+        return embedded_model()
+    if model in EMBEDDED_MODELS and not Path(model).exists():
+        return embedded_model(model)
+    return Path(model)
 
 
 # ----------------------------------------------------------------------------- generate
@@ -72,8 +83,8 @@ def in_range(name: str):
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True, help="what the image should show")
-    parser.add_argument("--model", help="pipeline folder (diffusers layout or converted); default: the embedded "
-                                        "sd-shapes model")
+    parser.add_argument("--model", help="pipeline folder (diffusers layout or converted), or an embedded model: "
+                                        f"{', '.join(EMBEDDED_MODELS)} (default {EMBEDDED_MODELS[0]})")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="parameter and activation dtype (default float32)")
     nag = parser.add_argument_group("NAG (normalized attention guidance)")
@@ -99,7 +110,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     cfg.add_argument("--negative-prompt", metavar="TEXT", help="CFG's negative prompt (also NAG's when "
                                                                "--nag-negative-prompt is absent)")
     cfg.add_argument("--guidance-scale", type=in_range("guidance_scale"), metavar="G",
-                     help="CFG scale, on when > 1 (family default; 1 turns CFG off)")
+                     help="CFG scale, on when > 1 (family default; 1 turns CFG off); for Flux the distilled guidance "
+                          "of dev-like models, not CFG")
+    cfg.add_argument("--true-cfg-scale", type=in_range("true_cfg_scale"), metavar="G",
+                     help="Flux only: real CFG with --negative-prompt, on when > 1 (default 1)")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--steps", type=positive_int, metavar="N", help="denoising steps (family default)")
     sampling.add_argument("--height", type=positive_int, metavar="H", help="image height in pixels (model default)")
@@ -154,6 +168,7 @@ def resolve_settings(args, defaults: dict) -> dict:
         "pag_applied_layers": args.pag_applied_layers,
         "negative_prompt": args.negative_prompt,
         "guidance_scale": defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
+        **({} if args.true_cfg_scale is None else {"true_cfg_scale": args.true_cfg_scale}),  # a Flux option
         "num_inference_steps": defaults["num_inference_steps"] if args.steps is None else args.steps,
         "height": args.height,
         "width": args.width,
@@ -187,7 +202,7 @@ def load_pipeline(model: Path, dtype: str = "float32"):
 
 
 def generate(args) -> int:
-    model = Path(args.model) if args.model else embedded_model()
+    model = model_folder(args.model)
     paths = output_paths(args.output, args.num_images)  # checked before the slow part
     check_writable(args.output, paths)
     pipe = load_pipeline(model, args.dtype)
@@ -204,51 +219,64 @@ def generate(args) -> int:
 # ----------------------------------------------------------------------------- demo
 
 
-def demo_grid(pipe, pairs=DEMO_PAIRS, steps=DEMO_STEPS, seed: int = 0, scale: int = 2):
-    """A labelled PIL grid: a row per (prompt, negative) pair, a column per (steps, method)."""
+DEMO_CELL, DEMO_LABEL_WIDTH, DEMO_HEADER, DEMO_PAD = 128, 260, 36, 4  # grid layout, pixels
+DEMO_METHOD_LABELS = {"none": "no guidance"}
+
+
+def demo_rows(pipe, pairs=DEMO_PAIRS, steps=DEMO_STEPS, seed: int = 0) -> tuple[list[tuple], list[list]]:
+    """(column labels (method, steps), a row of images per (prompt, negative) pair): no guidance,
+    NAG and CFG at the family's defaults (nag_jax.efficacy.guidance_methods), at each step count."""
+    from nag_jax.efficacy import guidance_methods
+
+    prompts, negatives = [p for p, _ in pairs], [n for _, n in pairs]
+    columns, rows = [], [[] for _ in pairs]
+    for n in steps:
+        for name, settings in guidance_methods(pipe.family, negatives).items():
+            # one batched call per column: every row's prompt at once
+            images = pipe(prompts, num_inference_steps=n, seed=seed, check_finite=True, **settings).images
+            columns.append((DEMO_METHOD_LABELS.get(name, name), f"{n} step{'s' if n > 1 else ''}"))
+            for row, image in zip(rows, images):
+                row.append(image)
+    return columns, rows
+
+
+def demo_grid(pipes: dict, pairs=DEMO_PAIRS, steps=DEMO_STEPS, seed: int = 0):
+    """A labelled PIL grid: per model (name -> pipeline) a block of rows, one per (prompt, negative)
+    pair; a column per (steps, method)."""
     from PIL import Image, ImageDraw
 
-    defaults = pipe.family.defaults
-    methods = {"no guidance": {"guidance_scale": 1.0},
-               "NAG": {"guidance_scale": 1.0, "nag_scale": defaults["nag_scale"]},
-               "CFG": {"guidance_scale": defaults["guidance_scale"]}}
-    columns = [(n, name) for n in steps for name in methods]
-    prompts, negatives = [p for p, _ in pairs], [n for _, n in pairs]
-    cells = [[] for _ in pairs]
-    for n, name in columns:  # one batched call per column: every row's prompt at once
-        negative = ({"nag_negative_prompt": negatives} if name == "NAG"
-                    else {"negative_prompt": negatives} if name == "CFG" else {})
-        images = pipe(prompts, num_inference_steps=n, seed=seed, check_finite=True, **methods[name],
-                      **negative).images
-        for row, image in zip(cells, images):
-            row.append(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
-    cell_w, cell_h = cells[0][0].size
-    label_w, header_h, pad = 260, 36, 4
-    grid = Image.new("RGB", (label_w + len(columns) * (cell_w + pad), header_h + len(pairs) * (cell_h + pad)),
+    blocks = {name: demo_rows(pipe, pairs, steps, seed) for name, pipe in pipes.items()}
+    columns = next(iter(blocks.values()))[0]
+    step = DEMO_CELL + DEMO_PAD
+    grid = Image.new("RGB", (DEMO_LABEL_WIDTH + len(columns) * step, DEMO_HEADER + len(pipes) * len(pairs) * step),
                      "white")
     draw = ImageDraw.Draw(grid)
-    for c, (n, name) in enumerate(columns):
-        x = label_w + c * (cell_w + pad)
-        draw.text((x + 2, 2), name, fill="black")
-        draw.text((x + 2, 18), f"{n} step{'s' if n > 1 else ''}", fill="gray")
-    for r, ((prompt, negative), row) in enumerate(zip(pairs, cells)):
-        y = header_h + r * (cell_h + pad)
-        draw.text((4, y + cell_h // 2 - 12), f'prompt: "{prompt}"', fill="black")
-        draw.text((4, y + cell_h // 2 + 4), f'negative: "{negative}"', fill="darkred")
-        for c, image in enumerate(row):
-            grid.paste(image, (label_w + c * (cell_w + pad), y))
+    for c, (method, count) in enumerate(columns):
+        draw.text((DEMO_LABEL_WIDTH + c * step + 2, 2), method, fill="black")
+        draw.text((DEMO_LABEL_WIDTH + c * step + 2, 18), count, fill="gray")
+    y = DEMO_HEADER
+    for name, (_, rows) in blocks.items():
+        for (prompt, negative), row in zip(pairs, rows):
+            middle = y + DEMO_CELL // 2
+            draw.text((4, middle - 22), name, fill="navy")
+            draw.text((4, middle - 6), f'prompt: "{prompt}"', fill="black")
+            draw.text((4, middle + 10), f'negative: "{negative}"', fill="darkred")
+            for c, image in enumerate(row):
+                grid.paste(image.resize((DEMO_CELL, DEMO_CELL), Image.NEAREST), (DEMO_LABEL_WIDTH + c * step, y))
+            y += step
     return grid
 
 
 def demo(args) -> int:
-    model = Path(args.model) if args.model else embedded_model()
-    pipe = load_pipeline(model)
+    models = [model_folder(args.model)] if args.model else [embedded_model(name) for name in EMBEDDED_MODELS]
+    pipes = {model.name: load_pipeline(model) for model in models}  # every model found before sampling starts
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "nag-demo.png"
-    print(f"sampling {len(DEMO_PAIRS) * len(DEMO_STEPS) * 3} images on {model} ...", file=sys.stderr)
-    demo_grid(pipe).save(path)
-    print(f"saved the comparison grid (rows: prompt / negative; columns: no guidance, NAG, CFG at "
+    print(f"sampling {len(pipes) * len(DEMO_PAIRS) * len(DEMO_STEPS) * 3} images on {', '.join(pipes)} ...",
+          file=sys.stderr)
+    demo_grid(pipes, DEMO_PAIRS, DEMO_STEPS).save(path)  # read now: tests shorten DEMO_STEPS
+    print(f"saved the comparison grid (rows: model, prompt / negative; columns: no guidance, NAG, CFG at "
           f"{', '.join(map(str, DEMO_STEPS))} steps) to {path.resolve()}")
     return 0
 
@@ -282,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="nag-jax",
         description="Normalized Attention Guidance (NAG) for diffusion models in JAX. Without --model, commands "
-                    "use the small embedded model (64x64 shapes: circles, squares, triangles in six colours).",
+                    "use the small embedded models (64x64 shapes: circles, squares, triangles in six colours): "
+                    "the SD-style sd-shapes, and for `demo` also the Flux-style flux-shapes.",
         epilog="Start with `nag-jax demo`. `nag-jax COMMAND --help` lists each command's options.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -292,10 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_arguments(gen)
 
     dem = commands.add_parser("demo", help="a labelled no-guidance / NAG / CFG grid at 1, 2 and 4 steps",
-                              description="Sample the embedded model without guidance, with NAG and with CFG at "
-                                          "1, 2 and 4 steps and save a labelled grid PNG.")
+                              description="Sample both embedded models (sd-shapes, flux-shapes) without guidance, "
+                                          "with NAG and with CFG (Flux: true CFG, true_cfg_scale with the negative "
+                                          "prompt) at 1, 2 and 4 steps and save a labelled grid PNG.")
     dem.add_argument("--output-dir", default=".", help="folder for nag-demo.png (default: current folder)")
-    dem.add_argument("--model", help=argparse.SUPPRESS)  # tests and experiments: another SD-style folder
+    dem.add_argument("--model", help="one pipeline folder or embedded model name instead of both embedded models")
 
     con = commands.add_parser("convert", help="checkpoint -> fast-loading nag-jax folder",
                               description="Convert a diffusers pipeline folder or a single checkpoint file into a "

@@ -3,8 +3,8 @@
 Domain (fixed, so results stay comparable): 64x64 RGB, one circle, square or triangle of one
 of six colours on a plain white, gray or black background; captions "a {colour} {shape} on a
 {background} background" with each attribute left out independently (p = 0.3 in training).
-The embedded default model (`nag_jax/embedded/sd-shapes`, made by examples/train_tiny.py)
-is trained on exactly this data.
+The embedded models (`nag_jax/embedded/sd-shapes` and `flux-shapes`, made by
+examples/train_tiny.py) are trained on exactly this data.
 
 The reader takes the background colour from the image border, calls pixels far from it the
 foreground, names the foreground's colour by the nearest palette entry and its shape by the
@@ -12,7 +12,8 @@ fill ratio of its bounding box (circle pi/4, square 1, triangle 1/2).
 
 The benchmark asks for images whose colour the prompt leaves open ("a circle") with a
 colour in the negative prompt ("red"), and counts how often that colour still appears and
-how often the shape is right: without guidance, with NAG, with CFG, at several step counts.
+how often the shape is right: without guidance, with NAG (for Flux in both NAG modes,
+"reference" and "shared-image"), with CFG (for Flux true CFG), at several step counts.
 """
 
 from __future__ import annotations
@@ -140,8 +141,8 @@ def prompt_accuracy(pipe, seeds: int = 4, steps=STEPS, log=print) -> list[dict]:
     prompts = [caption(*scene) for scene in FULL_SCENES]
     rows = []
     for step_count in steps:
-        images = pipe(prompts, num_inference_steps=step_count, num_images_per_prompt=seeds, guidance_scale=1.0,
-                      output_type="np", check_finite=True).images
+        images = pipe(prompts, num_inference_steps=step_count, num_images_per_prompt=seeds, output_type="np",
+                      check_finite=True, **guidance_methods(pipe.family, None)["none"]).images
         wanted = [scene for scene in FULL_SCENES for _ in range(seeds)]
         found = read_attributes(images)
         row = {"steps": step_count, "images": len(found)}
@@ -152,35 +153,48 @@ def prompt_accuracy(pipe, seeds: int = 4, steps=STEPS, log=print) -> list[dict]:
     return rows
 
 
-def _methods(defaults: dict, nag_scales=None) -> dict[str, dict]:
-    """No guidance, NAG ("NAG" at the family default, "NAG 5" per scale of `nag_scales`), CFG."""
-    nag = ({"NAG": defaults["nag_scale"]} if nag_scales is None else {f"NAG {scale:g}": scale for scale in nag_scales})
-    return {"none": dict(guidance_scale=1.0),
-            **{name: dict(guidance_scale=1.0, nag_scale=scale) for name, scale in nag.items()},
-            "CFG": dict(guidance_scale=defaults["guidance_scale"])}
+def guidance_methods(family, negative, nag_scales=None, cfg_scale=None, nag_modes=()) -> dict[str, dict]:
+    """Call arguments by method, each with `negative` as its negative prompt: "none"; NAG at the
+    family's default scale ("NAG"), or one entry per scale of `nag_scales` ("NAG 5"), each once per
+    mode of `nag_modes` when given ("NAG reference", "NAG shared-image 5"); "CFG" at `cfg_scale`
+    (default: the family's). The CFG scale is the family's `cfg_argument` (guidance_scale; Flux:
+    true_cfg_scale, its guidance_scale being distilled guidance), 1 meaning off."""
+    off = {family.cfg_argument: 1.0}
+    methods = {"none": off}
+    scales = [family.defaults["nag_scale"]] if nag_scales is None else list(nag_scales)
+    for mode in nag_modes or [None]:
+        for scale in scales:
+            words = ["NAG", mode, None if nag_scales is None else f"{scale:g}"]
+            methods[" ".join(w for w in words if w)] = dict(off, nag_scale=scale, nag_negative_prompt=negative,
+                                                           **({"nag_mode": mode} if mode else {}))
+    cfg_scale = family.defaults[family.cfg_argument] if cfg_scale is None else cfg_scale
+    methods["CFG"] = {family.cfg_argument: cfg_scale, "negative_prompt": negative}
+    return methods
 
 
 def run_efficacy(pipe, seeds: int = 200, steps=STEPS, prompts=BENCH_PROMPTS, negatives=BENCH_NEGATIVES,
-                 batch: int = 200, nag_scales=None, log=print) -> list[dict]:
+                 batch: int = 200, nag_scales=None, cfg_scale=None, log=print) -> list[dict]:
     """One row per (steps, method): rate of the negative colour and shape accuracy over all
     prompt/negative pairs, `seeds` images each (seeds 0..seeds-1). `nag_scales` replaces NAG at
-    the family's default scale by one NAG row per scale."""
+    the family's default scale by one NAG row per scale; a family with NAG modes (Flux) gets
+    each NAG row once per mode. `cfg_scale` replaces the family's CFG scale."""
+    from nag_jax.intercept import NAG_MODES
+
+    family = pipe.family
+    choice = dict(nag_scales=nag_scales, cfg_scale=cfg_scale,
+                  nag_modes=NAG_MODES if "nag_mode" in family.options else ())
     rows = []
     for step_count in steps:
-        for method, settings in _methods(pipe.family.defaults, nag_scales).items():
+        for method in guidance_methods(family, None, **choice):
             hits = correct = total = 0
             started = time.perf_counter()
             for prompt, want_shape in prompts:
                 for negative in negatives:
+                    settings = guidance_methods(family, negative, **choice)[method]
                     for first in range(0, seeds, batch):
                         count = min(batch, seeds - first)
-                        extra = {}
-                        if method.startswith("NAG"):
-                            extra["nag_negative_prompt"] = negative
-                        elif method == "CFG":
-                            extra["negative_prompt"] = negative
                         images = pipe(prompt, num_inference_steps=step_count, num_images_per_prompt=count,
-                                      seed=first, output_type="np", check_finite=True, **settings, **extra).images
+                                      seed=first, output_type="np", check_finite=True, **settings).images
                         for found in read_attributes(images):
                             hits += found["colour"] == negative
                             correct += found["shape"] == want_shape
@@ -217,7 +231,8 @@ def main(argv=None) -> int:
         prog="nag-jax bench --efficacy",
         description="Does NAG remove what the negative prompt names? Counts the negative colour and the shape "
                     "accuracy on the shapes domain, without guidance, with NAG and with CFG.")
-    parser.add_argument("--model", help="pipeline folder (default: the embedded sd-shapes model)")
+    parser.add_argument("--model", help="pipeline folder or embedded model name, sd-shapes or flux-shapes (default "
+                                        "sd-shapes)")
     parser.add_argument("--seeds", type=int, default=200, help="images per prompt/negative pair and cell (default 200)")
     parser.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help="step counts (default 1 2 4 25)")
     parser.add_argument("--negatives", nargs="+", default=list(BENCH_NEGATIVES),
@@ -225,6 +240,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=200, help="images per sampler call (default 200)")
     parser.add_argument("--nag-scales", type=float, nargs="+",
                         help="NAG scales to compare (default: the family's default scale alone)")
+    parser.add_argument("--cfg-scale", type=float,
+                        help="CFG scale: guidance_scale, for Flux true_cfg_scale (default: the family's, 7.5 for "
+                             "SD1.5, 4 for Flux)")
     parser.add_argument("--accuracy-seeds", type=int, default=4,
                         help="images per fully specified caption for the prompt-accuracy check (54 captions; "
                              "default 4, 0 skips it)")
@@ -232,12 +250,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from nag_jax.pipeline import NAGPipeline
 
-    from nag_jax.cli import embedded_model
+    from nag_jax.cli import model_folder
 
-    pipe = NAGPipeline.from_pretrained(args.model or embedded_model())
+    pipe = NAGPipeline.from_pretrained(model_folder(args.model))
     accuracy = prompt_accuracy(pipe, seeds=args.accuracy_seeds, steps=args.steps) if args.accuracy_seeds else []
     rows = run_efficacy(pipe, seeds=args.seeds, steps=args.steps, negatives=args.negatives, batch=args.batch,
-                        nag_scales=args.nag_scales)
+                        nag_scales=args.nag_scales, cfg_scale=args.cfg_scale)
     if accuracy:
         print(format_accuracy_table(accuracy) + "\n")
     print(format_table(rows))

@@ -41,18 +41,21 @@ class Family:
     """What a model family provides to the shared pipeline (see pipeline_unet.py for one).
 
     Attributes: `name`, `defaults` (dict with guidance_scale, num_inference_steps, nag_tau,
-    nag_alpha), `height`, `width` (defaults), `size_multiple` (height/width must divide by it),
-    `dtype` (of latents and activations), `params` (every parameter `denoise` needs),
-    `options` (names of the family's own call arguments), and for PAG `pag_layer_names`
-    (regular expressions over our attention cores' module paths, "/"-joined, each with the
-    diffusers module name it stands for, so `pag_applied_layers` means what it does in
-    diffusers) and `pag_applied_layers` (the default; none: the family has no PAG).
+    nag_alpha; its nag_scale and `cfg_argument` entries are the scales to use when NAG or CFG is
+    wanted), `cfg_argument` (the call argument that sets the CFG scale), `height`, `width`
+    (defaults), `size_multiple` (height/width must divide by it), `dtype` (of latents and
+    activations), `params` (every parameter `denoise` needs), `options` (names of the family's
+    own call arguments), and for PAG `pag_layer_names` (regular expressions over our attention
+    cores' module paths, "/"-joined, each with the diffusers module name it stands for, so
+    `pag_applied_layers` means what it does in diffusers) and `pag_applied_layers` (the default;
+    none: the family has no PAG).
     """
 
     options: tuple[str, ...] = ()
     pag_layer_names: tuple[tuple[str, str], ...] = ()
     pag_applied_layers: tuple[str, ...] = ()
     option_defaults: dict = {}  # values of the family's own options when the call leaves them out (read-only)
+    cfg_argument = "guidance_scale"  # Flux: its own true_cfg_scale (its guidance_scale is distilled guidance)
     name: str
     defaults: dict
     height: int
@@ -131,7 +134,7 @@ def _broadcast(values: list[str], count: int, name: str) -> list[str]:
 # The numeric call arguments' allowed ranges (low, high, low_open), shared with the CLI's flag checks.
 ARGUMENT_RANGES = {"nag_scale": (0.0, math.inf, False), "nag_tau": (0.0, math.inf, True),
                    "nag_alpha": (0.0, 1.0, False), "nag_end": (0.0, 1.0, True),
-                   "guidance_scale": (0.0, math.inf, False),
+                   "guidance_scale": (0.0, math.inf, False), "true_cfg_scale": (0.0, math.inf, False),
                    "pag_scale": (0.0, math.inf, False), "pag_adaptive_scale": (0.0, math.inf, False)}
 
 

@@ -2,7 +2,9 @@
 
 Mirrors diffusers' `FluxPipeline`: the CLIP text encoder gives only its pooled output (the
 state at the end-of-text token, `pooler_output`), T5 gives the token context
-(`max_sequence_length` tokens, default 512); latents are 2x2-packed into tokens [B, N, 64]
+(`max_sequence_length` tokens, default 512, or the T5 tokenizer's `model_max_length` when that
+is smaller: Flux has no text mask, so a model trained on short contexts must not see hundreds of
+pad tokens it never saw); latents are 2x2-packed into tokens [B, N, 64]
 with position ids (0, row, column) per token and zero ids for the text tokens; the timestep
 reaches the model as t / 1000 = sigma; the schedule is flow-matching Euler on the sigmas
 linspace(1, 1/n, n), shifted statically (schnell) or by the resolution-dependent mu (dev).
@@ -17,7 +19,6 @@ Guidance, as in diffusers:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import jax
@@ -31,17 +32,21 @@ from convert.t5 import load_t5
 from convert.vae import load_vae
 from models.vae import model_to_latents
 from nag_jax.intercept import NAG_MODES
-from nag_jax.pipeline import Family, check_range, component_folder, read_json
+from nag_jax.pipeline import Family, check_argument, component_folder, read_json
 from nag_jax.sampler import Conditioning
 from nag_jax.schedulers import flux_mu, flux_sigmas, make_schedule
 from nag_jax.tokenize import load_tokenizer, tokenize
 
 # nag-semantics.md section 5 (Flux row); steps and guidance as diffusers documents the models:
 # dev 28 steps with distilled guidance 3.5 (FluxPipeline's defaults), schnell 4 steps without guidance.
-_FLUX_NAG = {"nag_scale": 5.0, "nag_tau": 2.5, "nag_alpha": 0.25}
+# true_cfg_scale: the scale to use where true CFG is asked for (demo, efficacy), as nag_scale is NAG's;
+# the call's own default stays 1.0 (off). diffusers documents no such value for FLUX.1; 4.0 is ours.
+_FLUX_NAG = {"nag_scale": 5.0, "nag_tau": 2.5, "nag_alpha": 0.25, "true_cfg_scale": 4.0}
 DEV_DEFAULTS = {"guidance_scale": 3.5, "num_inference_steps": 28, **_FLUX_NAG}
 SCHNELL_DEFAULTS = {"guidance_scale": 0.0, "num_inference_steps": 4, **_FLUX_NAG}
-DEFAULT_SAMPLE_SIZE = 128  # latent pixels per side: 1024x1024 images with FLUX.1's VAE
+# latent pixels per side (diffusers' default_sample_size: 1024x1024 images with FLUX.1's VAE), unless
+# transformer/config.json says "sample_size" (the embedded flux-shapes model: 16, 64x64 images)
+DEFAULT_SAMPLE_SIZE = 128
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens, diffusers' default and limit
 
 
@@ -69,7 +74,8 @@ class FluxFamily(Family):
     """FLUX.1 pipelines (diffusers' FluxPipeline folders).
 
     Own options: `true_cfg_scale` (real CFG with `negative_prompt`, default 1.0 = off),
-    `max_sequence_length` (T5 tokens, at most 512, default 512) and `nag_mode`:
+    `max_sequence_length` (T5 tokens, at most 512; default 512, or the T5 tokenizer's
+    model_max_length when smaller) and `nag_mode`:
 
     - "reference" (the default): what the PyTorch reference computes, two image copies in the
       single-stream blocks (nag_jax/flux_modes.py). Users compare our images with theirs, and the
@@ -85,9 +91,10 @@ class FluxFamily(Family):
     """
 
     options = ("nag_mode", "true_cfg_scale", "max_sequence_length")
+    cfg_argument = "true_cfg_scale"
     option_defaults = {"nag_mode": "reference", "true_cfg_scale": 1.0, "max_sequence_length": MAX_SEQUENCE_LENGTH}
 
-    def __init__(self, transformer, vae, clip, t5, tokenizers, params, scheduler_config, dtype):
+    def __init__(self, transformer, vae, clip, t5, tokenizers, params, scheduler_config, sample_size, dtype):
         self.transformer, self.vae, self.tokenizers = transformer, vae, tokenizers
         self.params = params["transformer"]
         self.clip_params, self.t5_params, self.vae_params = params["clip"], params["t5"], params["vae"]
@@ -97,7 +104,9 @@ class FluxFamily(Family):
         self.defaults = DEV_DEFAULTS if self.has_guidance else SCHNELL_DEFAULTS
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.size_multiple = 2 * self.vae_scale  # latents are packed in 2x2 patches
-        self.height = self.width = DEFAULT_SAMPLE_SIZE * self.vae_scale
+        self.height = self.width = sample_size * self.vae_scale
+        self.option_defaults = dict(self.option_defaults, max_sequence_length=min(
+            MAX_SEQUENCE_LENGTH, tokenizers[1].model_max_length))
         self._pooled_text = jax.jit(lambda p, ids: clip.apply({"params": p}, ids).pooled)
         self._t5_text = jax.jit(lambda p, ids: t5.apply({"params": p}, ids))
         self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode))
@@ -105,14 +114,16 @@ class FluxFamily(Family):
     @classmethod
     def load(cls, path: Path, index: dict, dtype="float32"):
         dtype = jnp.dtype(parse_dtype(dtype))
-        transformer, transformer_params = load_flux_transformer(component_folder(path, "transformer"), dtype)
+        transformer_folder = component_folder(path, "transformer")
+        transformer, transformer_params = load_flux_transformer(transformer_folder, dtype)
+        sample_size = read_json(transformer_folder / "config.json").get("sample_size", DEFAULT_SAMPLE_SIZE)
         vae, vae_params = load_vae(component_folder(path, "vae"), dtype=dtype)
         clip, clip_params = load_clip(component_folder(path, "text_encoder"), dtype=dtype)
         t5, t5_params = load_t5(component_folder(path, "text_encoder_2"), dtype=dtype)
         tokenizers = [load_tokenizer(component_folder(path, name)) for name in ("tokenizer", "tokenizer_2")]
         scheduler_config = read_json(component_folder(path, "scheduler") / "scheduler_config.json")
         params = {"transformer": transformer_params, "vae": vae_params, "clip": clip_params, "t5": t5_params}
-        return cls(transformer, vae, clip, t5, tokenizers, params, scheduler_config, dtype)
+        return cls(transformer, vae, clip, t5, tokenizers, params, scheduler_config, sample_size, dtype)
 
     # -- conditioning ---------------------------------------------------------------------
     def uses_cfg(self, guidance_scale, options):
@@ -122,7 +133,7 @@ class FluxFamily(Family):
         length = options["max_sequence_length"]
         if not isinstance(length, int) or isinstance(length, bool) or not 2 <= length <= MAX_SEQUENCE_LENGTH:
             raise ValueError(f"max_sequence_length must be an integer in [2, {MAX_SEQUENCE_LENGTH}], got {length!r}")
-        true_cfg_scale = check_range("true_cfg_scale", options["true_cfg_scale"], 0.0, math.inf)
+        true_cfg_scale = check_argument("true_cfg_scale", options["true_cfg_scale"])
         return true_cfg_scale > 1.0 and options["negative_prompt"] is not None
 
     def cfg_scale(self, guidance_scale, options):

@@ -23,24 +23,40 @@ from nag_jax.cli import embedded_model, main, output_paths
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
-def test_generate_to_a_folder_writes_pngs_with_their_parameters(tmp_path, capsys):
-    out = tmp_path / "images"
-    code = main(["generate", "--prompt", "a circle", "--nag-negative-prompt", "red", "--steps", "2", "--seed", "5",
-                 "--no-progress", "--output", str(out)])
-    assert code == 0
+def generate_one(out: Path, capsys, *argv) -> tuple[Image.Image, dict]:
+    """`nag-jax generate ARGV --no-progress --output OUT` (a folder) makes one PNG and prints its
+    path: the image and its JSON record of parameters."""
+    assert main(["generate", *argv, "--no-progress", "--output", str(out)]) == 0
     files = sorted(out.glob("*.png"))
     assert [f.name for f in files] == ["image-0.png"]
     assert capsys.readouterr().out.strip() == str(files[0])
     image = Image.open(files[0])
     assert image.size == (64, 64)
+    assert np.asarray(image).std() > 5  # a picture, not a flat field
+    return image, json.loads(image.text["nag-jax"])
+
+
+def test_generate_to_a_folder_writes_pngs_with_their_parameters(tmp_path, capsys):
+    image, record = generate_one(tmp_path / "images", capsys, "--prompt", "a circle", "--nag-negative-prompt", "red",
+                                 "--steps", "2", "--seed", "5")
     chunks = image.text
     assert chunks["prompt"] == "a circle" and chunks["nag_negative_prompt"] == "red"
     assert chunks["seed"] == "5" and chunks["num_inference_steps"] == "2"
-    record = json.loads(chunks["nag-jax"])
     # --nag-negative-prompt alone turns NAG on at the family default; CFG keeps its default scale.
     assert record["nag_scale"] == 3.0 and record["nag_tau"] == 2.5 and record["nag_alpha"] == 0.375
     assert record["guidance_scale"] == 7.5 and record["model"] == str(embedded_model())
-    assert np.asarray(image).std() > 5  # a picture, not a flat field
+
+
+def test_generate_on_the_embedded_flux_model_by_name(tmp_path, capsys):
+    """--model flux-shapes: 64x64 without --height (its transformer config's sample_size), Flux's
+    NAG defaults, true CFG."""
+    image, record = generate_one(tmp_path, capsys, "--model", "flux-shapes", "--prompt", "a circle",
+                                 "--nag-negative-prompt", "red", "--negative-prompt", "blue", "--true-cfg-scale", "4",
+                                 "--steps", "2")
+    assert image.text["prompt"] == "a circle" and image.text["nag_negative_prompt"] == "red"
+    assert record["nag_scale"] == 5.0 and record["nag_tau"] == 2.5 and record["nag_alpha"] == 0.25
+    assert record["true_cfg_scale"] == 4.0 and record["negative_prompt"] == "blue"
+    assert record["height"] == record["width"] == 64 and record["model"] == str(embedded_model("flux-shapes"))
 
 
 def test_generate_several_images_to_one_png_name_numbers_them(tmp_path):
@@ -57,14 +73,31 @@ def test_generate_several_images_to_one_png_name_numbers_them(tmp_path):
     assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))
 
 
-def test_demo_writes_a_labelled_grid(tmp_path, capsys, monkeypatch):
+def demo_cell(grid: Image.Image, row: int, column: int) -> np.ndarray:
+    """One image of the demo grid, by the layout constants of nag_jax.cli."""
+    step = cli.DEMO_CELL + cli.DEMO_PAD
+    x, y = cli.DEMO_LABEL_WIDTH + column * step, cli.DEMO_HEADER + row * step
+    return np.asarray(grid.crop((x, y, x + cli.DEMO_CELL, y + cli.DEMO_CELL)), np.float32)
+
+
+def test_demo_writes_a_labelled_grid_of_both_embedded_models(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "DEMO_STEPS", (1,))  # the full grid's 1/2/4 steps compile three times as much
     code = main(["demo", "--output-dir", str(tmp_path)])
     assert code == 0
     grid = Image.open(tmp_path / "nag-demo.png")
-    columns, rows = 3, len(cli.DEMO_PAIRS)
-    assert grid.width > columns * 128 and grid.height > rows * 128
+    step, rows = cli.DEMO_CELL + cli.DEMO_PAD, len(cli.DEMO_PAIRS)
+    assert grid.size == (cli.DEMO_LABEL_WIDTH + 3 * step, cli.DEMO_HEADER + 2 * rows * step)
     assert str((tmp_path / "nag-demo.png").resolve()) in capsys.readouterr().out
+    for block in range(2):  # sd-shapes' rows, then flux-shapes': NAG and CFG (Flux: true CFG) change the image
+        none, nag, cfg = (demo_cell(grid, block * rows, column) for column in range(3))
+        assert np.abs(nag - none).max() > 0 and np.abs(cfg - none).max() > 0, block
+
+
+def test_demo_without_an_embedded_model_names_it(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "EMBEDDED_MODELS", ("sd-shapes", "not-shipped"))
+    monkeypatch.setattr(cli, "load_pipeline", None)  # the check comes before any model is loaded
+    assert run(["demo", "--output-dir", str(tmp_path)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "embedded model not-shipped is missing")
 
 
 def run(argv) -> int:
@@ -103,6 +136,7 @@ BAD_FLAGS = [
     (["--nag-end", "0"], ["--nag-end", "0.0"]),
     (["--nag-end", "1.2"], ["--nag-end", "1.2"]),
     (["--guidance-scale", "-2"], ["--guidance-scale", "-2.0"]),
+    (["--true-cfg-scale", "-1"], ["--true-cfg-scale", "-1.0"]),
     (["--pag-scale", "-1"], ["--pag-scale", "-1.0"]),
     (["--pag-adaptive-scale", "-0.1"], ["--pag-adaptive-scale", "-0.1"]),
     (["--dtype", "float8"], ["--dtype", "'float8'"]),
@@ -177,6 +211,7 @@ def test_bad_model_exits_2_with_one_line(broken_models, case, texts, capsys, tmp
     (["--height", "62"], ["height", "62", "multiple of"]),
     (["--width", "30"], ["width", "30", "multiple of"]),
     (["--pag-scale", "2", "--pag-applied-layers", "nowhere"], ["pag_applied_layers", "'nowhere'"]),
+    (["--true-cfg-scale", "4"], ["true_cfg_scale", "Stable Diffusion"]),  # a Flux option
 ])
 def test_model_dependent_bad_argument_exits_2_with_one_line(extra, texts, capsys, tmp_path):
     assert run(GENERATE + extra + ["--output", str(tmp_path)]) == 2
@@ -203,6 +238,33 @@ def test_output_path_rules(tmp_path):
     assert output_paths(str(tmp_path / "a.png"), 1) == [tmp_path / "a.png"]
     assert output_paths(str(tmp_path / "a.png"), 2) == [tmp_path / "a-0.png", tmp_path / "a-1.png"]
     assert output_paths(str(tmp_path / "dir"), 2) == [tmp_path / "dir" / "image-0.png", tmp_path / "dir" / "image-1.png"]
+
+
+@pytest.mark.parametrize("name", cli.EMBEDDED_MODELS)
+def test_embedded_model_makes_diffusers_image(name):
+    """diffusers loads the folder (its own pipeline class from model_index.json) and makes our image
+    from the same latents; ours without height or max_sequence_length (Flux: from the folder)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from nag_jax.pipeline import NAGPipeline
+
+    folder = embedded_model(name)
+    ours, theirs = NAGPipeline.from_pretrained(folder), DiffusionPipeline.from_pretrained(str(folder))
+    family = ours.family
+    latents = np.random.default_rng(0).standard_normal((1, *family.latent_shape(64, 64))).astype(np.float32)
+    no_cfg = {family.cfg_argument: 1.0}
+    flux = {}
+    if name == "flux-shapes":
+        # diffusers' FluxPipeline decodes latents / scaling_factor + shift_factor: None fails there
+        assert theirs.vae.config.shift_factor is not None, "flux-shapes/vae/config.json needs a shift_factor (0.0)"
+        flux = {"max_sequence_length": theirs.tokenizer_2.model_max_length}
+    images = ours("a red circle", num_inference_steps=2, latents=latents, output_type="np", **no_cfg).images
+    with torch.no_grad():
+        reference = theirs("a red circle", num_inference_steps=2, latents=torch.from_numpy(latents), height=64,
+                           width=64, output_type="np", **no_cfg, **flux).images
+    assert images.shape == reference.shape == (1, 64, 64, 3)
+    np.testing.assert_allclose(images, reference, atol=1e-3)
 
 
 def test_embedded_model_loads_in_diffusers_and_round_trips():

@@ -6,6 +6,14 @@ from types import SimpleNamespace
 
 from nag_jax.efficacy import (BACKGROUND_NAMES, COLOUR_NAMES, SHAPES, caption, format_accuracy_table, format_table,
                               prompt_accuracy, random_scenes, read_attributes, render, run_efficacy)
+from nag_jax.pipeline_flux import SCHNELL_DEFAULTS, FluxFamily
+from nag_jax.pipeline_unet import SD_DEFAULTS, StableDiffusionFamily
+
+# What run_efficacy reads of a family, as the real SD1.5 and Flux-schnell families have it.
+SD_FAMILY = SimpleNamespace(options=StableDiffusionFamily.options, cfg_argument=StableDiffusionFamily.cfg_argument,
+                            defaults=SD_DEFAULTS)
+FLUX_FAMILY = SimpleNamespace(options=FluxFamily.options, cfg_argument=FluxFamily.cfg_argument,
+                              defaults=SCHNELL_DEFAULTS)
 
 
 def _accuracy(found, scenes, attribute, names):
@@ -54,6 +62,8 @@ class _RenderingPipe:
     """Stands in for a model: draws each prompt's scene, with the colour swapped to green when
     `wrong_colour` (so colour accuracy must drop to the share of green captions)."""
 
+    family = SD_FAMILY
+
     def __init__(self, wrong_colour=False):
         self.wrong_colour = wrong_colour
         self.scene_of = {caption(COLOUR_NAMES[c], SHAPES[s], BACKGROUND_NAMES[b]): (c, s, b)
@@ -76,22 +86,49 @@ def test_prompt_accuracy_counts_each_attribute_against_its_caption():
     assert "| 1 | 16.7% | 100.0% | 100.0% | 54 |" in format_accuracy_table([wrong])
 
 
-class _ScaleSensitivePipe:
-    """Red circles, blue ones once NAG's scale exceeds 4: a NAG sweep must show exactly that."""
+def _scene(colour: str, count: int) -> dict:
+    return {"colour": np.full(count, COLOUR_NAMES.index(colour)), "shape": np.zeros(count, int),
+            "background": np.zeros(count, int), "half": np.full(count, 14.0), "cx": np.full(count, 32.0),
+            "cy": np.full(count, 32.0)}
 
-    family = SimpleNamespace(defaults={"nag_scale": 3.0, "guidance_scale": 7.5})
 
-    def __call__(self, prompt, num_images_per_prompt, nag_scale=1.0, **settings):
-        count = num_images_per_prompt
-        colour = COLOUR_NAMES.index("blue" if nag_scale > 4 else "red")
-        scenes = {"colour": np.full(count, colour), "shape": np.zeros(count, int), "background": np.zeros(count, int),
-                  "half": np.full(count, 14.0), "cx": np.full(count, 32.0), "cy": np.full(count, 32.0)}
-        return SimpleNamespace(images=render(scenes))
+class _RecordingPipe:
+    """Red circles, blue ones when `blue(settings)`; records each call's guidance settings."""
+
+    def __init__(self, family, blue):
+        self.family, self.blue, self.calls = family, blue, []
+
+    def __call__(self, prompt, num_images_per_prompt, num_inference_steps, seed, output_type, check_finite,
+                 **settings):
+        self.calls.append(settings)
+        return SimpleNamespace(images=render(_scene("blue" if self.blue(settings) else "red", num_images_per_prompt)))
+
+
+def _efficacy(pipe, **choice):
+    rows = run_efficacy(pipe, seeds=3, steps=(2,), prompts=(("a circle", "circle"),), negatives=("red",),
+                        log=lambda _: None, **choice)
+    assert all(row["shape_accuracy"] == 1.0 and row["images"] == 3 for row in rows)
+    return {row["method"]: row["negative_colour_rate"] for row in rows}
 
 
 def test_efficacy_sweeps_nag_scales_beside_no_guidance_and_cfg():
-    rows = run_efficacy(_ScaleSensitivePipe(), seeds=3, steps=(2,), prompts=(("a circle", "circle"),),
-                        negatives=("red",), nag_scales=(3, 5), log=lambda _: None)
-    rates = {row["method"]: row["negative_colour_rate"] for row in rows}
-    assert rates == {"none": 1.0, "NAG 3": 1.0, "NAG 5": 0.0, "CFG": 1.0}
-    assert all(row["shape_accuracy"] == 1.0 and row["images"] == 3 for row in rows)
+    pipe = _RecordingPipe(SD_FAMILY, lambda settings: settings.get("nag_scale", 1.0) > 4)
+    assert _efficacy(pipe, nag_scales=(3, 5)) == {"none": 1.0, "NAG 3": 1.0, "NAG 5": 0.0, "CFG": 1.0}
+    nag = {"guidance_scale": 1.0, "nag_negative_prompt": "red"}
+    assert pipe.calls == [{"guidance_scale": 1.0}, dict(nag, nag_scale=3), dict(nag, nag_scale=5),
+                          {"guidance_scale": 7.5, "negative_prompt": "red"}]
+
+
+def test_flux_rows_are_both_nag_modes_and_true_cfg():
+    """Flux: its guidance_scale is distilled guidance, so CFG is true_cfg_scale (default 4) with the
+    negative prompt, and "none" leaves guidance_scale alone; NAG once per mode."""
+    pipe = _RecordingPipe(FLUX_FAMILY, lambda settings: settings.get("nag_mode") == "shared-image"
+                          or settings["true_cfg_scale"] > 1 and "negative_prompt" in settings)
+    assert _efficacy(pipe) == {"none": 1.0, "NAG shared-image": 0.0, "NAG reference": 1.0, "CFG": 0.0}
+    nag = {"true_cfg_scale": 1.0, "nag_scale": 5.0, "nag_negative_prompt": "red"}
+    assert pipe.calls == [{"true_cfg_scale": 1.0}, dict(nag, nag_mode="shared-image"), dict(nag, nag_mode="reference"),
+                          {"true_cfg_scale": 4.0, "negative_prompt": "red"}]
+    pipe.calls.clear()
+    assert list(_efficacy(pipe, nag_scales=(3,), cfg_scale=6.0)) == ["none", "NAG shared-image 3", "NAG reference 3",
+                                                                    "CFG"]
+    assert pipe.calls[-1] == {"true_cfg_scale": 6.0, "negative_prompt": "red"}

@@ -26,7 +26,11 @@ NAG = dict(nag_negative_prompt="a dog", nag_scale=5.0, nag_tau=2.5, nag_alpha=0.
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    return {kind: make_flux_pipeline(tmp_path_factory.mktemp(kind), kind) for kind in ("schnell", "dev")}
+    """schnell's folder says its image size and T5 length (as the embedded flux-shapes model does);
+    dev's, like FLUX.1's, does not."""
+    return {"schnell": make_flux_pipeline(tmp_path_factory.mktemp("schnell"), "schnell", sample_size=SIZE // 2,
+                                          t5_model_max_length=MAX_SEQUENCE_LENGTH),
+            "dev": make_flux_pipeline(tmp_path_factory.mktemp("dev"), "dev")}
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +121,19 @@ def test_bfloat16_stays_close_to_float32(folders, pipelines):
     error = float(np.abs(bfloat16 - float32).max())
     print(f"\nFlux pipeline bfloat16 vs float32 images: max |diff| = {error:.4f}")
     assert np.isfinite(bfloat16).all() and error < 0.05
+
+
+def test_default_size_and_text_length_come_from_the_folder(pipelines):
+    """Without height/width/max_sequence_length: transformer/config.json's sample_size times the
+    VAE scale, and the T5 tokenizer's model_max_length when below 512; else diffusers' defaults."""
+    (schnell, their_schnell), dev = pipelines["schnell"], pipelines["dev"][0].family
+    family = schnell.family
+    assert (family.height, family.width, family.option_defaults["max_sequence_length"]) == (SIZE, SIZE,
+                                                                                          MAX_SEQUENCE_LENGTH)
+    assert (dev.height, dev.width, dev.option_defaults["max_sequence_length"]) == (128 * 2, 128 * 2, 512)
+    images = schnell(PROMPT, num_inference_steps=STEPS, latents=start_latents(), output_type="np").images
+    np.testing.assert_array_equal(images, ours(schnell))
+    np.testing.assert_allclose(images, diffusers_images(their_schnell), atol=1e-3)
 
 
 def test_packing_matches_diffusers():

@@ -174,10 +174,11 @@ def save_tiny_t5(folder, seed: int = 0, vocab_size: int = 64, d_model: int = 32,
     return model
 
 
-def save_tiny_t5_tokenizer(folder, vocab_size: int = 48, extra_ids: int = 4):
+def save_tiny_t5_tokenizer(folder, vocab_size: int = 48, extra_ids: int = 4, model_max_length: int = 512):
     """A sentencepiece unigram T5 tokenizer trained on CORPUS: spiece.model with the T5 ids
-    (pad 0, eos 1, unk 2), special_tokens_map.json, tokenizer_config.json, and the
-    tokenizer.json that transformers converts from it (published T5 folders carry both).
+    (pad 0, eos 1, unk 2), special_tokens_map.json, tokenizer_config.json (model_max_length 512
+    as published), and the tokenizer.json that transformers converts from it (published T5
+    folders carry both).
     `extra_ids` sentinel tokens <extra_id_N> follow the pieces, as in T5."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
@@ -192,7 +193,8 @@ def save_tiny_t5_tokenizer(folder, vocab_size: int = 48, extra_ids: int = 4):
     extra = [f"<extra_id_{i}>" for i in range(extra_ids)]
     specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "additional_special_tokens": extra}
     (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
-    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": 512, "extra_ids": extra_ids, **specials}
+    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": model_max_length, "extra_ids": extra_ids,
+              **specials}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     # T5TokenizerFast(vocab_file=...) yields a 4-token vocabulary in transformers 5; from_pretrained
     # on the folder converts spiece.model correctly.

@@ -28,18 +28,23 @@ SCHEDULERS = {
 }
 
 
-def make_flux_pipeline(folder, kind: str = "schnell") -> Path:
-    """kind: "schnell" (no guidance embedding) or "dev" (guidance embedding, dynamic shift)."""
+def make_flux_pipeline(folder, kind: str = "schnell", sample_size: int | None = None,
+                       t5_model_max_length: int = 512) -> Path:
+    """kind: "schnell" (no guidance embedding) or "dev" (guidance embedding, dynamic shift).
+    `sample_size` (latent pixels per side) goes into transformer/config.json as the embedded
+    flux-shapes model carries it; `t5_model_max_length` into tokenizer_2's tokenizer_config.json."""
     folder = Path(folder)
     # one block of each kind (the pipeline tests compile several sampling loops; each costs per block)
     transformer = tiny_flux.build_model(guidance_embeds=kind == "dev", in_channels=4 * LATENT_CHANNELS,
                                         num_layers=1, num_single_layers=1)
+    if sample_size is not None:
+        transformer.register_to_config(sample_size=sample_size)
     tiny_flux.save_sharded(transformer, folder / "transformer")
     save_tiny_vae(folder / "vae", latent_channels=LATENT_CHANNELS, block_out_channels=VAE_BLOCKS, norm_num_groups=4)
     save_tiny_clip_tokenizer(folder / "tokenizer")
     save_tiny_clip(folder / "text_encoder", hidden_size=tiny_flux.TINY_CONFIG["pooled_projection_dim"],
                    num_attention_heads=2, num_hidden_layers=2, vocab_size=CLIP_VOCAB_SIZE, seed=1)
-    save_tiny_t5_tokenizer(folder / "tokenizer_2")
+    save_tiny_t5_tokenizer(folder / "tokenizer_2", model_max_length=t5_model_max_length)
     save_tiny_t5(folder / "text_encoder_2", d_model=tiny_flux.TINY_CONFIG["joint_attention_dim"], num_layers=1,
                  sharded=True, seed=2)
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
