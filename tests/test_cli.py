@@ -267,26 +267,42 @@ def test_embedded_model_makes_diffusers_image(name):
     np.testing.assert_allclose(images, reference, atol=1e-3)
 
 
-def test_embedded_model_loads_in_diffusers_and_round_trips():
-    """The folder is a real diffusers pipeline, and the trained weights written back by
-    train_tiny.export_params are exactly what nag-jax's converters read."""
-    import torch
-    from diffusers import StableDiffusionPipeline
+# every trained weight file of the embedded models, and nag-jax's converter for it
+TRAINED_COMPONENTS = [("sd-shapes", "text_encoder"), ("sd-shapes", "vae"), ("sd-shapes", "unet"),
+                      ("flux-shapes", "text_encoder"), ("flux-shapes", "text_encoder_2"),
+                      ("flux-shapes", "transformer")]
+
+
+@pytest.mark.parametrize("name, component", TRAINED_COMPONENTS)
+def test_embedded_weights_are_what_the_converters_read(name, component):
+    """train_tiny.export_params (the converters' key maps run backwards) wrote the trained
+    weights; converting the file and exporting again gives the file back exactly."""
     from safetensors.numpy import load_file
 
-    from convert.unet import UNET_RULES, load_unet
-    from train_tiny import export_params
+    from convert.clip import load_clip
+    from convert.flux import load_flux_transformer
+    from convert.t5 import load_t5
+    from convert.unet import load_unet
+    from convert.vae import load_vae
+    from train_tiny import COMPONENT_FILES, export_params
 
-    folder = embedded_model()
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
-    unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    on_disk = load_file(str(unet_file))
-    torch_weight = dict(pipe.unet.named_parameters())["conv_in.weight"].detach().numpy()
-    np.testing.assert_array_equal(torch_weight, on_disk["conv_in.weight"])
-    _, params = load_unet(folder / "unet")
-    exported = export_params(unet_file, UNET_RULES, params)
+    loaders = {"text_encoder": load_clip, "text_encoder_2": load_t5, "vae": load_vae, "unet": load_unet,
+               "transformer": load_flux_transformer}
+    rules, file = COMPONENT_FILES[component]
+    path = embedded_model(name) / component / file
+    on_disk = load_file(str(path))
+    exported = export_params(path, rules, loaders[component](path.parent)[1])
     assert exported.keys() == on_disk.keys()
     for key in on_disk:
         np.testing.assert_array_equal(exported[key], on_disk[key])
-    assert pipe.tokenizer("a red circle").input_ids[1:-1] == pipe.tokenizer.convert_tokens_to_ids(
-        ["a</w>", "red</w>", "circle</w>"])
+
+
+@pytest.mark.parametrize("name, tokenizer", [("sd-shapes", "tokenizer"), ("flux-shapes", "tokenizer"),
+                                             ("flux-shapes", "tokenizer_2")])
+def test_embedded_tokenizers_keep_caption_words_whole(name, tokenizer):
+    """The trained tokenizers give each caption word one token (CLIP's "red</w>", T5's "\u2581red")."""
+    from nag_jax.tokenize import load_tokenizer
+
+    loaded = load_tokenizer(embedded_model(name) / tokenizer)
+    words = "a red circle on a gray background".split()
+    assert [token.strip("\u2581").removesuffix("</w>") for token in loaded.tokenize(" ".join(words))] == words
