@@ -109,6 +109,7 @@ PREDICTION = "v_prediction"
 VAE_STEPS = 1200
 DENOISER_STEPS = 3000
 FLUX_DOUBLE_BLOCKS, FLUX_SINGLE_BLOCKS, FLUX_HEADS = 2, 4, 4  # width 64 = 4 heads of 16
+UNET_LATENT = (4, 16, 16)
 FLUX_IMAGE_IDS = jnp.asarray(image_ids(8, 8))  # 16x16 latents packed into 8x8 tokens
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -408,38 +409,45 @@ def make_unet_probe(unet, clip, vae, vae_params, data: Data, scaling: float, ste
     """-> probe(params): attribute accuracies of one sample per fully specified caption (54), drawn
     with deterministic DDIM on trailing timesteps (the same ODE steps as the shipped Euler
     scheduler) and read by `read_attributes`. Cheap enough to run at every checkpoint."""
-    (ids,) = data.ids([caption(*scene) for scene in FULL_SCENES])
-    table = alphas_cumprod()
-    timesteps = (np.arange(1000, 0, -1000 / steps).round() - 1).astype(np.int32)
-    a = jnp.asarray(table[timesteps], jnp.float32)
-    a_next = jnp.concatenate([a[1:], jnp.ones(1)])
+    ids = data.ids([caption(*scene) for scene in FULL_SCENES])
 
     @jax.jit
     def sample(params, key):
-        context = clip.apply({"params": params["text_encoder"]}, ids).last_hidden_state
-
-        def step(x, schedule):
-            t, a_t, a_n = schedule
-            v = unet.apply({"params": params["unet"]}, x, jnp.full((len(ids),), t), context)
-            x0 = jnp.sqrt(a_t) * x - jnp.sqrt(1 - a_t) * v
-            eps = jnp.sqrt(1 - a_t) * x + jnp.sqrt(a_t) * v
-            return jnp.sqrt(a_n) * x0 + jnp.sqrt(1 - a_n) * eps, None
-
-        x, _ = jax.lax.scan(step, jax.random.normal(key, (len(ids), 4, 16, 16)), (timesteps, a, a_next))
+        x = unet_ddim(unet, clip, params, jax.random.normal(key, (len(ids[0]), *UNET_LATENT)), ids, steps)
         return vae.apply({"params": vae_params}, x / scaling, method=vae.decode)
 
     return lambda params: read_probe(sample(params, jax.random.key(3)))
 
 
+def unet_ddim(unet, clip, params, noise, ids, steps: int):
+    """Deterministic DDIM with v-prediction from `noise` at t=999 to x0 on `steps` trailing timesteps."""
+    table = alphas_cumprod()
+    timesteps = (np.arange(1000, 0, -1000 / steps).round() - 1).astype(np.int32)
+    a = jnp.asarray(table[timesteps], jnp.float32)
+    a_next = jnp.concatenate([a[1:], jnp.ones(1)])
+    context = clip.apply({"params": params["text_encoder"]}, ids[0]).last_hidden_state
+
+    def step(x, schedule):
+        t, a_t, a_n = schedule
+        v = unet.apply({"params": params["unet"]}, x, jnp.full((len(x),), t), context)
+        x0 = jnp.sqrt(a_t) * x - jnp.sqrt(1 - a_t) * v
+        eps = jnp.sqrt(1 - a_t) * x + jnp.sqrt(a_t) * v
+        return jnp.sqrt(a_n) * x0 + jnp.sqrt(1 - a_n) * eps, None
+
+    return jax.lax.scan(step, noise, (timesteps, a, a_next))[0]
+
+
 def unet_loss(unet, clip):
-    """v-prediction loss on DDPM's linear schedule; x0 are latents times the scaling factor."""
+    """v-prediction loss on DDPM's linear schedule; x0 are latents times the scaling factor. A
+    batch with "noise" pairs each x0 with its own noise: the DDIM path between them is then the
+    straight path of reflow (DDIM follows it exactly when x0 is predicted right)."""
     alphas_bar = jnp.asarray(alphas_cumprod(), jnp.float32)
 
     def loss_fn(p, batch, key):
         x0, ids = batch["x0"], batch["ids"]
         t_key, n_key = jax.random.split(key)
         t = jax.random.randint(t_key, (x0.shape[0],), 0, 1000)
-        noise = jax.random.normal(n_key, x0.shape)
+        noise = batch["noise"] if "noise" in batch else jax.random.normal(n_key, x0.shape)
         a = alphas_bar[t][:, None, None, None]
         noisy = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
         context = clip.apply({"params": p["text_encoder"]}, ids[0]).last_hidden_state
@@ -497,11 +505,12 @@ def flux_euler(transformer, clip, t5, params, noise, ids, steps: int):
     return jax.lax.scan(step, noise, (sigmas[:-1], sigmas[1:]))[0]
 
 
-def reflow_pairs(transformer, clip, t5, params, data: Data, count: int, log, steps: int = 25, chunk: int = 250):
-    """Reflow data from the trained (teacher) model: noise, the latents its 25-step ODE takes that
-    noise to, and the captions (drawn as in training, 10% empty so CFG keeps an unconditional model)."""
-    solve = jax.jit(lambda p, noise, ids: flux_euler(transformer, clip, t5, p, noise, ids, steps))
-    noise = data.rng.standard_normal((count, 64, 16)).astype(np.float32)
+def reflow_pairs(solve, params, data: Data, count: int, noise_shape, log, chunk: int = 250):
+    """Reflow data from the trained (teacher) model: noise, the latents its ODE `solve(params,
+    noise, ids)` takes that noise to, and the captions (drawn as in training, 10% empty so CFG
+    keeps an unconditional model)."""
+    solve = jax.jit(solve)
+    noise = data.rng.standard_normal((count, *noise_shape)).astype(np.float32)
     ids = data.token_batch(data.rng.integers(0, len(data.images), count))
     x0 = []
     for start in range(0, count, chunk):
@@ -555,8 +564,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", help="continue from a pipeline folder this script wrote: its tokenizers, VAE and "
                                          "weights, with a new learning-rate schedule of --steps (no VAE training)")
     parser.add_argument("--reflow", type=int, metavar="PAIRS",
-                        help="flux with --resume: distil the resumed model into a few-step student by reflow on this "
-                             "many (noise, 25-step ODE solution) pairs it generates")
+                        help="with --resume: distil the resumed model into a few-step student by reflow on this many "
+                             "(noise, 25-step ODE solution) pairs it generates")
     parser.add_argument("--steps", type=int, default=DENOISER_STEPS, help="denoiser training steps (schedule length)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak denoiser learning rate")
     parser.add_argument("--stop-after", type=int, help="end after this many denoiser steps, keeping the schedule")
@@ -567,8 +576,8 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=8000, help="size of the generated training set")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.reflow and not (args.family == "flux" and args.resume):
-        parser.error("--reflow needs --family flux and --resume TEACHER")
+    if args.reflow and not args.resume:
+        parser.error("--reflow needs --resume TEACHER")
     from transformers import AutoTokenizer
 
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -621,13 +630,15 @@ def main(argv=None) -> int:
         params = {"transformer": transformer_params, "text_encoder": clip_params, "text_encoder_2": t5_params}
         probe = make_flux_probe(transformer, clip, t5, vae, vae_params, data, scaling, args.probe_steps)
         loss_fn, x0 = flux_loss(transformer, clip, t5), np.asarray(pack_latents(latents * scaling))
-        if args.reflow:
-            pairs = reflow_pairs(transformer, clip, t5, params, data, args.reflow, log)
+        solve, noise_shape = (lambda p, noise, ids: flux_euler(transformer, clip, t5, p, noise, ids, 25)), (64, 16)
     else:
         unet, unet_params = load_unet(work / "unet")
         params = {"unet": unet_params, "text_encoder": clip_params}
         probe = make_unet_probe(unet, clip, vae, vae_params, data, scaling, args.probe_steps)
         loss_fn, x0 = unet_loss(unet, clip), latents * scaling
+        solve, noise_shape = (lambda p, noise, ids: unet_ddim(unet, clip, p, noise, ids, 25)), UNET_LATENT
+    if args.reflow:
+        pairs = reflow_pairs(solve, params, data, args.reflow, noise_shape, log)
 
     def save(params):
         write_params(work, params if flux else {**params, "vae": vae_params})
