@@ -93,8 +93,8 @@ from convert.t5 import T5_RULES, load_t5  # noqa: E402
 from convert.unet import UNET_RULES, load_unet  # noqa: E402
 from convert.vae import VAE_RULES, load_vae  # noqa: E402
 from nag_jax.pipeline_flux import image_ids, pack_latents, unpack_latents  # noqa: E402
-from nag_jax.efficacy import (BACKGROUND_NAMES, COLOUR_NAMES, FULL_SCENES, SHAPES, caption, random_scenes,  # noqa: E402
-                              read_attributes, render)
+from nag_jax.efficacy import (BACKGROUND_NAMES, COLOUR_NAMES, FULL_SCENES, SHAPES, attribute_accuracy,  # noqa: E402
+                              caption, random_scenes, read_attributes, render)
 
 MAX_TOKENS = 16  # the longest caption is 9 tokens with its start and end markers
 TEXT_WIDTH = 32
@@ -398,11 +398,9 @@ def alphas_cumprod() -> np.ndarray:
 
 
 
-def read_probe(images_nchw) -> dict[str, float]:
-    """Attribute accuracies of probe samples, one per caption of FULL_SCENES in order."""
-    found = read_attributes(np.asarray(images_nchw).transpose(0, 2, 3, 1) / 2 + 0.5)
-    return {attribute: float(np.mean([f[attribute] == scene[i] for f, scene in zip(found, FULL_SCENES)]))
-            for i, attribute in enumerate(("colour", "shape", "background"))}
+def read_back(images_nchw, wanted) -> dict[str, float]:
+    """Attribute accuracies of decoded images [-1, 1] against `wanted` (colour, shape, background) names."""
+    return attribute_accuracy(read_attributes(np.asarray(images_nchw).transpose(0, 2, 3, 1) / 2 + 0.5), wanted)
 
 
 def make_unet_probe(unet, clip, vae, vae_params, data: Data, scaling: float, steps: int = 25):
@@ -416,7 +414,7 @@ def make_unet_probe(unet, clip, vae, vae_params, data: Data, scaling: float, ste
         x = unet_ddim(unet, clip, params, jax.random.normal(key, (len(ids[0]), *UNET_LATENT)), ids, steps)
         return vae.apply({"params": vae_params}, x / scaling, method=vae.decode)
 
-    return lambda params: read_probe(sample(params, jax.random.key(3)))
+    return lambda params: read_back(sample(params, jax.random.key(3)), FULL_SCENES)
 
 
 def unet_ddim(unet, clip, params, noise, ids, steps: int):
@@ -490,7 +488,7 @@ def make_flux_probe(transformer, clip, t5, vae, vae_params, data: Data, scaling:
         x = flux_euler(transformer, clip, t5, params, jax.random.normal(key, (len(ids[0]), 64, 16)), ids, steps)
         return vae.apply({"params": vae_params}, unpack_latents(x, 16, 16) / scaling, method=vae.decode)
 
-    return lambda params: read_probe(sample(params, jax.random.key(3)))
+    return lambda params: read_back(sample(params, jax.random.key(3)), FULL_SCENES)
 
 
 def flux_euler(transformer, clip, t5, params, noise, ids, steps: int):
@@ -542,13 +540,6 @@ def train_denoiser(loss_fn, params, next_batch, data: Data, steps: int, lr: floa
         if checkpoint is not None and (i + 1) % every == 0 and i + 1 < last:
             checkpoint(params)
     return params
-
-
-def read_back(images_nchw, scenes: dict) -> dict[str, float]:
-    """Attribute accuracies of decoded images [-1, 1] against the scenes they should show."""
-    found = read_attributes(np.asarray(images_nchw).transpose(0, 2, 3, 1) / 2 + 0.5)
-    names = {"colour": COLOUR_NAMES, "shape": SHAPES, "background": BACKGROUND_NAMES}
-    return {k: float(np.mean([f[k] == names[k][i] for f, i in zip(found, scenes[k])])) for k in names}
 
 
 def main(argv=None) -> int:
@@ -614,7 +605,9 @@ def main(argv=None) -> int:
     x = render(held_out).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
     reconstructed = vae.apply({"params": vae_params}, vae.apply({"params": vae_params}, x, method=vae.encode)[0],
                               method=vae.decode)
-    log(f"VAE reconstructions of 300 new scenes read back: {read_back(reconstructed, held_out)}")
+    held_out_names = list(zip(np.take(COLOUR_NAMES, held_out["colour"]), np.take(SHAPES, held_out["shape"]),
+                              np.take(BACKGROUND_NAMES, held_out["background"])))
+    log(f"VAE reconstructions of 300 new scenes read back: {read_back(reconstructed, held_out_names)}")
     latents = encode_all(vae, vae_params, data.images)
     if args.resume or flux:
         scaling = json.loads((work / "vae" / "config.json").read_text())["scaling_factor"]

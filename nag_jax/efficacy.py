@@ -131,6 +131,13 @@ BENCH_NEGATIVES = ("red", "blue", "green")
 STEPS = (1, 2, 4, 25)
 
 
+def attribute_accuracy(found: list[dict], wanted) -> dict[str, float]:
+    """Fraction of `read_attributes` results `found` that match `wanted`, a (colour, shape,
+    background) name tuple per image, per attribute."""
+    return {attribute: float(np.mean([f[attribute] == w[i] for f, w in zip(found, wanted)]))
+            for i, attribute in enumerate(("colour", "shape", "background"))}
+
+
 FULL_SCENES = tuple((c, s, b) for c in COLOUR_NAMES for s in SHAPES for b in BACKGROUND_NAMES)
 
 
@@ -143,11 +150,9 @@ def prompt_accuracy(pipe, seeds: int = 4, steps=STEPS, log=print) -> list[dict]:
     for step_count in steps:
         images = pipe(prompts, num_inference_steps=step_count, num_images_per_prompt=seeds, output_type="np",
                       check_finite=True, **guidance_methods(pipe.family, None)["none"]).images
-        wanted = [scene for scene in FULL_SCENES for _ in range(seeds)]
         found = read_attributes(images)
-        row = {"steps": step_count, "images": len(found)}
-        for i, attribute in enumerate(("colour", "shape", "background")):
-            row[f"{attribute}_accuracy"] = float(np.mean([f[attribute] == w[i] for f, w in zip(found, wanted)]))
+        accuracy = attribute_accuracy(found, [scene for scene in FULL_SCENES for _ in range(seeds)])
+        row = {"steps": step_count, "images": len(found), **{f"{k}_accuracy": v for k, v in accuracy.items()}}
         log(json.dumps(row))
         rows.append(row)
     return rows
