@@ -68,9 +68,9 @@ class Family:
         raise NotImplementedError
 
     def cfg_scale(self, guidance_scale: float, options: dict) -> float:
-        """The CFG scale used when `uses_cfg` holds; a family whose guidance_scale means something
-        else (Flux: the distilled guidance) takes it from one of its own options."""
-        return guidance_scale
+        """The CFG scale used when `uses_cfg` holds: the call argument `cfg_argument` names (one of
+        the family's own options where guidance_scale means something else, Flux's true_cfg_scale)."""
+        return guidance_scale if self.cfg_argument == "guidance_scale" else options[self.cfg_argument]
 
     def encode(self, prompts: list[str], options: dict) -> Conditioning:
         """One row per prompt; `options` carries the call's family options (and guidance_scale)."""

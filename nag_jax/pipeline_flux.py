@@ -136,9 +136,6 @@ class FluxFamily(Family):
         true_cfg_scale = check_argument("true_cfg_scale", options["true_cfg_scale"])
         return true_cfg_scale > 1.0 and options["negative_prompt"] is not None
 
-    def cfg_scale(self, guidance_scale, options):
-        return options["true_cfg_scale"]
-
     def pooled_embeddings(self, prompts):
         """CLIP's pooled output [B, pooled_projection_dim] (diffusers' `pooler_output`)."""
         return self._pooled_text(self.clip_params, tokenize(self.tokenizers[0], prompts))
