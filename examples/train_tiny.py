@@ -92,7 +92,7 @@ from convert.mapping import _route  # noqa: E402
 from convert.t5 import T5_RULES, load_t5  # noqa: E402
 from convert.unet import UNET_RULES, load_unet  # noqa: E402
 from convert.vae import VAE_RULES, load_vae  # noqa: E402
-from nag_jax.pipeline_flux import image_ids, pack_latents, unpack_latents  # noqa: E402
+from nag_jax.families.flux import image_ids, pack_latents, unpack_latents  # noqa: E402
 from nag_jax.efficacy import (BACKGROUND_NAMES, COLOUR_NAMES, FULL_SCENES, SHAPES, attribute_accuracy,  # noqa: E402
                               caption, random_scenes, read_attributes, render)
 

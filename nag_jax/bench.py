@@ -469,7 +469,7 @@ def tiny_sd_pipeline():
     from models.clip import CLIPTextEncoder
     from models.vae import AutoencoderKL
     from nag_jax.pipeline import NAGPipeline
-    from nag_jax.pipeline_unet import StableDiffusionFamily
+    from nag_jax.families.unet import StableDiffusionFamily
 
     unet = UNet2DConditionModel.from_config(dict(TINY_UNET_CONFIG, block_out_channels=[32, 64],
                                                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],

@@ -44,7 +44,7 @@ from nag_jax.attention import attention, merge_heads
 from nag_jax.guidance import nag_end_cut
 from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided, register_nag
 from nag_jax.pipeline import check_range
-from nag_jax.pipeline_unet import SD_DEFAULTS, SDXL_DEFAULTS
+from nag_jax.families.unet import SD_DEFAULTS, SDXL_DEFAULTS
 
 
 def _heads_merged_attention(module: FlaxAttention, hidden_states, context):

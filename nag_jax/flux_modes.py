@@ -4,7 +4,7 @@ Inside `guided(...)` the text stream carries the negative prompts as extra rows;
 conditions each text row on its own pooled embedding, and modulates the image stream with the
 first (positive) rows.
 
-- "shared-image" (fast; the Flux pipeline defaults to "reference", see pipeline_flux.py): nothing Flux-specific. Every joint attention, double- and
+- "shared-image" (fast; the Flux pipeline defaults to "reference", see families/flux.py): nothing Flux-specific. Every joint attention, double- and
   single-stream, goes through the `JointAttentionCore` transform of `nag_jax/intercept.py`:
   one image stream, the negative text rows evolve through all blocks, image rows get NAG.
 - "reference": what the PyTorch reference computes. The double-stream blocks are as above.

@@ -29,16 +29,16 @@ from nag_jax.sampler import Conditioning, GuidancePlan, Sampler, Scales, resolve
 
 # diffusers pipeline class (model_index.json "_class_name") -> "module:Family"
 FAMILIES = {
-    "StableDiffusionPipeline": "nag_jax.pipeline_unet:StableDiffusionFamily",
-    "StableDiffusionXLPipeline": "nag_jax.pipeline_unet:StableDiffusionFamily",
-    "FluxPipeline": "nag_jax.pipeline_flux:FluxFamily",
-    "StableDiffusion3Pipeline": "nag_jax.pipeline_sd3:SD3Family",
+    "StableDiffusionPipeline": "nag_jax.families.unet:StableDiffusionFamily",
+    "StableDiffusionXLPipeline": "nag_jax.families.unet:StableDiffusionFamily",
+    "FluxPipeline": "nag_jax.families.flux:FluxFamily",
+    "StableDiffusion3Pipeline": "nag_jax.families.sd3:SD3Family",
 }
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 
 class Family:
-    """What a model family provides to the shared pipeline (see pipeline_unet.py for one).
+    """What a model family provides to the shared pipeline (see families/unet.py for one).
 
     Attributes: `name`, `defaults` (dict with guidance_scale, num_inference_steps, nag_tau,
     nag_alpha; its nag_scale and `cfg_argument` entries are the scales to use when NAG or CFG is

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 from nag_jax.efficacy import (BACKGROUND_NAMES, COLOUR_NAMES, SHAPES, caption, format_accuracy_table, format_table,
                               prompt_accuracy, random_scenes, read_attributes, render, run_efficacy)
-from nag_jax.pipeline_flux import SCHNELL_DEFAULTS, FluxFamily
-from nag_jax.pipeline_unet import SD_DEFAULTS, StableDiffusionFamily
+from nag_jax.families.flux import SCHNELL_DEFAULTS, FluxFamily
+from nag_jax.families.unet import SD_DEFAULTS, StableDiffusionFamily
 
 # What run_efficacy reads of a family, as the real SD1.5 and Flux-schnell families have it.
 SD_FAMILY = SimpleNamespace(options=StableDiffusionFamily.options, cfg_argument=StableDiffusionFamily.cfg_argument,

@@ -15,7 +15,7 @@ import torch
 from diffusers import FluxPipeline
 
 import nag_jax
-from nag_jax.pipeline_flux import FluxFamily, pack_latents, unpack_latents
+from nag_jax.families.flux import FluxFamily, pack_latents, unpack_latents
 from tiny_flux_pipeline import MAX_SEQUENCE_LENGTH, make_flux_pipeline
 from torch_flux_nag import with_nag_negatives
 
