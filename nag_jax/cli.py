@@ -18,30 +18,21 @@ import os
 import sys
 from pathlib import Path
 
+from nag_jax.resolve import EMBEDDED_MODELS, embedded_model, resolve_model
+
 IMAGE_SUFFIXES = (".png",)
 DEMO_PAIRS = (("a circle", "red"), ("a square on a gray background", "blue"), ("a triangle on a black background",
                                                                                  "yellow"))
 DEMO_STEPS = (1, 2, 4)
-EMBEDDED_MODELS = ("sd-shapes", "flux-shapes")  # folders under nag_jax/embedded/, trained by examples/train_tiny.py
-
-
-def embedded_model(name: str = "sd-shapes") -> Path:
-    """The folder of an embedded default model shipped inside the package."""
-    folder = Path(__file__).parent / "embedded" / name
-    if not (folder / "model_index.json").exists():
-        raise FileNotFoundError(f"the embedded model {name} is missing from {folder.parent}; pass --model PATH, "
-                                "or rebuild it with examples/train_tiny.py")
-    return folder
 
 
 def model_folder(model: str | None) -> Path:
-    """--model: a pipeline folder, or the name of an embedded model (an existing folder of that
-    name wins, as a local folder does over a Hub id in diffusers); None: the embedded sd-shapes."""
-    if model is None:
-        return embedded_model()
-    if model in EMBEDDED_MODELS and not Path(model).exists():
-        return embedded_model(model)
-    return Path(model)
+    """--model: a pipeline folder, an embedded model's name or a Hugging Face repo id (None: the
+    embedded sd-shapes), errors naming --model."""
+    try:
+        return resolve_model(model)
+    except OSError as error:
+        raise ValueError(f"--model: {error}") from None
 
 
 # ----------------------------------------------------------------------------- generate
@@ -83,8 +74,9 @@ def in_range(name: str):
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True, help="what the image should show")
-    parser.add_argument("--model", help="pipeline folder (diffusers layout or converted), or an embedded model: "
-                                        f"{', '.join(EMBEDDED_MODELS)} (default {EMBEDDED_MODELS[0]})")
+    parser.add_argument("--model", help="pipeline folder (diffusers layout or converted), an embedded model ("
+                                        f"{', '.join(EMBEDDED_MODELS)}; default {EMBEDDED_MODELS[0]}) or a Hugging "
+                                        "Face repo id (from its cache; downloaded unless HF_HUB_OFFLINE=1)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="parameter and activation dtype (default float32)")
     nag = parser.add_argument_group("NAG (normalized attention guidance)")

@@ -256,12 +256,20 @@ class NAGPipeline:
         return frozenset(selected)
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, **family_options) -> "NAGPipeline":
-        """Load a diffusers-format folder; `dtype` is "float32", "bfloat16" or "float16".
+    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, revision: str | None = None,
+                        variant: str | None = None, cache_dir=None, local_files_only: bool | None = None,
+                        **family_options) -> "NAGPipeline":
+        """Load a diffusers-format pipeline: a local folder, an embedded model's name ("sd-shapes",
+        "flux-shapes") or a Hugging Face repo id at `revision`, from the Hugging Face cache or
+        downloaded (`variant`, `cache_dir`, `local_files_only`: nag_jax/resolve.py). `dtype` is
+        "float32", "bfloat16" or "float16".
 
         `model_parallel` > 1 splits the denoiser's parameters over that many devices (a model
         bigger than one device; docs/multi-device.md); the batch is split over the rest."""
-        path = Path(path)
+        from nag_jax.resolve import resolve_model
+
+        path = resolve_model(path, revision=revision, variant=variant, cache_dir=cache_dir,
+                             local_files_only=local_files_only)
         index_path = path / "model_index.json"
         if not index_path.exists():
             raise FileNotFoundError(f"{path}: no model_index.json; expected a diffusers-format pipeline folder")
