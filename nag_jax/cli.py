@@ -13,7 +13,6 @@ need no model (ranges, counts, the output path) are checked before the model is 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -73,7 +72,13 @@ def in_range(name: str):
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", required=True, help="what the image should show")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="what the image should show")
+    source.add_argument("--prompts", metavar="FILE",
+                        help="a batch job into the --output folder: a .txt file (one prompt per line; line i gets seed "
+                             "--seed + i) or a .jsonl file (per line \"prompt\" and optionally negative_prompt, "
+                             "nag_negative_prompt, seed, num_images and the NAG/CFG/PAG settings by their Python "
+                             "names); resumable: rerun the same command after a crash (docs/batch-jobs.md)")
     parser.add_argument("--model", help="pipeline folder (diffusers layout or converted), an embedded model ("
                                         f"{', '.join(EMBEDDED_MODELS)}; default {EMBEDDED_MODELS[0]}) or a Hugging "
                                         "Face repo id (from its cache; downloaded unless HF_HUB_OFFLINE=1)")
@@ -116,6 +121,11 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                           help="make each image alone (bit-identical whatever --num-images and the device count, see "
                                "docs/reproducibility.md; slower)")
     sampling.add_argument("--no-progress", action="store_true", help="no progress bar")
+    batch = parser.add_argument_group("batch jobs (--prompts)")
+    batch.add_argument("--batch-size", type=positive_int, metavar="B",
+                       help="images per compiled sampling call (default 4 per device)")
+    batch.add_argument("--overwrite", action="store_true",
+                       help="remake finished images whose settings changed instead of stopping with an error")
     parser.add_argument("--output", default="nag-jax-output",
                         help="a .png file, or a folder (created) for one PNG per image; a .png with several "
                              "images becomes NAME-0.png, NAME-1.png, ... (default: nag-jax-output/)")
@@ -172,14 +182,9 @@ def resolve_settings(args, defaults: dict) -> dict:
 
 def png_info(settings: dict, model: str, dtype: str, index: int):
     """PNG text chunks: every generation parameter, and one JSON chunk that reproduces the image."""
-    from PIL.PngImagePlugin import PngInfo
+    from nag_jax.batch import png_info as record_png_info
 
-    record = dict(settings, model=model, dtype=dtype, image_index=index)
-    info = PngInfo()
-    for key, value in record.items():
-        info.add_text(key, "" if value is None else str(value))
-    info.add_text("nag-jax", json.dumps(record))
-    return info
+    return record_png_info(dict(settings, model=model, dtype=dtype, image_index=index))
 
 
 def load_pipeline(model: Path, dtype: str = "float32"):
@@ -193,7 +198,34 @@ def load_pipeline(model: Path, dtype: str = "float32"):
         raise ValueError(f"--model: {error}") from None
 
 
+# JSONL keys of a batch job line -> the generate options they replace
+LINE_OPTIONS = {"num_images": "num_images", "num_inference_steps": "steps"}
+
+
+def generate_batch(args) -> int:
+    """--prompts: each line's settings are the command's with the line's own keys replacing them."""
+    from nag_jax.batch import read_prompts_file, run_batch_job
+
+    lines = read_prompts_file(args.prompts)
+    model = model_folder(args.model)
+    if Path(args.output).suffix:
+        raise ValueError(f"--output {args.output}: a batch job writes into a folder; give a folder name")
+    check_writable(args.output, [Path(args.output) / "manifest.jsonl"])
+    pipe = load_pipeline(model, args.dtype)
+    calls = []
+    for index, line in enumerate(lines):
+        options = {LINE_OPTIONS.get(key, key): value for key, value in line.items()}
+        options.setdefault("seed", args.seed + index)
+        calls.append(resolve_settings(argparse.Namespace(**{**vars(args), **options}), pipe.family.defaults))
+    result = run_batch_job(pipe, calls, args.output, args.batch_size, args.overwrite, progress=not args.no_progress,
+                           job={"model": str(model), "dtype": args.dtype})
+    print(f"{result.summary}; manifest: {Path(args.output) / 'manifest.jsonl'}")
+    return 0
+
+
 def generate(args) -> int:
+    if args.prompts is not None:
+        return generate_batch(args)
     model = model_folder(args.model)
     paths = output_paths(args.output, args.num_images)  # checked before the slow part
     check_writable(args.output, paths)

@@ -202,6 +202,25 @@ def with_scheduler(scheduler_config: dict, scheduler: str | None) -> dict:
     return dict(scheduler_config, _class_name=class_name)
 
 
+def image_keys_of(seed: int, image_seeds, images: int, rows: int):
+    """One PRNG key per row: fold_in(key(seed), i) for row i, or from `image_seeds` (one (seed,
+    index) pair per image); padding rows repeat the last image's key."""
+    if image_seeds is None:
+        return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(rows))
+    pairs = list(image_seeds)
+    if len(pairs) != images or not all(isinstance(s, int) and isinstance(i, int) for s, i in pairs):
+        raise ValueError(f"image_seeds must hold {images} (seed, index) pairs of integers, one per image, "
+                         f"got {image_seeds!r}")
+    pairs += pairs[-1:] * (rows - images)
+    order, keys = [], []
+    for base in dict.fromkeys(s for s, _ in pairs):  # one vectorised fold per distinct seed
+        where = [r for r, (s, _) in enumerate(pairs) if s == base]
+        indices = jnp.array([pairs[r][1] for r in where])
+        keys.append(jax.vmap(lambda i, base=base: jax.random.fold_in(jax.random.key(base), i))(indices))
+        order += where
+    return jnp.concatenate(keys)[np.argsort(order)]
+
+
 class NAGPipeline:
     """Text-to-image sampling with NAG (and CFG) for any supported family."""
 
@@ -308,6 +327,7 @@ class NAGPipeline:
         pag_adaptive_scale: float = 0.0,
         pag_applied_layers=None,
         batch_invariant: bool = False,
+        image_seeds=None,
         **options,
     ) -> PipelineOutput:
         """Generate images. NAG is on when nag_scale > 1 (reference convention: paper phi + 1).
@@ -323,7 +343,9 @@ class NAGPipeline:
         and pag_adaptive_scale > 0 lowers the scale by that much per unit of (1000 - t).
         `batch_invariant` encodes, denoises and decodes one image at a time, so each image is
         bit-identical whatever the rest of the batch and the device count (slower;
-        docs/reproducibility.md). Family options: see the family (e.g. nag_mode and
+        docs/reproducibility.md). `image_seeds`, one (seed, index) pair per image, replaces
+        (seed, image index): images of different calls batched together (nag_jax.batch) each
+        draw the noise of their own call. Family options: see the family (e.g. nag_mode and
         true_cfg_scale for Flux, max_sequence_length).
         """
         family = self.family
@@ -396,7 +418,7 @@ class NAGPipeline:
 
         schedule = family.make_schedule(steps, height, width, options)
         # Each image's randomness depends on (seed, image index) only, never on the device layout.
-        image_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(rows))
+        image_keys = image_keys_of(seed, image_seeds, images, rows)
         start_keys, step_keys = jax.vmap(jax.random.split, out_axes=1)(image_keys)
         latent_shape = family.latent_shape(height, width)
         if latents is None:
