@@ -3,7 +3,7 @@
     nag-jax demo                                  # a NAG / CFG / no-guidance grid on the embedded models
     nag-jax generate --prompt "a circle" --nag-negative-prompt red --output out/
     nag-jax convert SRC DST [--dtype bfloat16]    # diffusers folder or single file -> fast-loading folder
-    nag-jax bench [--efficacy]
+    nag-jax bench [--efficacy | --clip-score --clip-model CLIP --prompts FILE]
 
 Errors the user can fix (a bad value, a missing file, a checkpoint that does not fit) are
 printed as one line `nag-jax: error: ...` with exit status 2, without a traceback. Values that
@@ -318,6 +318,10 @@ def convert(args) -> int:
 
 
 def bench(args, rest: list[str]) -> int:
+    if args.clip_score:
+        from nag_jax.clip_score import main as clip_score_main
+
+        return clip_score_main(rest)
     if args.efficacy:
         from nag_jax.efficacy import main as efficacy_main
 
@@ -367,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Benchmarks; the remaining options go to the chosen benchmark.")
     ben.add_argument("--efficacy", action="store_true",
                      help="measure how often the negative colour appears without guidance, with NAG and with CFG")
+    ben.add_argument("--clip-score", action="store_true",
+                     help="the paper's Table 1 CLIP column: mean CLIP score of baseline and NAG images "
+                          "(--clip-model, --prompts, --negative; see nag-jax bench --clip-score --help)")
     return parser
 
 

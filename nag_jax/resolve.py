@@ -71,6 +71,16 @@ def resolve_model(model=None, revision: str | None = None, variant: str | None =
     return _from_hub(str(model), revision, variant, hub_cache(cache_dir), offline(local_files_only))
 
 
+def resolve_clip_folder(model, revision: str | None = None, cache_dir=None, local_files_only: bool | None = None):
+    """A single-model folder (a CLIPModel: config, tokenizer, preprocessor config and weights at its
+    root): a local folder or a Hugging Face repo id, as `resolve_model` finds them."""
+    if Path(model).exists():
+        return Path(model)
+    if not REPO_ID.fullmatch(str(model)):
+        raise FileNotFoundError(f"{model}: no such folder, and not a Hugging Face repo id (org/name)")
+    return _from_hub(str(model), revision, None, hub_cache(cache_dir), offline(local_files_only), pipeline=False)
+
+
 def files_to_download(repo_files: list[str], model_index: dict, variant: str | None = None) -> list[str]:
     """The repository files a pipeline reads: model_index.json, then per used component its
     configs/tokenizer files and its safetensors weights of `variant` (a component without that
@@ -105,7 +115,13 @@ def _variant_to_read(present: set, variant: str | None) -> str | None:
     return variant if variant in present else None
 
 
-def _from_hub(repo_id: str, revision, variant, cache: Path, is_offline: bool) -> Path:
+def _root_files(repo_files: list[str]) -> list[str]:
+    """A single model's files: its root-level configs, tokenizer files and plain safetensors weights."""
+    return [f for f in repo_files if "/" not in f and (_variant_of(f) is None if _is_weights(f)
+                                                        else f.endswith(COMPONENT_FILES))]
+
+
+def _from_hub(repo_id: str, revision, variant, cache: Path, is_offline: bool, pipeline: bool = True) -> Path:
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -115,9 +131,13 @@ def _from_hub(repo_id: str, revision, variant, cache: Path, is_offline: bool) ->
             snapshot = snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True)
         else:
             try:
-                index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", revision=revision,
-                                                        cache_dir=cache)).read_text())
-                wanted = files_to_download(HfApi().list_repo_files(repo_id, revision=revision), index, variant)
+                repo_files = HfApi().list_repo_files(repo_id, revision=revision)
+                if pipeline:
+                    index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", revision=revision,
+                                                            cache_dir=cache)).read_text())
+                    wanted = files_to_download(repo_files, index, variant)
+                else:
+                    wanted = _root_files(repo_files)
                 snapshot = snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=wanted)
             except LocalEntryNotFoundError:
                 raise
@@ -130,7 +150,7 @@ def _from_hub(repo_id: str, revision, variant, cache: Path, is_offline: bool) ->
             "HF_HUB_CACHE / cache_dir at the cache holding it"
         ) from None
     snapshot = Path(snapshot)
-    return _one_variant_view(snapshot, variant)
+    return _one_variant_view(snapshot, variant) if pipeline else snapshot
 
 
 def _one_variant_view(snapshot: Path, variant: str | None) -> Path:
