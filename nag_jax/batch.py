@@ -116,12 +116,15 @@ def expected_records(lines: list[dict], job: dict) -> list[dict]:
     return records
 
 
+def shared_settings(record: dict, job: dict) -> dict:
+    """The call arguments a batch shares: all but the texts, the seed and the bookkeeping."""
+    return {k: v for k, v in record.items() if k not in (*TEXT_ARGUMENTS, "seed", "file", "line", "image_index", *job)}
+
+
 def group_key(record: dict, job: dict) -> str:
-    """Records with equal keys can share a batch: the same call arguments but for the texts and
-    the seed (whether a negative prompt is given at all does count: it changes CFG's uncond rows)."""
-    shared = {k: v for k, v in record.items()
-              if k not in (*TEXT_ARGUMENTS, "seed", "file", "line", "image_index", *job)}
-    return json.dumps([shared, record.get("negative_prompt") is None], sort_keys=True)
+    """Records with equal keys can share a batch: the same shared settings, and a negative prompt
+    given for all or for none (it changes CFG's uncond rows)."""
+    return json.dumps([shared_settings(record, job), record.get("negative_prompt") is None], sort_keys=True)
 
 
 def plan_batches(records: list[dict], batch_size: int, job: dict) -> list[list[dict]]:
@@ -226,15 +229,13 @@ def _append(path: Path, records: list[dict]) -> None:
 def _batch_call(pipe, batch: list[dict], batch_size: int, job: dict):
     """`pipe` on one batch padded to `batch_size` rows (copies of the last), outputs of the real rows."""
     rows = batch + batch[-1:] * (batch_size - len(batch))
-    first = rows[0]
-    settings = {k: v for k, v in first.items() if k not in (*TEXT_ARGUMENTS, "seed", "file", "line", "image_index",
-                                                          *job)}
-    negatives = None if first.get("negative_prompt") is None else [r["negative_prompt"] for r in rows]
+    negatives = None if rows[0].get("negative_prompt") is None else [r["negative_prompt"] for r in rows]
     # The pipeline's own rule for a missing NAG negative prompt, per row.
     nag_negatives = [r.get("nag_negative_prompt") if r.get("nag_negative_prompt") is not None
                      else (r.get("negative_prompt") or "") for r in rows]
     images = pipe([r["prompt"] for r in rows], negative_prompt=negatives, nag_negative_prompt=nag_negatives,
-                  image_seeds=[(r["seed"], r["image_index"]) for r in rows], check_finite=True, **settings).images
+                  image_seeds=[(r["seed"], r["image_index"]) for r in rows], check_finite=True,
+                  **shared_settings(rows[0], job)).images
     return images[:len(batch)]
 
 

@@ -134,7 +134,8 @@ def main(argv=None) -> int:
         prog="nag-jax bench --clip-score",
         description="Mean CLIP score (torchmetrics' definition) of baseline and NAG images, as the CLIP column of "
                     "the NAG paper's Table 1, with 95% bootstrap intervals.")
-    parser.add_argument("--clip-model", required=True, help="a CLIPModel folder or Hub id (openai/clip-vit-large-patch14)")
+    parser.add_argument("--clip-model", required=True,
+                        help="a CLIPModel folder or Hub id (openai/clip-vit-large-patch14)")
     parser.add_argument("--prompts", help="captions: .txt (one per line) or .jsonl (nag-jax generate --prompts)")
     parser.add_argument("--negative", default="Low resolution, blurry",
                         help="NAG's negative prompt (default: the paper's \"Low resolution, blurry\")")
