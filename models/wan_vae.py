@@ -275,8 +275,8 @@ def _chunked(module, params, method: str, x, chunk_frames: int):
     output written into the result [B, C', F', H', W'] in place, so the working memory is one
     chunk's, whatever F is."""
 
-    def chunk_at(start, size):
-        return jnp.moveaxis(jax.lax.dynamic_slice_in_dim(x, start, size, axis=2), 1, -1)
+    def chunk_at(start, size):  # cast per chunk: no converted copy of the whole input
+        return jnp.moveaxis(jax.lax.dynamic_slice_in_dim(x, start, size, axis=2), 1, -1).astype(module.dtype)
 
     first, cache = module.apply({"params": params}, chunk_at(0, 1), True, method=method, mutable=["cache"])
     first = jnp.moveaxis(first, -1, 1)
@@ -312,7 +312,7 @@ def encode_video(module: AutoencoderKLWan, params, x):
         raise ValueError(f"x: expected [B, 3, 1 + {cfg.temporal_factor} * k, H, W] frames, got shape {x.shape}")
     if x.shape[3] % cfg.spatial_factor or x.shape[4] % cfg.spatial_factor:
         raise ValueError(f"x: height and width must be multiples of {cfg.spatial_factor}, got {x.shape[3:]}")
-    return _chunked(module, params, "encode_chunk", x.astype(module.dtype), cfg.temporal_factor)
+    return _chunked(module, params, "encode_chunk", x, cfg.temporal_factor)
 
 
 def decode_video(module: AutoencoderKLWan, params, z):
@@ -321,4 +321,4 @@ def decode_video(module: AutoencoderKLWan, params, z):
     One latent frame per chunk, as diffusers decodes."""
     if z.ndim != 5 or z.shape[1] != module.config.z_dim:
         raise ValueError(f"z: expected [B, {module.config.z_dim}, T, h, w] latents, got shape {z.shape}")
-    return _chunked(module, params, "decode_chunk", z.astype(module.dtype), 1)
+    return _chunked(module, params, "decode_chunk", z, 1)
