@@ -40,9 +40,10 @@ def _split_thirds(w):
 
 
 def _swap_halves(w):
-    """[shift; scale] along the output axis (BFL / Stability final adaLN) -> diffusers' [scale; shift]."""
-    first, second = np.split(w, 2, axis=0)
-    return np.concatenate([second, first], axis=0)
+    """[shift; scale] along the output axis (BFL / Stability final adaLN) -> diffusers' [scale; shift].
+    Indexing rather than concatenation, so it also rearranges traced arrays (LoRA merging)."""
+    half = w.shape[0] // 2
+    return w[np.r_[half : w.shape[0], 0:half]]
 
 
 # name -> tensor rearrangement; families add their own (e.g. fused-qkv splits) here.
@@ -92,7 +93,8 @@ def target_shapes(module, *init_args, **init_kwargs) -> dict[str, tuple[int, ...
     return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
 
-def _route(rules, key):
+def route(rules, key):
+    """(the first rule whose pattern matches `key`, its expanded target paths), or (None, ())."""
     for rule in rules:
         match = re.fullmatch(rule.pattern, key)
         if match:
@@ -117,7 +119,7 @@ def map_checkpoint(checkpoint: Checkpoint, rules, shapes: dict, dtype="float32",
         rules = FLAX_PATH_RULES
     routes, unexpected = {}, []
     for key in checkpoint.keys():
-        rule, targets = _route(rules, key)
+        rule, targets = route(rules, key)
         if rule is None or not all(t in shapes for t in targets):
             unexpected.append(key)
         else:
