@@ -9,7 +9,8 @@ factors (and optionally `alpha`) under names in one of these formats, told apart
 - "kohya": `lora_unet_` / `lora_te1_` (or `lora_te_`) / `lora_te2_` and the module path with
   underscores for dots, `.lora_down` / `.lora_up` / `.alpha`. The UNet names are diffusers' (SD1.5)
   or the original LDM ones (SDXL: `input_blocks_4_1_...`); Flux names are BFL's fused layout;
-- "comfyui": `diffusion_model.` + original (LDM / BFL) module paths, kohya's factor names;
+- "comfyui": `diffusion_model.` + original (LDM / BFL) module paths, kohya's factor names (and
+  `text_encoders.clip_l.transformer.` + transformers' names for Flux's CLIP);
 - "xlabs": XLabs' Flux names (`double_blocks.N.processor.qkv_lora1.down.weight`, ...).
 
 Each layer becomes a `LoraLayer` naming its component (`denoiser`, `text_encoder`,
@@ -42,7 +43,8 @@ DIFFUSERS_PREFIXES = {"unet": "denoiser", "transformer": "denoiser", "text_encod
                       "text_encoder_2": "text_encoder_2"}
 KOHYA_PREFIXES = {"lora_unet": "denoiser", "lora_te": "text_encoder", "lora_te1": "text_encoder",
                   "lora_te2": "text_encoder_2"}
-COMFYUI_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+COMFYUI_PREFIXES = {"model.diffusion_model.": "denoiser", "diffusion_model.": "denoiser",
+                    "text_encoders.clip_l.transformer.": "text_encoder"}  # the last: Flux's CLIP-L
 
 # (layer name, role) from the end of a key; longer suffixes first.
 _FACTOR_SUFFIXES = [
@@ -110,7 +112,7 @@ def detect_format(keys) -> str:
         return "diffusers"
     if any(".processor." in k and re.search(r"(qkv|proj)_lora\d?\.", k) for k in keys):
         return "xlabs"
-    if any(k.startswith(COMFYUI_PREFIXES) for k in keys):
+    if any(k.startswith(tuple(COMFYUI_PREFIXES)) for k in keys):
         return "comfyui"
     raise LoraError(f"not a LoRA file of a known format ({', '.join(FORMATS)}); its first keys: "
                     + ", ".join(keys[:4]))
@@ -146,9 +148,9 @@ def _place(fmt: str, name: str):
         match = re.fullmatch(r"(lora_unet|lora_te[12]?)_(.+)", name)
         return (KOHYA_PREFIXES[match.group(1)], dotted(match.group(2))) if match else None
     if fmt == "comfyui":
-        for prefix in COMFYUI_PREFIXES:
+        for prefix, component in COMFYUI_PREFIXES.items():
             if name.startswith(prefix):
-                return "denoiser", name[len(prefix):]
+                return component, name[len(prefix):]
         return None
     name = name.removeprefix("diffusion_model.")  # xlabs
     if match := re.fullmatch(r"double_blocks\.(\d+)\.processor\.(\w+)", name):
