@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nag_jax.guidance import nag_step_split
-from nag_jax.intercept import guidance_of
+from nag_jax.intercept import guidance_of, layer_paths, track_layers
 from nag_jax.sampler import Conditioning, GuidancePlan, Sampler, Scales, resolve_parallel
 
 # diffusers pipeline class (model_index.json "_class_name") -> "module:Family"
@@ -211,19 +211,20 @@ class NAGPipeline:
         self._guided_layers = None  # {module path: guidance its transform implements}, found on first use
 
     def _layers_with_guidance(self, latents, timestep, conditioning) -> dict[str, frozenset]:
-        """Every module call of the denoiser that has a guidance transform: its path ("/"-joined)
-        and what the transform implements. Found once per pipeline by tracing one row's shapes."""
+        """Every module call of the denoiser that has a guidance transform: its path ("/"-joined;
+        one per layer of scanned blocks, `layer_paths`) and what the transform implements. Found
+        once per pipeline by tracing one row's shapes."""
         if self._guided_layers is None:
             seen = {}
 
             def record(next_fun, args, kwargs, context):
                 guidance = guidance_of(type(context.module), context.method_name)
                 if guidance:
-                    seen["/".join(context.module.path)] = guidance
+                    seen.update(dict.fromkeys(layer_paths(context.module), guidance))
                 return next_fun(*args, **kwargs)
 
             one_row = jax.tree.map(lambda leaf: leaf[:1], conditioning)
-            with nn.intercept_methods(record):
+            with nn.intercept_methods(track_layers(record)):
                 jax.eval_shape(lambda p, x, c: self.family.denoise(p, x, timestep, c), self.family.params, latents,
                                one_row)
             self._guided_layers = seen
