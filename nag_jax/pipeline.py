@@ -48,12 +48,14 @@ class Family:
     own call arguments), and for PAG `pag_layer_names` (regular expressions over our attention
     cores' module paths, "/"-joined, each with the diffusers module name it stands for, so
     `pag_applied_layers` means what it does in diffusers) and `pag_applied_layers` (the default;
-    none: the family has no PAG).
+    none: the family has no PAG), `stacked_params` ('/'-joined paths in `params` of blocks run
+    under scan, stacked along a leading layer axis, which model parallelism never splits).
     """
 
     options: tuple[str, ...] = ()
     pag_layer_names: tuple[tuple[str, str], ...] = ()
     pag_applied_layers: tuple[str, ...] = ()
+    stacked_params: tuple[str, ...] = ()
     option_defaults: dict = {}  # values of the family's own options when the call leaves them out (read-only)
     cfg_argument = "guidance_scale"  # Flux: its own true_cfg_scale (its guidance_scale is distilled guidance)
     name: str
@@ -207,7 +209,7 @@ class NAGPipeline:
 
     def __init__(self, family: Family, model_parallel: int = 1):
         self.family = family
-        self.sampler = Sampler(family.denoise, model_parallel)
+        self.sampler = Sampler(family.denoise, model_parallel, family.stacked_params)
         self._guided_layers = None  # {module path: guidance its transform implements}, found on first use
 
     def _layers_with_guidance(self, latents, timestep, conditioning) -> dict[str, frozenset]:
