@@ -15,10 +15,12 @@ factors (and optionally `alpha`) under names in one of these formats, told apart
 
 Each layer becomes a `LoraLayer` naming its component (`denoiser`, `text_encoder`,
 `text_encoder_2`) and the module path in a naming the component's converter reads (diffusers,
-transformers, LDM, BFL). Placing it is one function per family (`TARGET_FUNCTIONS`): the
-module's `.weight` key goes through the same key map the converter uses, which says which of our
-parameters it lands on and how the torch-layout update is rearranged (transposed, split in
-q/k/v, ...). Nothing here touches parameters; nag_jax/lora.py merges.
+transformers, LDM, BFL). Placing it is one function per family (`unet_targets`, `clip_targets`,
+`flux_targets`, `sd3_targets`): the module's `.weight` key goes through the same key map the
+converter uses, which says which of our parameters it lands on (for blocks run under scan: the
+stacked parameter and the layer's index along its leading axis, `convert.mapping.stacked_location`)
+and how the torch-layout update is rearranged (transposed, split in q/k/v, ...). Nothing here
+touches parameters; nag_jax/lora.py merges.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 from convert.checkpoint import Checkpoint
 from convert.clip import CLIP_RULES
 from convert.flux import BFL_RULES, DIFFUSERS_RULES as FLUX_DIFFUSERS_RULES
-from convert.mapping import route
+from convert.mapping import route, stacked_location
 from convert.sd3 import diffusers_rules as sd3_diffusers_rules
 from convert.single_file import unet_renamer
 from convert.unet import UNET_RULES
@@ -213,12 +215,15 @@ def read_lora_layers(checkpoint: Checkpoint) -> tuple[str, list[LoraLayer], list
     return fmt, layers, unplaced
 
 
-def _routed(rules) -> Callable[[str], list[Target]]:
-    """Targets of a module path by a converter's key map (its `.weight` rule); [] if none matches."""
+def _routed(rules, stacks=()) -> Callable[[str], list[Target]]:
+    """Targets of a module path by a converter's key map (its `.weight` rule) and the model's
+    stacked layers (`LayerStack`s of blocks run under scan); [] if no rule matches."""
 
     def targets(module: str) -> list[Target]:
         rule, paths = route(rules, module + ".weight")
-        return [] if rule is None else [Target(p, None, rule.layout, i) for i, p in enumerate(paths)]
+        if rule is None:
+            return []
+        return [Target(*stacked_location(path, stacks), rule.layout, part) for part, path in enumerate(paths)]
 
     return targets
 
@@ -241,5 +246,13 @@ def unet_targets(layers_per_block) -> Callable[[str], list[Target]]:
 
 
 clip_targets = _routed(CLIP_RULES)
-flux_targets = _routed(FLUX_DIFFUSERS_RULES + BFL_RULES)  # diffusers names, and BFL's fused ones
-sd3_targets = _routed(sd3_diffusers_rules())
+
+
+def flux_targets(model) -> Callable[[str], list[Target]]:
+    """Flux's: diffusers module paths and BFL's fused ones, onto the model's stacked blocks."""
+    return _routed(FLUX_DIFFUSERS_RULES + BFL_RULES, model.layer_stacks)
+
+
+def sd3_targets(module) -> Callable[[str], list[Target]]:
+    """SD3's: diffusers module paths, onto the model's stacked joint blocks."""
+    return _routed(sd3_diffusers_rules(), module.layer_stacks)

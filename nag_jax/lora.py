@@ -35,11 +35,11 @@ COMPONENTS = {
         "text_encoder_2": ("encoder_params", 1, lambda f: clip_targets),
     },
     "FluxFamily": {
-        "denoiser": ("params", None, lambda f: flux_targets),
+        "denoiser": ("params", None, lambda f: flux_targets(f.transformer)),
         "text_encoder": ("clip_params", None, lambda f: clip_targets),
     },
     "SD3Family": {
-        "denoiser": ("params", None, lambda f: sd3_targets),
+        "denoiser": ("params", None, lambda f: sd3_targets(f.transformer)),
         "text_encoder": ("clip_params", 0, lambda f: clip_targets),
         "text_encoder_2": ("clip_params", 1, lambda f: clip_targets),
     },
