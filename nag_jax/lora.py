@@ -104,7 +104,7 @@ def _plan(layers, components, flat_params, targets_of):
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "picks"))
-def _merge_layer(bases, down, up, coefficient, layout: str, picks: tuple):
+def _merged_leaves(bases, down, up, coefficient, layout: str, picks: tuple):
     """`bases` with (alpha / rank) * scale * up @ down added, rearranged by `layout`; `picks` gives each
     base's (part of the layout's output, index on the stacked layer axis or None)."""
     rank = down.shape[0]
@@ -121,10 +121,11 @@ def _merge_layer(bases, down, up, coefficient, layout: str, picks: tuple):
     return tuple(merged)
 
 
-def _apply(flat: dict, layer: LoraLayer, targets: list[Target], scale: float):
+def merge_layer(flat: dict, layer: LoraLayer, targets: list[Target], scale: float):
+    """Add `layer`'s update times `scale` to its `targets` in the flat parameter dict `flat` (in place)."""
     bases = tuple(flat[t.path] for t in targets)
     coefficient = np.float32(scale * layer.alpha / layer.down.shape[0])
-    merged = _merge_layer(bases, layer.down, layer.up, coefficient, targets[0].layout,
+    merged = _merged_leaves(bases, layer.down, layer.up, coefficient, targets[0].layout,
                           tuple((t.part, t.layer) for t in targets))
     for target, base, new in zip(targets, bases, merged):
         # a sharded parameter (model_parallel) keeps its placement
@@ -151,7 +152,7 @@ def load_lora_weights(pipeline, path, scale: float = 1.0) -> int:
     if not hasattr(pipeline, "lora_base"):
         pipeline.lora_base = {name: _get(family, entry) for name, entry in components.items()}
     for layer, targets in plan:
-        _apply(flat_params[layer.component], layer, targets, float(scale))
+        merge_layer(flat_params[layer.component], layer, targets, float(scale))
     touched = {layer.component for layer, _ in plan}
     for name in touched:
         _set(family, components[name], traverse_util.unflatten_dict(flat_params[name], sep="/"))
