@@ -14,7 +14,6 @@ component -> family attribute, list index, target function). Wan is not in it ye
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import jax
@@ -103,8 +102,7 @@ def _plan(layers, components, flat_params, targets_of):
     return plan, unplaced, misshaped
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "picks"))
-def _merged_leaves(bases, down, up, coefficient, layout: str, picks: tuple):
+def _add_update(bases, down, up, coefficient, layout: str, picks: tuple):
     """`bases` with (alpha / rank) * scale * up @ down added, rearranged by `layout`; `picks` gives each
     base's (part of the layout's output, index on the stacked layer axis or None)."""
     rank = down.shape[0]
@@ -121,15 +119,26 @@ def _merged_leaves(bases, down, up, coefficient, layout: str, picks: tuple):
     return tuple(merged)
 
 
-def merge_layer(flat: dict, layer: LoraLayer, targets: list[Target], scale: float):
-    """Add `layer`'s update times `scale` to its `targets` in the flat parameter dict `flat` (in place)."""
+# Compiled once per shape. The in-place form reuses the buffers of arrays this load already made
+# (a stacked parameter gets one layer at a time: without it each layer would copy the whole stack).
+_merged = jax.jit(_add_update, static_argnames=("layout", "picks"))
+_merged_in_place = jax.jit(_add_update, static_argnames=("layout", "picks"), donate_argnames="bases")
+
+
+def merge_layer(flat: dict, layer: LoraLayer, targets: list[Target], scale: float, owned: set | None = None):
+    """Add `layer`'s update times `scale` to its `targets` in the flat parameter dict `flat`. Paths in
+    `owned` hold arrays nothing else refers to, updated in place; the merged paths are added to it."""
+    owned = set() if owned is None else owned
     bases = tuple(flat[t.path] for t in targets)
     coefficient = np.float32(scale * layer.alpha / layer.down.shape[0])
-    merged = _merged_leaves(bases, layer.down, layer.up, coefficient, targets[0].layout,
-                          tuple((t.part, t.layer) for t in targets))
-    for target, base, new in zip(targets, bases, merged):
+    merge = _merged_in_place if all(t.path in owned for t in targets) else _merged
+    shardings = [base.sharding if isinstance(base, jax.Array) else None for base in bases]
+    merged = merge(bases, layer.down, layer.up, coefficient, targets[0].layout,
+                   tuple((t.part, t.layer) for t in targets))
+    for target, sharding, new in zip(targets, shardings, merged):
         # a sharded parameter (model_parallel) keeps its placement
-        flat[target.path] = jax.device_put(new, base.sharding) if isinstance(base, jax.Array) else new
+        flat[target.path] = new if sharding is None else jax.device_put(new, sharding)
+        owned.add(target.path)
 
 
 def load_lora_weights(pipeline, path, scale: float = 1.0) -> int:
@@ -151,8 +160,9 @@ def load_lora_weights(pipeline, path, scale: float = 1.0) -> int:
         raise LoraError(f"{path}: looks like a {fmt} LoRA file, but " + "; ".join(problems) + "; nothing was loaded")
     if not hasattr(pipeline, "lora_base"):
         pipeline.lora_base = {name: _get(family, entry) for name, entry in components.items()}
+    owned = {name: set() for name in components}
     for layer, targets in plan:
-        merge_layer(flat_params[layer.component], layer, targets, float(scale))
+        merge_layer(flat_params[layer.component], layer, targets, float(scale), owned[layer.component])
     touched = {layer.component for layer, _ in plan}
     for name in touched:
         _set(family, components[name], traverse_util.unflatten_dict(flat_params[name], sep="/"))

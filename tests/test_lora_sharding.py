@@ -1,5 +1,5 @@
 """Merging a LoRA into parameters split over devices (model_parallel) keeps every parameter's
-sharding: one subprocess with 4 simulated CPU devices (XLA_FLAGS must be set before JAX starts)."""
+sharding, and merges into one layer of a stacked parameter (in place after the first): one subprocess with 4 simulated CPU devices (XLA_FLAGS must be set before JAX starts)."""
 
 import os
 import subprocess
@@ -25,7 +25,9 @@ fused = LoraLayer("denoiser", "qkv", rng.standard_normal((8, 256), np.float32),
 merge_layer(flat, fused, [Target(p, None, "fused_qkv_linear", i) for i, p in enumerate(("q/kernel", "k/kernel", "v/kernel"))], 0.5)
 layer = LoraLayer("denoiser", "block", rng.standard_normal((8, 256), np.float32),
                   rng.standard_normal((256, 8), np.float32), 4.0, "block")
-merge_layer(flat, layer, [Target("stack/kernel", 2, "linear", 0)], 1.0)
+owned = set()
+merge_layer(flat, layer, [Target("stack/kernel", 2, "linear", 0)], 1.0, owned)
+merge_layer(flat, layer, [Target("stack/kernel", 0, "linear", 0)], -1.0, owned)  # into the array just made
 assert len(jax.devices()) == 4 and not before["q/kernel"].is_fully_replicated
 for path, leaf in flat.items():
     assert leaf.sharding == before[path], (path, leaf.sharding, before[path])
@@ -33,7 +35,8 @@ delta = 0.5 * (fused.up @ fused.down).T  # alpha / rank = 1
 np.testing.assert_allclose(np.asarray(flat["k/kernel"]), base["k/kernel"] + delta[:, 512:1024], atol=1e-4)
 stacked = np.asarray(flat["stack/kernel"])
 np.testing.assert_allclose(stacked[2], base["stack/kernel"][2] + 0.5 * (layer.up @ layer.down).T, atol=1e-4)
-assert np.array_equal(np.delete(stacked, 2, axis=0), np.delete(base["stack/kernel"], 2, axis=0))
+np.testing.assert_allclose(stacked[0], base["stack/kernel"][0] - 0.5 * (layer.up @ layer.down).T, atol=1e-4)
+assert np.array_equal(stacked[[1, 3]], base["stack/kernel"][[1, 3]])
 print("ok")
 """
 
