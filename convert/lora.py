@@ -167,7 +167,8 @@ def _place(fmt: str, name: str):
 
 
 def _peft_alphas(checkpoint: Checkpoint) -> dict[str, float]:
-    """component -> lora_alpha / r... as PEFT's config in diffusers' `lora_adapter_metadata` says, when given."""
+    """component -> PEFT's `lora_alpha`, from the `lora_adapter_metadata` header diffusers'
+    `save_lora_weights` writes (the update is then lora_alpha / r times up @ down); {} without it."""
     raw = checkpoint.metadata.get("lora_adapter_metadata")
     if not raw:
         return {}

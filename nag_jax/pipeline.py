@@ -259,7 +259,8 @@ class NAGPipeline:
         return frozenset(selected)
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, loras=(), **family_options) -> "NAGPipeline":
+    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, loras=(),
+                        **family_options) -> "NAGPipeline":
         """Load a diffusers-format folder; `dtype` is "float32", "bfloat16" or "float16".
 
         `model_parallel` > 1 splits the denoiser's parameters over that many devices (a model

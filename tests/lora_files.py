@@ -7,9 +7,13 @@
   factors under the documented names.
 - `reference_images`: diffusers' pipeline with LoRA files loaded by its `load_lora_weights` and
   weighted by `set_adapters` (diffusers' way of scaling LoRAs), unloaded afterwards.
+- `assert_matches_diffusers`: our image with LoRAs loaded against that reference, the LoRAs'
+  effect, and the image after unloading.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,6 +73,21 @@ def reference_images(pipe, loras, generate):
             return generate()
     finally:
         pipe.unload_lora_weights()
+
+
+def assert_matches_diffusers(ours, theirs, loras, our_image, their_image, base_image, moves=1e-2):
+    """Our pipeline `ours` with `loras` [(path, scale)] gives diffusers' image (within 1e-3), moved
+    from `base_image` by more than `moves`; unloaded, exactly `base_image` again.
+    `our_image()` / `their_image()` generate with each pipeline."""
+    for path, scale in loras:
+        ours.load_lora_weights(path, scale)
+    image = our_image()
+    ours.unload_lora_weights()
+    np.testing.assert_allclose(image, reference_images(theirs, loras, their_image), atol=1e-3)
+    moved = np.abs(image - base_image).max()
+    print(f"LoRA {[(Path(p).name, s) for p, s in loras]} moves the image by {moved:.3f}")
+    assert moved > moves
+    assert np.array_equal(our_image(), base_image)
 
 
 KOHYA = (".lora_down.weight", ".lora_up.weight")

@@ -15,7 +15,7 @@ from diffusers import FluxPipeline
 from safetensors.numpy import load_file, save_file
 
 import nag_jax
-from lora_files import KOHYA, PEFT, XLABS, reference_images, save_factors, save_peft_lora
+from lora_files import KOHYA, PEFT, XLABS, assert_matches_diffusers, reference_images, save_factors, save_peft_lora
 from test_pipeline_flux import NAG, SIZE, diffusers_images, ours
 from tiny_flux_pipeline import MAX_SEQUENCE_LENGTH, make_flux_pipeline
 
@@ -79,17 +79,8 @@ def base_image(setup):
                                    [("xlabs", 1.0)], [("kohya", 1.0), ("peft", 0.7)]])
 def test_lora_matches_diffusers_and_unloads_exactly(setup, base_image, loras):
     our_pipe, their_pipe, files = setup
-    loras = [(files[name], scale) for name, scale in loras]
-    for path, scale in loras:
-        our_pipe.load_lora_weights(path, scale)
-    image = ours(our_pipe)
-    our_pipe.unload_lora_weights()
-    reference = reference_images(their_pipe, loras, lambda: diffusers_images(their_pipe))
-    np.testing.assert_allclose(image, reference, atol=1e-3)
-    moved = np.abs(image - base_image).max()
-    print(f"LoRA {[(p.name, s) for p, s in loras]} moves the image by {moved:.3f}")
-    assert moved > MOVES
-    assert np.array_equal(ours(our_pipe), base_image)
+    assert_matches_diffusers(our_pipe, their_pipe, [(files[name], scale) for name, scale in loras],
+                             lambda: ours(our_pipe), lambda: diffusers_images(their_pipe), base_image)
 
 
 def test_lora_with_nag_matches_reference(setup):

@@ -10,7 +10,7 @@ import pytest
 from diffusers import StableDiffusion3Pipeline
 
 import nag_jax
-from lora_files import reference_images, save_peft_lora
+from lora_files import assert_matches_diffusers, reference_images, save_peft_lora
 from test_pipeline_sd3 import generate, reference
 from tiny_sd3_pipeline import make_sd3_pipeline
 
@@ -28,8 +28,8 @@ def setup(tmp_path_factory):
         "peft": save_peft_lora(theirs, files / "peft.safetensors", {
             "transformer": ["to_q", "to_k", "to_v", "add_q_proj", "to_add_out", "ff.net.2"],
             "text_encoder": ["q_proj", "out_proj"], "text_encoder_2": ["v_proj", "fc2"]}),
-        "second": save_peft_lora(theirs, files / "second.safetensors", {"transformer": ["to_out.0", "ff_context.net.0.proj"]},
-                                 rank=2, alpha=4.0, seed=1),
+        "second": save_peft_lora(theirs, files / "second.safetensors",
+                                 {"transformer": ["to_out.0", "ff_context.net.0.proj"]}, rank=2, alpha=4.0, seed=1),
     }
     return nag_jax.NAGPipeline.from_pretrained(folder), theirs, loras
 
@@ -42,17 +42,8 @@ def base_image(setup):
 @pytest.mark.parametrize("loras", [[("peft", 1.0)], [("peft", 0.7)], [("peft", 1.0), ("second", 0.7)]])
 def test_lora_matches_diffusers_and_unloads_exactly(setup, base_image, loras):
     ours, theirs, files = setup
-    loras = [(files[name], scale) for name, scale in loras]
-    for path, scale in loras:
-        ours.load_lora_weights(path, scale)
-    image = generate(ours, LATENTS, 1.0)
-    ours.unload_lora_weights()
-    want = reference_images(theirs, loras, lambda: reference(theirs, LATENTS, 1.0))
-    np.testing.assert_allclose(image, want, atol=1e-3)
-    moved = np.abs(image - base_image).max()
-    print(f"LoRA {[(p.name, s) for p, s in loras]} moves the image by {moved:.3f}")
-    assert moved > MOVES
-    assert np.array_equal(generate(ours, LATENTS, 1.0), base_image)
+    assert_matches_diffusers(ours, theirs, [(files[name], scale) for name, scale in loras],
+                             lambda: generate(ours, LATENTS, 1.0), lambda: reference(theirs, LATENTS, 1.0), base_image)
 
 
 def test_lora_with_nag_matches_reference(setup):

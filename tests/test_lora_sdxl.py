@@ -1,8 +1,8 @@
 """LoRA files on a tiny SDXL pipeline: our merged images equal diffusers' `load_lora_weights`.
 
 Files: PEFT (UNet attention + resnet convs, both text encoders, written by diffusers'
-`save_lora_weights`), a second PEFT file to stack, and a kohya file under SDXL's LDM names with
-LoCon (conv) layers and both text encoders. Images in [0, 1] agree within 1e-3; each LoRA moves
+`save_lora_weights`), a second PEFT file to stack, a kohya file under SDXL's LDM names with
+LoCon (conv) layers and both text encoders, and one under diffusers' module names. Images in [0, 1] agree within 1e-3; each LoRA moves
 the image by far more. Unloading gives back the image from before, bit for bit.
 """
 
@@ -14,14 +14,14 @@ from diffusers import StableDiffusionXLPipeline
 import nag_jax
 from convert.checkpoint import CheckpointError
 from convert.lora import LoraError
-from lora_files import KOHYA, reference_images, save_factors, save_peft_lora
+from lora_files import KOHYA, assert_matches_diffusers, reference_images, save_factors, save_peft_lora
 from tiny_pipelines import make_sd_pipeline
 from torch_nag import install_nag, with_nag_context
 
 PROMPT, STEPS = "a photo of a cat", 2
 NAG = dict(nag_negative_prompt="a dog", nag_scale=3.0, nag_alpha=0.5, nag_tau=2.5)
 LATENTS = np.random.default_rng(3).standard_normal((1, 4, 16, 16)).astype(np.float32)
-MOVES = 1e-2  # every LoRA must move the image by more than this (10x the tolerance)
+MOVES = 1e-2  # NAG must move the image by more than this (10x the tolerance), as each LoRA must
 
 
 def kohya_layers():
@@ -58,6 +58,11 @@ def setup(tmp_path_factory):
         "peft_second": save_peft_lora(theirs, files / "second.safetensors", {"unet": ["ff.net.0.proj", "proj_out"]},
                                       rank=2, alpha=2.0, seed=1),
         "kohya": save_factors(files / "kohya.safetensors", kohya_layers()),
+        # kohya's names on a diffusers-layout UNet (as it writes SD1.5 LoRAs), LoCon on a resnet too
+        "kohya_diffusers_names": save_factors(files / "kohya_names.safetensors", {
+            "lora_unet_down_blocks_1_attentions_1_transformer_blocks_1_attn2_to_v": ((4, 48), (64, 4), 2.0, KOHYA),
+            "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2": ((4, 256), (64, 4), 2.0, KOHYA),
+            "lora_unet_up_blocks_1_resnets_2_conv1": ((4, 64, 3, 3), (32, 4, 1, 1), 4.0, KOHYA)}, seed=5, gain=1.0),
     }
     ours = nag_jax.NAGPipeline.from_pretrained(folder)
     return ours, theirs, loras, files
@@ -79,32 +84,19 @@ def base_image(setup):
 
 
 @pytest.mark.parametrize("loras", [[("peft", 1.0)], [("peft", 0.7)], [("kohya", 1.0)], [("kohya", 0.7)],
-                                   [("peft", 1.0), ("peft_second", 0.7)]])
+                                   [("kohya_diffusers_names", 1.0)], [("peft", 1.0), ("peft_second", 0.7)]])
 def test_lora_matches_diffusers_and_unloads_exactly(setup, base_image, loras):
     ours, theirs, files, _ = setup
-    loras = [(files[name], scale) for name, scale in loras]
-    for path, scale in loras:
-        ours.load_lora_weights(path, scale)
-    image = ours_image(ours)
-    ours.unload_lora_weights()
-    reference = reference_images(theirs, loras, lambda: theirs_image(theirs))
-    np.testing.assert_allclose(image, reference, atol=1e-3)
-    moved = np.abs(image - base_image).max()
-    print(f"LoRA {[(p.name, s) for p, s in loras]} moves the image by {moved:.3f}")
-    assert moved > MOVES
-    assert np.array_equal(ours_image(ours), base_image)
+    assert_matches_diffusers(ours, theirs, [(files[name], scale) for name, scale in loras], lambda: ours_image(ours),
+                             lambda: theirs_image(theirs), base_image)
 
 
 def test_text_encoder_part_alone_changes_the_image(setup, base_image, tmp_path):
     """The kohya file's text-encoder layers on their own: the prompt encoding changes the image."""
     ours, theirs, _, _ = setup
     path = save_factors(tmp_path / "te.safetensors", {k: v for k, v in kohya_layers().items() if "_te" in k}, gain=3.0)
-    ours.load_lora_weights(path)
-    image = ours_image(ours)
-    ours.unload_lora_weights()
-    reference = reference_images(theirs, [(path, 1.0)], lambda: theirs_image(theirs))
-    np.testing.assert_allclose(image, reference, atol=1e-3)
-    assert np.abs(image - base_image).max() > MOVES
+    assert_matches_diffusers(ours, theirs, [(path, 1.0)], lambda: ours_image(ours), lambda: theirs_image(theirs),
+                             base_image)
 
 
 def test_scale_zero_is_no_lora(setup, base_image):

@@ -1,5 +1,6 @@
 """Merging a LoRA into parameters split over devices (model_parallel) keeps every parameter's
-sharding, and merges into one layer of a stacked parameter (in place after the first): one subprocess with 4 simulated CPU devices (XLA_FLAGS must be set before JAX starts)."""
+sharding, and merges into one layer of a stacked parameter (in place after the first): one
+subprocess with 4 simulated CPU devices (XLA_FLAGS must be set before JAX starts)."""
 
 import os
 import subprocess
@@ -22,7 +23,8 @@ before = {path: leaf.sharding for path, leaf in flat.items()}
 base = {path: np.asarray(leaf) for path, leaf in flat.items()}
 fused = LoraLayer("denoiser", "qkv", rng.standard_normal((8, 256), np.float32),
                   rng.standard_normal((1536, 8), np.float32), 8.0, "qkv")
-merge_layer(flat, fused, [Target(p, None, "fused_qkv_linear", i) for i, p in enumerate(("q/kernel", "k/kernel", "v/kernel"))], 0.5)
+qkv = [Target(path, None, "fused_qkv_linear", part) for part, path in enumerate(("q/kernel", "k/kernel", "v/kernel"))]
+merge_layer(flat, fused, qkv, 0.5)
 layer = LoraLayer("denoiser", "block", rng.standard_normal((8, 256), np.float32),
                   rng.standard_normal((256, 8), np.float32), 4.0, "block")
 owned = set()
