@@ -75,8 +75,8 @@ def base_image(setup):
     return ours(setup[0])
 
 
-@pytest.mark.parametrize("loras", [[("peft", 1.0)], [("peft", 0.7)], [("kohya", 1.0)], [("comfyui", 0.7)],
-                                   [("xlabs", 1.0)], [("kohya", 1.0), ("peft", 0.7)]])
+@pytest.mark.parametrize("loras", [[("peft", 1.0)], [("kohya", 1.0)], [("comfyui", 0.7)], [("xlabs", 1.0)],
+                                   [("kohya", 1.0), ("peft", 0.7)]])
 def test_lora_matches_diffusers_and_unloads_exactly(setup, base_image, loras):
     our_pipe, their_pipe, files = setup
     assert_matches_diffusers(our_pipe, their_pipe, [(files[name], scale) for name, scale in loras],

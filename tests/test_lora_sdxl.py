@@ -83,8 +83,8 @@ def base_image(setup):
     return ours_image(setup[0])
 
 
-@pytest.mark.parametrize("loras", [[("peft", 1.0)], [("peft", 0.7)], [("kohya", 1.0)], [("kohya", 0.7)],
-                                   [("kohya_diffusers_names", 1.0)], [("peft", 1.0), ("peft_second", 0.7)]])
+@pytest.mark.parametrize("loras", [[("peft", 1.0)], [("peft", 0.7)], [("kohya", 0.7)], [("kohya_diffusers_names", 1.0)],
+                                   [("peft", 1.0), ("peft_second", 0.7)]])
 def test_lora_matches_diffusers_and_unloads_exactly(setup, base_image, loras):
     ours, theirs, files, _ = setup
     assert_matches_diffusers(ours, theirs, [(files[name], scale) for name, scale in loras], lambda: ours_image(ours),
