@@ -9,12 +9,13 @@ the image by far more. Unloading gives back the image from before, bit for bit.
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline, TCDScheduler
 
 import nag_jax
 from convert.checkpoint import CheckpointError
 from convert.lora import LoraError
 from lora_files import KOHYA, assert_matches_diffusers, reference_images, save_factors, save_peft_lora
+from test_pipeline_unet import our_step_noise
 from tiny_pipelines import make_sd_pipeline
 from torch_nag import install_nag, with_nag_context
 
@@ -129,6 +130,33 @@ def test_bad_file_is_one_error_and_changes_nothing(setup, problem):
         assert "kohya" in str(error.value)
     assert params[0] is ours.family.params and params[1] is ours.family.encoder_params
     assert not hasattr(ours, "lora_base")
+
+
+def test_tcd_with_eta_and_a_lora_matches_diffusers(setup, monkeypatch):
+    """Hyper-SD's recipe: its LoRA with TCDScheduler and eta > 0 (fresh noise each step, the same on
+    both sides), no CFG, 2 steps."""
+    ours, theirs, files, _ = setup
+    folder = theirs.config._name_or_path
+    tcd = nag_jax.NAGPipeline.from_pretrained(folder, scheduler="tcd", loras=[(files["peft"], 0.7)])
+    image = tcd(PROMPT, guidance_scale=1.0, num_inference_steps=STEPS, latents=LATENTS, output_type="np",
+                eta=0.3).images
+    noise, calls = our_step_noise(0, 1, LATENTS.shape[1:]), []
+
+    def same_noise(shape, generator=None, device=None, dtype=None, layout=None):
+        calls.append(None)
+        return torch.from_numpy(noise(len(calls) - 1)).to(dtype)
+
+    monkeypatch.setattr("diffusers.schedulers.scheduling_tcd.randn_tensor", same_noise)
+    default_scheduler = theirs.scheduler
+    theirs.scheduler = TCDScheduler.from_config(default_scheduler.config)
+    try:
+        reference = reference_images(theirs, [(files["peft"], 0.7)], lambda: theirs(
+            PROMPT, guidance_scale=1.0, num_inference_steps=STEPS, latents=torch.from_numpy(LATENTS),
+            output_type="np", eta=0.3).images)
+    finally:
+        theirs.scheduler = default_scheduler
+    assert len(calls) == STEPS - 1  # the last step adds no noise
+    np.testing.assert_allclose(image, reference, atol=1e-3)
 
 
 def test_lora_with_nag_matches_reference(setup, base_image):
