@@ -70,7 +70,7 @@ def _read_safetensors_header(path: Path):
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    metadata = header.pop("__metadata__", None) or {}
+    header.pop("__metadata__", None)
     data_start = 8 + header_len
     for key, entry in header.items():
         start, end = entry["data_offsets"]
@@ -79,19 +79,17 @@ def _read_safetensors_header(path: Path):
         expected = int(np.prod(entry["shape"], dtype=np.int64)) * _SAFETENSORS_DTYPES[entry["dtype"]].itemsize
         if end - start != expected or data_start + end > size:
             raise CheckpointError(f"{path}: truncated or corrupt safetensors file (tensor {key!r} out of bounds)")
-    return header, data_start, metadata
+    return header, data_start
 
 
 class Checkpoint:
     """A read-only mapping from tensor name to numpy array, reading on demand."""
 
-    def __init__(self, tensors: dict[str, tuple], description: str, flax_paths: bool = False,
-                 metadata: dict | None = None):
+    def __init__(self, tensors: dict[str, tuple], description: str, flax_paths: bool = False):
         # name -> (loader() -> np.ndarray, shape)
         self._tensors = tensors
         self.description = description
         self.flax_paths = flax_paths  # keys are already Flax parameter paths (a converted folder)
-        self.metadata = metadata or {}  # a single safetensors file's header `__metadata__` strings
 
     def keys(self):
         return self._tensors.keys()
@@ -117,11 +115,11 @@ class Checkpoint:
             new = rename(key)
             if new is not None:
                 out[new] = entry
-        return Checkpoint(out, self.description, self.flax_paths, self.metadata)
+        return Checkpoint(out, self.description, self.flax_paths)
 
 
-def _safetensors_tensors(path: Path) -> tuple[dict[str, tuple], dict]:
-    header, data_start, metadata = _read_safetensors_header(path)
+def _safetensors_tensors(path: Path) -> dict[str, tuple]:
+    header, data_start = _read_safetensors_header(path)
     memory = np.memmap(path, dtype=np.uint8, mode="r")
     tensors = {}
     for key, entry in header.items():
@@ -133,7 +131,7 @@ def _safetensors_tensors(path: Path) -> tuple[dict[str, tuple], dict]:
             return memory[data_start + start : data_start + end].view(dtype).reshape(shape)
 
         tensors[key] = (load, shape)
-    return tensors, metadata
+    return tensors
 
 
 def _sharded_tensors(index_path: Path) -> dict[str, tuple]:
@@ -146,7 +144,7 @@ def _sharded_tensors(index_path: Path) -> dict[str, tuple]:
         shard_path = index_path.parent / shard
         if not shard_path.exists():
             raise CheckpointError(f"{index_path}: shard {shard} is missing")
-        shard_tensors, _ = _safetensors_tensors(shard_path)
+        shard_tensors = _safetensors_tensors(shard_path)
         for key, name in weight_map.items():
             if name == shard:
                 if key not in shard_tensors:
@@ -200,8 +198,7 @@ def open_checkpoint(path, *, allow_pickle: bool = False) -> Checkpoint:
     if name.endswith(".safetensors.index.json"):
         return Checkpoint(_sharded_tensors(path), str(path))
     if name.endswith(".safetensors"):
-        tensors, metadata = _safetensors_tensors(path)
-        return Checkpoint(tensors, str(path), flax_paths=name == FLAX_PARAMS_FILE, metadata=metadata)
+        return Checkpoint(_safetensors_tensors(path), str(path), flax_paths=name == FLAX_PARAMS_FILE)
     if name.endswith(PICKLE_SUFFIXES):
         if not allow_pickle:
             raise CheckpointError(
@@ -211,3 +208,11 @@ def open_checkpoint(path, *, allow_pickle: bool = False) -> Checkpoint:
         return Checkpoint(_pickle_tensors(path), str(path))
     raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors or a pickle with opt-in)")
 
+
+
+def safetensors_metadata(path) -> dict[str, str]:
+    """The free-form `__metadata__` strings in the header of a safetensors file that
+    `open_checkpoint` has read (so the header is known to be sound); {} when there are none."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(header_len)).get("__metadata__") or {}

@@ -166,10 +166,10 @@ def _place(fmt: str, name: str):
     return None
 
 
-def _peft_alphas(checkpoint: Checkpoint) -> dict[str, float]:
+def _peft_alphas(checkpoint: Checkpoint, metadata: dict) -> dict[str, float]:
     """component -> PEFT's `lora_alpha`, from the `lora_adapter_metadata` header diffusers'
     `save_lora_weights` writes (the update is then lora_alpha / r times up @ down); {} without it."""
-    raw = checkpoint.metadata.get("lora_adapter_metadata")
+    raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
     metadata = json.loads(raw)
@@ -185,10 +185,11 @@ def _peft_alphas(checkpoint: Checkpoint) -> dict[str, float]:
     return alphas
 
 
-def read_lora_layers(checkpoint: Checkpoint) -> tuple[str, list[LoraLayer], list[str]]:
-    """(format, layers, keys it could not read as LoRA layers) of an opened LoRA file."""
+def read_lora_layers(checkpoint: Checkpoint, metadata: dict) -> tuple[str, list[LoraLayer], list[str]]:
+    """(format, layers, keys it could not read as LoRA layers) of an opened LoRA file and its
+    header's `metadata` (convert.checkpoint.safetensors_metadata)."""
     fmt = detect_format(checkpoint.keys())
-    peft_alphas = _peft_alphas(checkpoint) if fmt == "diffusers" else {}
+    peft_alphas = _peft_alphas(checkpoint, metadata) if fmt == "diffusers" else {}
     factors, unplaced = {}, []
     for key in checkpoint.keys():
         name, role = _split_key(key)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from convert.checkpoint import open_checkpoint
+from convert.checkpoint import open_checkpoint, safetensors_metadata
 from convert.lora import LoraError, LoraLayer, Target, clip_targets, flux_targets, read_lora_layers, sd3_targets, \
     unet_targets
 from convert.mapping import LAYOUTS
@@ -147,8 +147,10 @@ def load_lora_weights(pipeline, path, scale: float = 1.0) -> int:
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     family = pipeline.family
     components = _family_components(family)
+    if not str(path).endswith(".safetensors"):
+        raise LoraError(f"{path}: a LoRA file must be a single .safetensors file")
     checkpoint = open_checkpoint(path)
-    fmt, layers, unreadable = read_lora_layers(checkpoint)
+    fmt, layers, unreadable = read_lora_layers(checkpoint, safetensors_metadata(path))
     flat_params = {name: traverse_util.flatten_dict(_get(family, entry), sep="/") for name, entry in components.items()}
     targets_of = {name: entry[2](family) for name, entry in components.items()}
     plan, unplaced, misshaped = _plan(layers, components, flat_params, targets_of)
