@@ -209,7 +209,6 @@ def open_checkpoint(path, *, allow_pickle: bool = False) -> Checkpoint:
     raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors or a pickle with opt-in)")
 
 
-
 def safetensors_metadata(path) -> dict[str, str]:
     """The free-form `__metadata__` strings in the header of a safetensors file that
     `open_checkpoint` has read (so the header is known to be sound); {} when there are none."""
