@@ -106,7 +106,8 @@ class Target:
     part: int
 
 
-def detect_format(keys) -> str:
+def detect_format(keys, description: str = "LoRA file") -> str:
+    """The format (one of FORMATS) the key names follow; LoraError when none."""
     keys = list(keys)
     if any(k.startswith(tuple(p + "_" for p in KOHYA_PREFIXES)) for k in keys):
         return "kohya"
@@ -116,7 +117,7 @@ def detect_format(keys) -> str:
         return "xlabs"
     if any(k.startswith(tuple(COMFYUI_PREFIXES)) for k in keys):
         return "comfyui"
-    raise LoraError(f"not a LoRA file of a known format ({', '.join(FORMATS)}); its first keys: "
+    raise LoraError(f"{description}: not a LoRA file of a known format ({', '.join(FORMATS)}); its first keys: "
                     + ", ".join(keys[:4]))
 
 
@@ -188,7 +189,7 @@ def _peft_alphas(checkpoint: Checkpoint, metadata: dict) -> dict[str, float]:
 def read_lora_layers(checkpoint: Checkpoint, metadata: dict) -> tuple[str, list[LoraLayer], list[str]]:
     """(format, layers, keys it could not read as LoRA layers) of an opened LoRA file and its
     header's `metadata` (convert.checkpoint.safetensors_metadata)."""
-    fmt = detect_format(checkpoint.keys())
+    fmt = detect_format(checkpoint.keys(), checkpoint.description)
     peft_alphas = _peft_alphas(checkpoint, metadata) if fmt == "diffusers" else {}
     factors, unplaced = {}, []
     for key in checkpoint.keys():

@@ -6,6 +6,9 @@ LoCon (conv) layers and both text encoders, and one under diffusers' module name
 the image by far more. Unloading gives back the image from before, bit for bit.
 """
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -108,9 +111,9 @@ def test_scale_zero_is_no_lora(setup, base_image):
     assert np.array_equal(image, base_image)
 
 
-@pytest.mark.parametrize("problem", ["truncated", "wrong shapes", "flux keys", "unknown keys"])
+@pytest.mark.parametrize("problem", ["truncated", "wrong shapes", "flux keys", "unknown keys", "not a lora"])
 def test_bad_file_is_one_error_and_changes_nothing(setup, problem):
-    ours, _, files, folder = setup
+    ours, theirs, files, folder = setup
     path = folder / f"bad_{problem.replace(' ', '_')}.safetensors"
     if problem == "truncated":
         data = files["kohya"].read_bytes()
@@ -120,14 +123,15 @@ def test_bad_file_is_one_error_and_changes_nothing(setup, problem):
         save_factors(path, layers)
     elif problem == "flux keys":
         save_factors(path, {"lora_unet_double_blocks_0_img_attn_qkv": ((4, 64), (192, 4), None, KOHYA)})
-    else:
+    elif problem == "unknown keys":
         save_factors(path, dict(kohya_layers(), lora_unet_not_a_layer=((4, 8), (8, 4), None, KOHYA)))
+    else:  # a model's weights, not a LoRA
+        shutil.copy(next((Path(theirs.config._name_or_path) / "vae").glob("*.safetensors")), path)
     params = (ours.family.params, ours.family.encoder_params)
     with pytest.raises((LoraError, CheckpointError)) as error:
         ours.load_lora_weights(path)
     print(f"{problem}: {error.value}")
-    if problem != "truncated":
-        assert "kohya" in str(error.value)
+    assert {"truncated": "truncated", "not a lora": "not a LoRA file"}.get(problem, "kohya") in str(error.value)
     assert params[0] is ours.family.params and params[1] is ours.family.encoder_params
     assert not hasattr(ours, "lora_base")
 
