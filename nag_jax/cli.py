@@ -98,6 +98,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                      help="blend with the positive branch (family default)")
     nag.add_argument("--nag-end", type=in_range("nag_end"), default=1.0, metavar="E",
                      help="fraction of the denoising run that gets NAG (default 1.0)")
+    nag.add_argument("--nag-norm", choices=("l1", "l2"), default="l1",  # guidance.NAG_NORMS, without importing jax
+                     help="norm of NAG's ratio: l1 (the paper, default) or l2 (the reference's Flux processors)")
     pag = parser.add_argument_group("PAG (perturbed-attention guidance; UNet and SD3 families)")
     pag.add_argument("--pag-scale", type=in_range("pag_scale"), default=0.0, metavar="S",
                      help="PAG strength, on when > 0 (default 0)")
@@ -163,6 +165,7 @@ def resolve_settings(args, defaults: dict) -> dict:
         "nag_tau": defaults["nag_tau"] if args.nag_tau is None else args.nag_tau,
         "nag_alpha": defaults["nag_alpha"] if args.nag_alpha is None else args.nag_alpha,
         "nag_end": args.nag_end,
+        "nag_norm": args.nag_norm,
         "pag_scale": args.pag_scale,
         "pag_adaptive_scale": args.pag_adaptive_scale,
         "pag_applied_layers": args.pag_applied_layers,

@@ -26,7 +26,7 @@ import numpy as np
 
 from models.layers import CrossAttentionCore, JointAttentionCore, SelfAttentionCore
 from nag_jax.attention import attention, attention_partial, identity_partial, merge_heads, merge_partials
-from nag_jax.guidance import nag
+from nag_jax.guidance import check_nag_norm, nag
 
 # (module type, method) -> (transform, the guidance it implements: "nag", "pag")
 _TRANSFORMS: dict[tuple[type, str], tuple[Callable, frozenset]] = {}
@@ -61,6 +61,7 @@ class NAGConfig:
     # "reference" (Flux) reproduces the reference's two image copies in the single-stream
     # blocks; "shared-image" keeps one image stream (nag-semantics.md section 2).
     nag_mode: str = "shared-image"
+    nag_norm: str = "l1"  # the norm of NAG's ratio: "l1" (paper) or "l2" (the reference's Flux processors)
     pag: PAGConfig = PAGConfig()  # no layers: PAG off
 
     @property
@@ -73,9 +74,10 @@ class NAGConfig:
     def __post_init__(self):
         if self.nag_mode not in NAG_MODES:
             raise ValueError(f"nag_mode must be one of {', '.join(NAG_MODES)}, got {self.nag_mode!r}")
+        check_nag_norm(self.nag_norm)
 
     def combine(self, z_pos, z_neg):
-        return nag(z_pos, z_neg, self.nag_scale, self.nag_tau, self.nag_alpha)
+        return nag(z_pos, z_neg, self.nag_scale, self.nag_tau, self.nag_alpha, self.nag_norm)
 
 
 def _register(guidance: str, module_type: type, method: str):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nag_jax.guidance import nag_step_split
+from nag_jax.guidance import check_nag_norm, nag_step_split
 from nag_jax.intercept import guidance_of
 from nag_jax.sampler import Conditioning, GuidancePlan, Sampler, Scales, resolve_parallel
 
@@ -283,6 +283,7 @@ class NAGPipeline:
         nag_tau: float | None = None,
         nag_alpha: float | None = None,
         nag_end: float = 1.0,
+        nag_norm: str = "l1",
         negative_prompt=None,
         guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
@@ -302,7 +303,8 @@ class NAGPipeline:
         batch_invariant: bool = False,
         **options,
     ) -> PipelineOutput:
-        """Generate images. NAG is on when nag_scale > 1 (reference convention: paper phi + 1).
+        """Generate images. NAG is on when nag_scale > 1 (reference convention: paper phi + 1);
+        `nag_norm` is the norm of NAG's ratio, "l1" (the paper) or "l2" (the reference's Flux processors).
 
         nag_negative_prompt defaults to negative_prompt when given, else "". CFG is on per the
         family's rule (guidance_scale > 1 for models trained with it). `latents` takes the
@@ -330,6 +332,7 @@ class NAGPipeline:
         nag_tau = check_argument("nag_tau", defaults["nag_tau"] if nag_tau is None else nag_tau)
         nag_alpha = check_argument("nag_alpha", defaults["nag_alpha"] if nag_alpha is None else nag_alpha)
         nag_end = check_argument("nag_end", nag_end)
+        nag_norm = check_nag_norm(nag_norm)
         guidance_scale = check_argument("guidance_scale",
                                         defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
         pag_scale, pag_adaptive_scale, pag_applied_layers = check_pag(family, pag_scale, pag_adaptive_scale,
@@ -410,6 +413,7 @@ class NAGPipeline:
             nag=do_nag,
             nag_steps=nag_step_split(schedule.timesteps, nag_end, schedule.timestep_kind) if do_nag else 0,
             nag_mode=options.get("nag_mode", "shared-image"),
+            nag_norm=nag_norm,
             pag_layers=self._pag_layers(pag_applied_layers, layers) if do_pag else frozenset(),
             per_image=batch_invariant,
         )

@@ -6,7 +6,7 @@ row; image-stream modulation uses the positive rows (the reference truncates tem
 blocks keep one image stream and put NAG on its attention rows; single blocks tile the image
 into a second copy modulated by the negative row, overwrite both copies' image rows with the
 NAG result after every attention, and keep only the first copy. The guidance function is the
-L1 one of section 1 (torch_nag).
+one of section 1 (torch_nag) with the norm given: the reference's own Flux processors use L2.
 
 `reference_nag_forward` runs it on one image row per text pair; `with_nag_negatives` wraps a
 pipeline's transformer so the positive-prompt calls run it with the negative prompt appended.
@@ -88,11 +88,11 @@ def _reference_processors(model, nag, text_tokens):
 
 
 def reference_nag_forward(model, scale, tau, alpha, hidden_states, encoder_hidden_states, pooled_projections,
-                          timestep, img_ids, txt_ids, guidance=None):
+                          timestep, img_ids, txt_ids, guidance=None, norm="l1"):
     """Flux NAG as the reference computes it, on torch tensors in diffusers' conventions: B image
     rows, text rows [pos (B); neg (B)]. Returns the velocity for the B image rows."""
     rows = hidden_states.shape[0]
-    nag = lambda z_pos, z_neg: torch_nag(z_pos, z_neg, scale, tau, alpha)  # noqa: E731
+    nag = lambda z_pos, z_neg: torch_nag(z_pos, z_neg, scale, tau, alpha, norm)  # noqa: E731
     with _reference_processors(model, nag, encoder_hidden_states.shape[1]), torch.no_grad():
         per_text_row = lambda v: v.to(hidden_states.dtype).tile(2) * 1000  # noqa: E731  t and g expanded to the text rows
         conditioning = [per_text_row(timestep)] + ([per_text_row(guidance)] if guidance is not None else [])
@@ -108,7 +108,7 @@ def reference_nag_forward(model, scale, tau, alpha, hidden_states, encoder_hidde
         return model.proj_out(model.norm_out(img[:rows], temb[:rows]))
 
 
-def with_nag_negatives(model, positive_embeds, negative_embeds, negative_pooled, scale, tau, alpha):
+def with_nag_negatives(model, positive_embeds, negative_embeds, negative_pooled, scale, tau, alpha, norm="l1"):
     """Wrap a pipeline's transformer: calls with the positive prompt's context (not CFG's
     negative-prompt calls) run the reference NAG with the negative prompt's rows appended."""
     forward = model.forward
@@ -121,7 +121,7 @@ def with_nag_negatives(model, positive_embeds, negative_embeds, negative_pooled,
                            txt_ids=txt_ids, guidance=guidance, return_dict=return_dict, **kwargs)
         out = reference_nag_forward(
             model, scale, tau, alpha, hidden_states, torch.cat([encoder_hidden_states, negative_embeds]),
-            torch.cat([pooled_projections, negative_pooled]), timestep, img_ids, txt_ids, guidance,
+            torch.cat([pooled_projections, negative_pooled]), timestep, img_ids, txt_ids, guidance, norm,
         )
         return (out,)
 
