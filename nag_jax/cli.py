@@ -85,6 +85,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True, help="what the image should show")
     parser.add_argument("--model", help="pipeline folder (diffusers layout or converted), or an embedded model: "
                                         f"{', '.join(EMBEDDED_MODELS)} (default {EMBEDDED_MODELS[0]})")
+    parser.add_argument("--image", metavar="PATH", help="Flux Kontext: the image to edit")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="parameter and activation dtype (default float32)")
     nag = parser.add_argument_group("NAG (normalized attention guidance)")
@@ -96,8 +97,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                      help="normalization threshold (family default)")
     nag.add_argument("--nag-alpha", type=in_range("nag_alpha"), metavar="A",
                      help="blend with the positive branch (family default)")
-    nag.add_argument("--nag-end", type=in_range("nag_end"), default=1.0, metavar="E",
-                     help="fraction of the denoising run that gets NAG (default 1.0)")
+    nag.add_argument("--nag-end", type=in_range("nag_end"), metavar="E",
+                     help="fraction of the denoising run that gets NAG (family default: 1.0, Flux Kontext 0.25)")
     nag.add_argument("--nag-norm", choices=("l1", "l2"), default="l1",  # guidance.NAG_NORMS, without importing jax
                      help="norm of NAG's ratio: l1 (the paper, default) or l2 (the reference's Flux processors)")
     pag = parser.add_argument_group("PAG (perturbed-attention guidance; UNet and SD3 families)")
@@ -164,7 +165,7 @@ def resolve_settings(args, defaults: dict) -> dict:
         "nag_scale": nag_scale,
         "nag_tau": defaults["nag_tau"] if args.nag_tau is None else args.nag_tau,
         "nag_alpha": defaults["nag_alpha"] if args.nag_alpha is None else args.nag_alpha,
-        "nag_end": args.nag_end,
+        "nag_end": defaults.get("nag_end", 1.0) if args.nag_end is None else args.nag_end,
         "nag_norm": args.nag_norm,
         "pag_scale": args.pag_scale,
         "pag_adaptive_scale": args.pag_adaptive_scale,
@@ -204,14 +205,25 @@ def load_pipeline(model: Path, dtype: str = "float32"):
         raise ValueError(f"--model: {error}") from None
 
 
+def open_image(path: str):
+    """--image as an RGB PIL image, or an error naming the flag."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path).convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"--image {path}: cannot read it as an image ({error})") from None
+
+
 def generate(args) -> int:
     model = model_folder(args.model)
     paths = output_paths(args.output, args.num_images)  # checked before the slow part
     check_writable(args.output, paths)
     pipe = load_pipeline(model, args.dtype)
     settings = resolve_settings(args, pipe.family.defaults)
-    images = pipe(**settings, progress=not args.no_progress, check_finite=True).images
-    settings.update(height=images[0].height, width=images[0].width)
+    image = {} if args.image is None else {"image": open_image(args.image)}
+    images = pipe(**settings, **image, progress=not args.no_progress, check_finite=True).images
+    settings.update(height=images[0].height, width=images[0].width, **({"image": args.image} if image else {}))
     for index, (image, path) in enumerate(zip(images, paths)):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, pnginfo=png_info(settings, str(model), args.dtype, index))

@@ -32,6 +32,7 @@ FAMILIES = {
     "StableDiffusionPipeline": "nag_jax.families.unet:StableDiffusionFamily",
     "StableDiffusionXLPipeline": "nag_jax.families.unet:StableDiffusionFamily",
     "FluxPipeline": "nag_jax.families.flux:FluxFamily",
+    "FluxKontextPipeline": "nag_jax.families.flux_kontext:FluxKontextFamily",
     "StableDiffusion3Pipeline": "nag_jax.families.sd3:SD3Family",
 }
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -82,6 +83,10 @@ class Family:
 
     def make_schedule(self, num_inference_steps: int, height: int, width: int, options: dict):
         raise NotImplementedError
+
+    def output_size(self, height: int, width: int, options: dict) -> tuple[int, int]:
+        """The size actually generated for the asked one (Flux Kontext fits it to max_area)."""
+        return height, width
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         """One image's latents in the diffusers pipeline's layout."""
@@ -282,7 +287,7 @@ class NAGPipeline:
         nag_scale: float = 1.0,
         nag_tau: float | None = None,
         nag_alpha: float | None = None,
-        nag_end: float = 1.0,
+        nag_end: float | None = None,
         nag_norm: str = "l1",
         negative_prompt=None,
         guidance_scale: float | None = None,
@@ -331,7 +336,7 @@ class NAGPipeline:
         nag_scale = check_argument("nag_scale", nag_scale)
         nag_tau = check_argument("nag_tau", defaults["nag_tau"] if nag_tau is None else nag_tau)
         nag_alpha = check_argument("nag_alpha", defaults["nag_alpha"] if nag_alpha is None else nag_alpha)
-        nag_end = check_argument("nag_end", nag_end)
+        nag_end = check_argument("nag_end", defaults.get("nag_end", 1.0) if nag_end is None else nag_end)
         nag_norm = check_nag_norm(nag_norm)
         guidance_scale = check_argument("guidance_scale",
                                         defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
@@ -363,6 +368,8 @@ class NAGPipeline:
         options = dict(family.option_defaults, **options, guidance_scale=guidance_scale, negative_prompt=negatives,
                        height=height, width=width)
         do_cfg = family.uses_cfg(guidance_scale, options)
+        height, width = family.output_size(height, width, options)
+        options.update(height=height, width=width)
         do_nag = nag_scale > 1.0
         if nag_negative_prompt is None:
             nag_negatives = negatives or [""] * len(prompts)

@@ -108,14 +108,17 @@ def reference_nag_forward(model, scale, tau, alpha, hidden_states, encoder_hidde
         return model.proj_out(model.norm_out(img[:rows], temb[:rows]))
 
 
-def with_nag_negatives(model, positive_embeds, negative_embeds, negative_pooled, scale, tau, alpha, norm="l1"):
+def with_nag_negatives(model, positive_embeds, negative_embeds, negative_pooled, scale, tau, alpha, norm="l1",
+                       nag_end=1.0):
     """Wrap a pipeline's transformer: calls with the positive prompt's context (not CFG's
-    negative-prompt calls) run the reference NAG with the negative prompt's rows appended."""
+    negative-prompt calls) run the reference NAG with the negative prompt's rows appended, while
+    the timestep t = 1000 sigma stays at or above the reference's cut (1 - nag_end) * 1000."""
     forward = model.forward
 
     def forward_with_nag(hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
                          img_ids=None, txt_ids=None, guidance=None, return_dict=True, **kwargs):
-        if not torch.allclose(encoder_hidden_states, positive_embeds, atol=1e-4):  # encodings repeat to ~1e-6
+        nag_off = float(timestep[0]) * 1000 < (1 - nag_end) * 1000
+        if nag_off or not torch.allclose(encoder_hidden_states, positive_embeds, atol=1e-4):  # encodings repeat to ~1e-6
             return forward(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
                            pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids,
                            txt_ids=txt_ids, guidance=guidance, return_dict=return_dict, **kwargs)
