@@ -20,6 +20,11 @@ Parts:
   call of a fresh pipeline, interleaved over repetitions, median.
 - invariant: seconds per compiled call of that pipeline with `batch_invariant` off and on
   (1 and 4 images, CFG and NAG on), interleaved over repetitions, median.
+- depth: compile time of the Flux and SD3 transformers against depth, blocks under scan and
+  unrolled (nag_jax/bench_depth.py).
+
+XLA's cost analysis counts a loop body once, so the FLOP counts trace the models with their
+scanned blocks unrolled (`models.layers.unrolled_layers`: the same computation).
 
 "NAG reference layout" is what the PyTorch reference computes: every negative-branch attention
 over the full concatenated keys [negative text; image] (image queries, keys and values repeated
@@ -47,13 +52,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.flux import FluxTransformer2DModel
-from models.layers import JointAttentionCore
+from models.layers import JointAttentionCore, unrolled_layers
 from models.sd3 import SD3Transformer
 from models.unet import UNet2DConditionModel
+from nag_jax.bench_depth import DEPTHS, depth_figures
 from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
 
 FAMILIES = ("unet", "flux", "sd3")
-PARTS = ("flops", "timing", "compile", "invariant")
+PARTS = ("flops", "timing", "compile", "invariant", "depth")
 
 # Published configurations (diffusers config.json values of the full-size models).
 SDXL_UNET_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
@@ -312,7 +318,8 @@ def flop_counts(family: str, tiny: bool = False, progress=None) -> list[dict]:
     params = abstract_params(family, module, inputs)
     records, baseline = [], None
     for name, (extra, context, rows) in variants(family).items():
-        lowered = jax.jit(step_function(call, module, context)).lower(params, inputs(rows, rows + extra))
+        with unrolled_layers():
+            lowered = jax.jit(step_function(call, module, context)).lower(params, inputs(rows, rows + extra))
         flops = float(lowered.cost_analysis()["flops"])
         baseline = baseline or flops
         records.append(_record("flops", family, name, flops, "GFLOP", baseline, scale=1e-9, tiny=tiny))
@@ -323,7 +330,7 @@ def flop_counts(family: str, tiny: bool = False, progress=None) -> list[dict]:
 
 def _record(part, family, name, value, unit, baseline, scale=1.0, tiny=False):
     ratio = value / baseline
-    target = TARGETS.get((family, name)) if part != "compile" else None
+    target = TARGETS.get((family, name)) if part not in ("compile", "depth") else None
     return dict(part=part, family=family, config="tiny" if tiny else "real", name=name, value=value * scale,
                 unit=unit, ratio=ratio, target=None if target is None else 1 + target,
                 met=None if target is None else bool(ratio <= 1 + target))
@@ -605,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     total = (len(parts) and sum(
         len(variants(f)) if p == "flops" else args.repeats if p == "timing" else 0 for p in parts for f in families)
         + ("compile" in parts and "unet" in families) * 3 * args.compile_repeats
-        + ("invariant" in parts and "unet" in families) * args.repeats)
+        + ("invariant" in parts and "unet" in families) * args.repeats
+        + ("depth" in parts) * sum(2 * len(DEPTHS.get(f, ())) for f in families) * args.compile_repeats)
     progress = None
     if not args.no_progress:
         from tqdm.auto import tqdm
@@ -622,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
             records += compile_figures(repeats=args.compile_repeats, progress=progress)
         if "invariant" in parts and "unet" in families:
             records += batch_invariant_figures(repeats=args.repeats, progress=progress)
+        for family in families:
+            if "depth" in parts and family in DEPTHS:
+                records += depth_figures(family, args.compile_repeats, progress=progress)
     finally:
         if progress:
             progress.close()
