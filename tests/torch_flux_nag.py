@@ -28,24 +28,27 @@ def _heads(attn, x, projections):
     return [p(x).unflatten(-1, (-1, attn.head_dim)) for p in projections]
 
 
-def _attend(q, k, v, rope):
+def _attend(q, k, v, rope, key_mask=None):
+    """Attention with RoPE; `key_mask` [rows, tokens] (boolean, true = attend) hides keys."""
     q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
 
 
 class DoubleBlockNAG:
-    """Image rows [B] once, text rows [pos; neg]; image output = NAG(pos branch, neg branch)."""
+    """Image rows [B] once, text rows [pos; neg]; image output = NAG(pos branch, neg branch).
+    `key_mask` [2B, text + image tokens] (Chroma's text padding) replaces the block's own mask."""
 
-    def __init__(self, nag):
-        self.nag = nag
+    def __init__(self, nag, key_mask=None):
+        self.nag, self.key_mask = nag, key_mask
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         img_q, img_k, img_v = (t.tile(2, 1, 1, 1) for t in _heads(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v)))
         txt_q, txt_k, txt_v = _heads(attn, encoder_hidden_states, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
         q = torch.cat([attn.norm_added_q(txt_q), attn.norm_q(img_q)], dim=1)
         k = torch.cat([attn.norm_added_k(txt_k), attn.norm_k(img_k)], dim=1)
-        out = _attend(q, k, torch.cat([txt_v, img_v], dim=1), image_rotary_emb)
+        out = _attend(q, k, torch.cat([txt_v, img_v], dim=1), image_rotary_emb, self.key_mask)
         text_tokens, rows = encoder_hidden_states.shape[1], hidden_states.shape[0]
         img_out = self.nag(out[:rows, text_tokens:], out[rows:, text_tokens:])
         return attn.to_out[0](img_out), attn.to_add_out(out[:, :text_tokens])
@@ -54,12 +57,12 @@ class DoubleBlockNAG:
 class SingleBlockNAG:
     """Rows [copy 1; copy 2] of [text; image]; both copies' image rows get the NAG result."""
 
-    def __init__(self, nag, text_tokens):
-        self.nag, self.text_tokens = nag, text_tokens
+    def __init__(self, nag, text_tokens, key_mask=None):
+        self.nag, self.text_tokens, self.key_mask = nag, text_tokens, key_mask
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         q, k, v = _heads(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v))
-        out = _attend(attn.norm_q(q), attn.norm_k(k), v, image_rotary_emb)
+        out = _attend(attn.norm_q(q), attn.norm_k(k), v, image_rotary_emb, self.key_mask)
         rows, t = out.shape[0] // 2, self.text_tokens
         combined = self.nag(out[:rows, t:], out[rows:, t:])
         return torch.cat([out[:, :t], torch.cat([combined, combined], dim=0)], dim=1)
