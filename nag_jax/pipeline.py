@@ -33,6 +33,7 @@ FAMILIES = {
     "StableDiffusionXLPipeline": "nag_jax.families.unet:StableDiffusionFamily",
     "FluxPipeline": "nag_jax.families.flux:FluxFamily",
     "FluxKontextPipeline": "nag_jax.families.flux_kontext:FluxKontextFamily",
+    "ChromaPipeline": "nag_jax.families.chroma:ChromaFamily",
     "StableDiffusion3Pipeline": "nag_jax.families.sd3:SD3Family",
 }
 OUTPUT_TYPES = ("pil", "np", "latent")

@@ -11,13 +11,16 @@ row) equals the positive rows', and the two copies stay equal.
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import ChromaTransformer2DModel
 from diffusers.models.transformers.transformer_chroma import ChromaAdaLayerNormZeroPruned
 
-from tiny_components import randomize_mmdit
+from tiny_components import randomize_mmdit, save_tiny_t5, save_tiny_t5_tokenizer, save_tiny_vae
+from tiny_flux_pipeline import LATENT_CHANNELS, SCHEDULERS, VAE_BLOCKS
 from torch_flux_nag import DoubleBlockNAG, SingleBlockNAG
 from torch_nag import torch_nag
 
@@ -31,6 +34,25 @@ def build_model(seed: int = 0, **config) -> ChromaTransformer2DModel:
     """A float32 diffusers model with every parameter drawn at random; `config` overrides TINY_CONFIG."""
     torch.manual_seed(seed)
     return randomize_mmdit(ChromaTransformer2DModel(**{**TINY_CONFIG, **config}).eval(), seed + 1)
+
+
+def make_chroma_pipeline(folder) -> Path:
+    """A ChromaPipeline folder as lodestones/Chroma1-HD lays it out (T5 in text_encoder/ with its
+    tokenizer/, the Flux VAE, dynamic-shift flow-matching scheduler), one block of each kind."""
+    folder = Path(folder)
+    build_model(in_channels=4 * LATENT_CHANNELS, num_layers=1, num_single_layers=1).save_pretrained(
+        folder / "transformer", safe_serialization=True, max_shard_size="100KB")
+    save_tiny_vae(folder / "vae", latent_channels=LATENT_CHANNELS, block_out_channels=VAE_BLOCKS, norm_num_groups=4)
+    save_tiny_t5_tokenizer(folder / "tokenizer")
+    save_tiny_t5(folder / "text_encoder", d_model=TINY_CONFIG["joint_attention_dim"], num_layers=1, seed=2)
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULERS["dev"], indent=2))
+    index = {"_class_name": "ChromaPipeline", "_diffusers_version": "0.35.0",
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+             "transformer": ["diffusers", "ChromaTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
 
 
 def make_inputs(rows: int, text_rows: int | None = None, seed: int = 0) -> dict:
