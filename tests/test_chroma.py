@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from flax import traverse_util
+from safetensors.torch import save_file
 
 import tiny_chroma
 from convert.chroma import load_chroma_transformer
@@ -21,6 +22,18 @@ def chroma(tmp_path_factory):
     tiny_chroma.build_model().save_pretrained(folder, safe_serialization=True, max_shard_size="100KB")
     module, params = load_chroma_transformer(folder)
     return module, params
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_original_single_file_loads_the_same_parameters(chroma, tmp_path, prefix):
+    path = tmp_path / "chroma-tiny.safetensors"
+    save_file(tiny_chroma.original_state_dict(tiny_chroma.build_model(), prefix), str(path))
+    module, params = load_chroma_transformer(path, config={"axes_dims_rope": tiny_chroma.TINY_CONFIG["axes_dims_rope"]})
+    assert module == chroma[0]  # the config read off the shapes is the diffusers config
+    flat, reference = (traverse_util.flatten_dict(p, sep="/") for p in (params, chroma[1]))
+    assert flat.keys() == reference.keys()
+    for key, value in reference.items():
+        np.testing.assert_array_equal(flat[key], value, err_msg=key)
 
 
 def run(chroma, inputs, config=None):

@@ -12,9 +12,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxKontextPipeline
+from flax import traverse_util
 from PIL import Image
+from safetensors.torch import save_file
 
 import nag_jax
+import tiny_flux
+from convert.flux import load_flux_transformer
 from nag_jax.families import flux_kontext
 from nag_jax.families.flux_kontext import KONTEXT_DEFAULTS, conditioning_image_size, fit_to_area
 from tiny_flux_pipeline import MAX_SEQUENCE_LENGTH, make_flux_pipeline
@@ -114,3 +118,17 @@ def test_defaults_and_sizes(pipelines):
         pipelines[0](PROMPT, image=np.zeros((8, 8, 3)), num_inference_steps=1)
     with pytest.raises(ValueError, match="max_area must be an integer"):
         pipelines[0](PROMPT, max_area=0.5, num_inference_steps=1)
+
+
+def test_bfl_single_file_loads_through_the_flux_converter(pipelines, tmp_path):
+    """flux1-kontext-dev.safetensors has FLUX.1-dev's keys: the Flux converter reads it (as UIs
+    repackage it, every key prefixed) to the same parameters as the diffusers folder."""
+    our_pipe, their_pipe = pipelines
+    path = tmp_path / "flux1-kontext-tiny.safetensors"
+    save_file(tiny_flux.bfl_state_dict(their_pipe.transformer, "model.diffusion_model."), str(path))
+    module, params = load_flux_transformer(path, config={"axes_dims_rope": tiny_flux.TINY_CONFIG["axes_dims_rope"]})
+    assert module == our_pipe.family.transformer
+    flat, reference = (traverse_util.flatten_dict(p, sep="/") for p in (params, our_pipe.family.params))
+    assert flat.keys() == reference.keys()
+    for key, value in reference.items():
+        np.testing.assert_array_equal(flat[key], value, err_msg=key)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,22 @@ def make_chroma_pipeline(folder) -> Path:
              "transformer": ["diffusers", "ChromaTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def original_state_dict(model, prefix: str = "") -> dict:
+    """The weights in the original Chroma single file's naming (chroma-unlocked / Chroma1-HD.safetensors):
+    Black Forest Labs' blocks (tiny_flux.bfl_state_dict, which skips the absent modulation layers)
+    and the approximator's `layers.N.in_layer/out_layer`, `norms.N.scale`."""
+    from tiny_flux import bfl_state_dict
+
+    out = bfl_state_dict(model, prefix)
+    renames = ((r"\.linear_1\.", ".in_layer."), (r"\.linear_2\.", ".out_layer."), (r"(norms\.\d+)\.weight$", r"\1.scale"))
+    for key, value in model.state_dict().items():
+        if key.startswith("distilled_guidance_layer."):
+            for pattern, original in renames:
+                key = re.sub(pattern, original, key)
+            out[prefix + key] = value.detach().clone().contiguous()
+    return out
 
 
 def make_inputs(rows: int, text_rows: int | None = None, seed: int = 0) -> dict:
