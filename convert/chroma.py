@@ -11,13 +11,11 @@ A single file's config is read off its shapes.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
-from convert.checkpoint import Checkpoint, open_checkpoint, parse_dtype
-from convert.flux import BFL_RULES, DIFFUSERS_RULES, _block_count, _dense, _scale, is_bfl_checkpoint, strip_bfl_prefix
+from convert.checkpoint import Checkpoint, parse_dtype
+from convert.flux import (BFL_RULES, DIFFUSERS_RULES, _block_count, _dense, _scale, is_bfl_checkpoint, open_transformer,
+                          strip_bfl_prefix)
 from convert.mapping import map_checkpoint, target_shapes
 from models.chroma import ChromaTransformer2DModel
 
@@ -79,21 +77,8 @@ def chroma_params(checkpoint: Checkpoint, model: ChromaTransformer2DModel, dtype
 def load_chroma_transformer(path, dtype="float32", config: dict | None = None):
     """(module, params) from a diffusers `transformer/` folder (or its pipeline folder) or an
     original Chroma single file (configured from its shapes; `config` entries override)."""
-    path = Path(path)
-    if path.is_dir() and (path / "transformer").is_dir():
-        path = path / "transformer"
-    checkpoint = open_checkpoint(path)
-    if path.is_dir():
-        config_path = path / "config.json"
-        if not config_path.exists():
-            raise ValueError(f"{path}: a diffusers transformer folder needs config.json")
-        full_config = {**json.loads(config_path.read_text()), **(config or {})}
-    elif is_bfl_checkpoint(checkpoint):
-        full_config = {**infer_chroma_config(strip_bfl_prefix(checkpoint)), **(config or {})}
-        if "axes_dims_rope" not in full_config:
-            raise ValueError(f"{path}: heads of size {full_config['attention_head_dim']} are not Chroma's 128; pass "
-                             "config={'axes_dims_rope': [...]} (rotary dimensions per position axis, summing to the head size)")
-    else:
+    checkpoint, full_config = open_transformer(path, config, infer_chroma_config, "Chroma")
+    if full_config is None:
         raise ValueError(f"{path}: not an original Chroma single file (no double_blocks.* keys); "
                          "use the diffusers transformer/ folder")
     jnp_dtype = parse_dtype(dtype)

@@ -16,22 +16,19 @@ text row is modulated exactly as the positive one (the modulation has no text in
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from models.flux import (
-    DOUBLE_STACK,
     ROPE_THETA,
     FluxDoubleBlock,
     FluxSingleBlock,
     FluxSingleStreamBlocks,
+    FluxTransformer2DModel,
     image_row_of_text_rows,
-    single_blocks_stack,
 )
-from models.layers import LayerStack, MLPEmbedder, RMSNorm, layer_norm, modulate, rope_cos_sin, scan_blocks, timestep_embedding
+from models.layers import MLPEmbedder, RMSNorm, layer_norm, modulate, rope_cos_sin, scan_blocks, timestep_embedding
 
 DOUBLE_VECTORS, SINGLE_VECTORS, FINAL_VECTORS = 6, 3, 2
 
@@ -92,37 +89,14 @@ class ChromaApproximator(nn.Module):
         return nn.Dense(self.dim, name="out_proj", **kw)(x)
 
 
-class ChromaTransformer2DModel(nn.Module):
-    """Fields are diffusers' `transformer/config.json` keys; see `from_config`."""
+class ChromaTransformer2DModel(FluxTransformer2DModel):
+    """Fields are diffusers' `transformer/config.json` keys (`from_config`, the parameter layout
+    `layer_stacks` and the Flux fields are FluxTransformer2DModel's; Chroma uses neither
+    `pooled_projection_dim` nor `guidance_embeds`)."""
 
-    in_channels: int = 64
-    out_channels: int | None = None
-    patch_size: int = 1
-    num_layers: int = 19
-    num_single_layers: int = 38
-    attention_head_dim: int = 128
-    num_attention_heads: int = 24
-    joint_attention_dim: int = 4096
-    axes_dims_rope: Sequence[int] = (16, 56, 56)
     approximator_num_channels: int = 64
     approximator_hidden_dim: int = 5120
     approximator_layers: int = 5
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @classmethod
-    def from_config(cls, config: dict, dtype=jnp.float32, param_dtype=jnp.float32) -> "ChromaTransformer2DModel":
-        """Build from a diffusers `transformer/config.json` dict; keys the model does not use are ignored."""
-        not_config = ("dtype", "param_dtype", "parent", "name")
-        fields = {k: config[k] for k in cls.__dataclass_fields__ if k in config and k not in not_config}
-        if "axes_dims_rope" in fields:
-            fields["axes_dims_rope"] = tuple(fields["axes_dims_rope"])
-        return cls(**fields, dtype=dtype, param_dtype=param_dtype)
-
-    @property
-    def layer_stacks(self) -> tuple[LayerStack, ...]:
-        """As Flux's: all double blocks, all single blocks (each under one scan)."""
-        return LayerStack(DOUBLE_STACK, range(self.num_layers), DOUBLE_STACK), single_blocks_stack(self.num_single_layers)
 
     @property
     def table_size(self) -> int:

@@ -10,7 +10,6 @@ row) equals the positive rows', and the two copies stay equal.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from pathlib import Path
@@ -18,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import ChromaTransformer2DModel
-from diffusers.models.transformers.transformer_chroma import ChromaAdaLayerNormZeroPruned
 
 from tiny_components import randomize_mmdit, save_tiny_t5, save_tiny_t5_tokenizer, save_tiny_vae
 from tiny_flux_pipeline import LATENT_CHANNELS, SCHEDULERS, VAE_BLOCKS
-from torch_flux_nag import DoubleBlockNAG, SingleBlockNAG
+from torch_flux_nag import reference_processors
 from torch_nag import torch_nag
 
 TINY_CONFIG = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
@@ -100,27 +98,6 @@ def torch_forward(model, inputs: dict) -> np.ndarray:
         return model(**tensors, attention_mask=full_mask, return_dict=False)[0].numpy()
 
 
-def _image_rows_of_temb(norm, x, emb=None):
-    return ChromaAdaLayerNormZeroPruned.forward(norm, x, emb=emb[: x.shape[0]])
-
-
-@contextlib.contextmanager
-def _reference_processors(model, nag, text_tokens, key_mask):
-    saved = [block.attn.processor for block in (*model.transformer_blocks, *model.single_transformer_blocks)]
-    for block in model.transformer_blocks:
-        block.attn.set_processor(DoubleBlockNAG(nag, key_mask))
-        block.norm1.forward = lambda x, emb=None, norm=block.norm1: _image_rows_of_temb(norm, x, emb)
-    for block in model.single_transformer_blocks:
-        block.attn.set_processor(SingleBlockNAG(nag, text_tokens, key_mask))
-    try:
-        yield
-    finally:
-        for block, processor in zip((*model.transformer_blocks, *model.single_transformer_blocks), saved):
-            block.attn.set_processor(processor)
-        for block in model.transformer_blocks:
-            del block.norm1.forward
-
-
 def reference_nag_forward(model, scale, tau, alpha, inputs: dict, norm="l1") -> np.ndarray:
     """Chroma NAG on numpy inputs with B image rows and text rows [pos (B); neg (B)]."""
     t = {k: torch.from_numpy(v) for k, v in inputs.items()}
@@ -128,7 +105,7 @@ def reference_nag_forward(model, scale, tau, alpha, inputs: dict, norm="l1") -> 
     key_mask = torch.cat([t["text_mask"].bool(), torch.ones(2 * rows, t["hidden_states"].shape[1], dtype=torch.bool)], 1)
     nag = lambda z_pos, z_neg: torch_nag(z_pos, z_neg, scale, tau, alpha, norm)  # noqa: E731
     singles, doubles = len(model.single_transformer_blocks), len(model.transformer_blocks)
-    with _reference_processors(model, nag, text_tokens, key_mask), torch.no_grad():
+    with reference_processors(model, nag, text_tokens, key_mask), torch.no_grad():
         table = model.distilled_guidance_layer(model.time_text_embed(t["timestep"] * 1000)).tile(2, 1, 1)
         img = model.x_embedder(t["hidden_states"])
         txt = model.context_embedder(t["encoder_hidden_states"])

@@ -19,7 +19,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.normalization import AdaLayerNormZero
 
 from torch_nag import torch_nag
 
@@ -69,18 +68,19 @@ class SingleBlockNAG:
 
 
 def _image_rows_of_temb(norm, x, emb=None):
-    return AdaLayerNormZero.forward(norm, x, emb=emb[: x.shape[0]])
+    """The double block's image adaLN (Flux's AdaLayerNormZero, Chroma's pruned one) on the first rows of temb."""
+    return type(norm).forward(norm, x, emb=emb[: x.shape[0]])
 
 
 @contextlib.contextmanager
-def _reference_processors(model, nag, text_tokens):
+def reference_processors(model, nag, text_tokens, key_mask=None):
     """The NAG processors and the image-rows-of-temb modulation, put back afterwards."""
     saved = [block.attn.processor for block in (*model.transformer_blocks, *model.single_transformer_blocks)]
     for block in model.transformer_blocks:
-        block.attn.set_processor(DoubleBlockNAG(nag))
+        block.attn.set_processor(DoubleBlockNAG(nag, key_mask))
         block.norm1.forward = lambda x, emb=None, norm=block.norm1: _image_rows_of_temb(norm, x, emb)
     for block in model.single_transformer_blocks:
-        block.attn.set_processor(SingleBlockNAG(nag, text_tokens))
+        block.attn.set_processor(SingleBlockNAG(nag, text_tokens, key_mask))
     try:
         yield
     finally:
@@ -96,7 +96,7 @@ def reference_nag_forward(model, scale, tau, alpha, hidden_states, encoder_hidde
     rows, text rows [pos (B); neg (B)]. Returns the velocity for the B image rows."""
     rows = hidden_states.shape[0]
     nag = lambda z_pos, z_neg: torch_nag(z_pos, z_neg, scale, tau, alpha, norm)  # noqa: E731
-    with _reference_processors(model, nag, encoder_hidden_states.shape[1]), torch.no_grad():
+    with reference_processors(model, nag, encoder_hidden_states.shape[1]), torch.no_grad():
         per_text_row = lambda v: v.to(hidden_states.dtype).tile(2) * 1000  # noqa: E731  t and g expanded to the text rows
         conditioning = [per_text_row(timestep)] + ([per_text_row(guidance)] if guidance is not None else [])
         temb = model.time_text_embed(*conditioning, pooled_projections)
