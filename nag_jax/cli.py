@@ -219,9 +219,9 @@ def generate(args) -> int:
     model = model_folder(args.model)
     paths = output_paths(args.output, args.num_images)  # checked before the slow part
     check_writable(args.output, paths)
+    image = {} if args.image is None else {"image": open_image(args.image)}
     pipe = load_pipeline(model, args.dtype)
     settings = resolve_settings(args, pipe.family.defaults)
-    image = {} if args.image is None else {"image": open_image(args.image)}
     images = pipe(**settings, **image, progress=not args.no_progress, check_finite=True).images
     settings.update(height=images[0].height, width=images[0].width, **({"image": args.image} if image else {}))
     for index, (image, path) in enumerate(zip(images, paths)):

@@ -143,6 +143,8 @@ BAD_FLAGS = [
     (["--seed", "abc"], ["--seed", "'abc'"]),
     (["--nag-scael", "3"], ["--nag-scael"]),
     (["--output", "picture.jpg"], ["--output", "picture.jpg"]),
+    (["--nag-norm", "l3"], ["--nag-norm", "'l3'"]),
+    (["--image", "missing.png"], ["--image", "missing.png"]),
 ]
 
 
