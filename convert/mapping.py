@@ -105,19 +105,6 @@ def _stacked_part(path: str, stacks):
     return None
 
 
-def unstacked_shapes(shapes: dict, stacks) -> dict:
-    """Flat shapes with each stacked parameter replaced by its per-layer (unrolled) paths."""
-    out = {}
-    for path, shape in shapes.items():
-        stack = next((s for s in stacks if path.startswith(s.path + "/")), None)
-        if stack is None:
-            out[path] = shape
-            continue
-        rest = path[len(stack.path) + 1 :]
-        out.update((f"{stack.layer_path(index)}/{rest}", shape[1:]) for index in stack.layers)
-    return out
-
-
 def stack_layers(flat: dict, stacks) -> dict:
     """Flat per-layer arrays -> flat arrays stacked along a new leading axis per `stacks`.
     Empties `flat` as it goes, so at most one stacked parameter exists twice (real sizes)."""
@@ -135,8 +122,9 @@ def stack_layers(flat: dict, stacks) -> dict:
     return out
 
 
-def unstack_layers(flat: dict, stacks) -> dict:
-    """Flat arrays with stacked parameters -> flat per-layer (unrolled) arrays; `stack_layers` undone."""
+def unstack_layers(flat: dict, stacks, layer=lambda array, i: array[i]) -> dict:
+    """Flat arrays with stacked parameters -> flat per-layer (unrolled) arrays; `stack_layers`
+    undone. `layer(value, i)` is the i-th layer of a stacked value (for shapes: its shape[1:])."""
     out = {}
     for path, array in flat.items():
         stack = next((s for s in stacks if path.startswith(s.path + "/")), None)
@@ -144,7 +132,7 @@ def unstack_layers(flat: dict, stacks) -> dict:
             out[path] = array
             continue
         rest = path[len(stack.path) + 1 :]
-        out.update((f"{stack.layer_path(index)}/{rest}", array[i]) for i, index in enumerate(stack.layers))
+        out.update((f"{stack.layer_path(index)}/{rest}", layer(array, i)) for i, index in enumerate(stack.layers))
     return out
 
 
@@ -181,13 +169,14 @@ def map_checkpoint(checkpoint: Checkpoint, rules, shapes: dict, dtype="float32",
     Raises ConversionError naming every missing, unexpected and mis-shaped key (per layer for
     stacked parameters). Tensors are read, rearranged and cast one at a time; per-layer tensors
     are stacked per `stacks` (`models.layers.LayerStack`s of the model). A checkpoint holding
-    Flax paths (a folder written by nag_jax.converted, stacked already) skips `rules` and is
-    checked just as strictly.
+    Flax paths (a folder written by nag_jax.converted) skips `rules` and is checked just as
+    strictly; it is stacked already unless written before the blocks ran under scan.
     """
     dtype = parse_dtype(dtype)
     if checkpoint.flax_paths:
-        rules, stacks = FLAX_PATH_RULES, ()
-    shapes = unstacked_shapes(shapes, stacks)
+        rules = FLAX_PATH_RULES
+        stacks = stacks if any(_stacked_part(key, stacks) for key in checkpoint.keys()) else ()
+    shapes = unstack_layers(shapes, stacks, lambda shape, _: shape[1:])
     routes, unexpected = {}, []
     for key in checkpoint.keys():
         rule, targets = _route(rules, key)

@@ -4,7 +4,8 @@ Reads like Black Forest Labs' `model.py`: embed the packed image tokens and the 
 build one conditioning vector per row from timestep, (dev) guidance and the pooled CLIP
 embedding, run the double-stream blocks (each stream with its own weights, joint attention),
 then the single-stream blocks (one set of weights shared by both streams), then the final
-adaLN and projection.
+adaLN and projection. Each kind of block runs under one scan over parameters stacked along a
+leading layer axis (`models.layers.scan_blocks`), so compile time does not grow with depth.
 
 Text and image stay separate tensors everywhere; they meet only inside `JointAttentionCore`.
 Where the single-stream blocks apply one per-token layer to `[text; image]`, it is applied to
@@ -165,9 +166,9 @@ class FluxSingleStreamBlocks(nn.Module):
 
     @nn.compact
     def __call__(self, txt, img, temb, txt_rope, img_rope, txt_mask=None):
+        block = dict(heads=self.heads, head_dim=self.head_dim, dtype=self.dtype, param_dtype=self.param_dtype)
         return scan_blocks(self.block, single_blocks_stack(self.num_layers), (txt, img), temb, txt_rope, img_rope,
-                           txt_mask, heads=self.heads, head_dim=self.head_dim, dtype=self.dtype,
-                           param_dtype=self.param_dtype)
+                           txt_mask, **block)
 
 
 class FluxTimeTextEmbedding(nn.Module):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Sequence
 
 import flax.linen as nn
 import jax

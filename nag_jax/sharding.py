@@ -28,7 +28,7 @@ def partition_spec(shape: tuple[int, ...], parts: int, min_size: int | None = No
     min_size = MIN_SHARDED_SIZE if min_size is None else min_size
     if parts == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
         return PartitionSpec()
-    candidates = [axis for axis, size in enumerate(shape) if size % parts == 0 and axis >= stacked]
+    candidates = [axis for axis, size in enumerate(shape) if size % parts == 0 and axis >= int(stacked)]
     if not candidates:
         return PartitionSpec()
     axis = max(candidates, key=lambda a: shape[a])  # ties: the first such axis
