@@ -51,6 +51,15 @@ def run(chroma, inputs, config=None):
     return np.asarray(jax.jit(forward)(params, inputs))
 
 
+def test_blocks_run_under_scan_over_stacked_parameters(chroma):
+    """As Flux's: each run of blocks is one scan over parameters stacked on a leading layer axis."""
+    module, params = chroma
+    for stack in module.layer_stacks:
+        subtree = traverse_util.flatten_dict(params, sep="/")
+        stacked = [v for k, v in subtree.items() if k.startswith(stack.path + "/")]
+        assert stacked and all(v.shape[0] == len(stack.layers) for v in stacked)
+
+
 def test_matches_diffusers_with_a_boolean_mask(chroma):
     inputs = tiny_chroma.make_inputs(rows=2)
     ours, reference = run(chroma, inputs), tiny_chroma.torch_forward(tiny_chroma.build_model(), inputs)
