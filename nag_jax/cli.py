@@ -85,7 +85,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True, help="what the image should show")
     parser.add_argument("--model", help="pipeline folder (diffusers layout or converted), or an embedded model: "
                                         f"{', '.join(EMBEDDED_MODELS)} (default {EMBEDDED_MODELS[0]})")
-    parser.add_argument("--image", metavar="PATH", help="Flux Kontext: the image to edit")
+    kontext = parser.add_argument_group("Flux Kontext (image editing)")
+    kontext.add_argument("--image", metavar="PATH", help="the image to edit")
+    kontext.add_argument("--max-area", type=positive_int, metavar="PIXELS",
+                         help="output pixels: --height x --width refitted to this area (default 1024*1024)")
+    kontext.add_argument("--no-auto-resize", action="store_true",
+                         help="keep the input image's size instead of the nearest preferred Kontext resolution")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="parameter and activation dtype (default float32)")
     nag = parser.add_argument_group("NAG (normalized attention guidance)")
@@ -173,6 +178,8 @@ def resolve_settings(args, defaults: dict) -> dict:
         "negative_prompt": args.negative_prompt,
         "guidance_scale": defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
         **({} if args.true_cfg_scale is None else {"true_cfg_scale": args.true_cfg_scale}),  # a Flux option
+        **({} if args.max_area is None else {"max_area": args.max_area}),  # Kontext options
+        **({"auto_resize": False} if args.no_auto_resize else {}),
         "num_inference_steps": defaults["num_inference_steps"] if args.steps is None else args.steps,
         "height": args.height,
         "width": args.width,

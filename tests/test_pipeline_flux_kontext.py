@@ -8,6 +8,8 @@ copy the conditioning-image tokens with the image stream) from the first step wh
 t >= (1 - nag_end) * 1000. Images in [0, 1] agree within 1e-3.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from safetensors.torch import save_file
 
 import nag_jax
 import tiny_flux
+from nag_jax.cli import main
 from convert.flux import load_flux_transformer
 from nag_jax.families import flux_kontext
 from nag_jax.families.flux_kontext import KONTEXT_DEFAULTS, conditioning_image_size, fit_to_area
@@ -32,8 +35,12 @@ TINY_RESOLUTIONS = ((24, 40), (32, 32), (40, 24))
 
 
 @pytest.fixture(scope="module")
-def pipelines(tmp_path_factory):
-    folder = make_flux_pipeline(tmp_path_factory.mktemp("kontext"), "kontext")
+def folder(tmp_path_factory):
+    return make_flux_pipeline(tmp_path_factory.mktemp("kontext"), "kontext")
+
+
+@pytest.fixture(scope="module")
+def pipelines(folder):
     return nag_jax.NAGPipeline.from_pretrained(folder), FluxKontextPipeline.from_pretrained(folder)
 
 
@@ -132,3 +139,17 @@ def test_bfl_single_file_loads_through_the_flux_converter(pipelines, tmp_path):
     assert flat.keys() == reference.keys()
     for key, value in reference.items():
         np.testing.assert_array_equal(flat[key], value, err_msg=key)
+
+
+def test_cli_edits_an_image(folder, image, tmp_path):
+    """`nag-jax generate --image`: the edited image, its PNG record naming the input and Kontext's defaults."""
+    image.save(tmp_path / "input.png")
+    output = tmp_path / "edited.png"
+    code = main(["generate", "--model", str(folder), "--prompt", PROMPT, "--image", str(tmp_path / "input.png"),
+                 "--nag-negative-prompt", "clouds", "--steps", "2", "--height", str(SIZE), "--width", str(SIZE),
+                 "--max-area", str(SIZE * SIZE), "--no-auto-resize", "--no-progress", "--output", str(output)])
+    assert code == 0
+    edited = Image.open(output)
+    record = json.loads(edited.text["nag-jax"])
+    assert edited.size == (SIZE, SIZE) and record["image"] == str(tmp_path / "input.png")
+    assert record["nag_end"] == 0.25 and record["guidance_scale"] == 2.5 and record["auto_resize"] is False
