@@ -178,12 +178,13 @@ def map_checkpoint(checkpoint: Checkpoint, rules, shapes: dict, dtype="float32",
     Raises ConversionError naming every missing, unexpected and mis-shaped key (per layer for
     stacked parameters). Tensors are read, rearranged and cast one at a time; per-layer tensors
     are stacked per `stacks` (`models.layers.LayerStack`s of the model). A checkpoint holding
-    Flax paths (a folder written by nag_jax.converted, stacked already) skips `rules` and is
-    checked just as strictly.
+    Flax paths (a folder written by nag_jax.converted) skips `rules` and is checked just as
+    strictly; it is stacked already unless written before the blocks ran under scan.
     """
     dtype = parse_dtype(dtype)
     if checkpoint.flax_paths:
-        rules, stacks = FLAX_PATH_RULES, ()
+        rules = FLAX_PATH_RULES
+        stacks = stacks if any(_stacked_part(key, stacks) for key in checkpoint.keys()) else ()
     shapes = unstack_layers(shapes, stacks, lambda shape, _: shape[1:])
     routes, unexpected = {}, []
     for key in checkpoint.keys():

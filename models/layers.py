@@ -49,17 +49,29 @@ class CrossAttentionCore(nn.Module):
         return merge_heads(attention(q, k, v))
 
 
-class JointAttentionCore(nn.Module):
-    """MM-DiT attention: text and image tokens attend over [text; image] (Flux, SD3).
+MASKED = -1e9  # score bias of a masked key: finite, so a fully masked block still merges to weight 0
 
-    Returns (text_out, image_out), each with heads merged.
+
+def key_mask_bias(mask):
+    """A key mask [B, Nk] (true or 1: attend) -> score bias [B, 1, 1, Nk] for `attention`."""
+    return jnp.where(mask.astype(bool), 0.0, MASKED)[:, None, None, :]
+
+
+class JointAttentionCore(nn.Module):
+    """MM-DiT attention: text and image tokens attend over [text; image] (Flux, SD3, Chroma).
+
+    `txt_mask` [B, T] (Chroma's text padding mask) hides masked text tokens as keys from every
+    query; image tokens are never masked. Returns (text_out, image_out), each with heads merged.
     """
 
     @nn.compact
-    def __call__(self, txt_q, txt_k, txt_v, img_q, img_k, img_v):
+    def __call__(self, txt_q, txt_k, txt_v, img_q, img_k, img_v, txt_mask=None):
         _require_same_batch(img_q.shape[0], txt_q.shape[0], "joint attention")
         joined = [jnp.concatenate([t, i], axis=1) for t, i in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v))]
-        out = merge_heads(attention(*joined))
+        bias = None
+        if txt_mask is not None:
+            bias = key_mask_bias(jnp.concatenate([txt_mask, jnp.ones(img_k.shape[:2], txt_mask.dtype)], axis=1))
+        out = merge_heads(attention(*joined, bias))
         text_tokens = txt_q.shape[1]
         return out[:, :text_tokens], out[:, text_tokens:]
 

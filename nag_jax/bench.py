@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.chroma import ChromaTransformer2DModel
 from models.flux import FluxTransformer2DModel
 from models.layers import JointAttentionCore, unrolled_layers
 from models.sd3 import SD3Transformer
@@ -60,7 +61,8 @@ from models.unet import UNet2DConditionModel
 from nag_jax.bench_depth import DEPTHS, depth_figures
 from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
 
-FAMILIES = ("unet", "flux", "sd3")
+FAMILIES = ("unet", "flux", "sd3", "kontext", "chroma")
+TIMED_FAMILIES = ("unet", "flux", "sd3")  # kontext and chroma: FLOPs only
 PARTS = ("flops", "timing", "compile", "invariant", "vae-memory", "depth")
 
 # Published configurations (diffusers config.json values of the full-size models).
@@ -111,6 +113,12 @@ FLUX_SCHNELL_CONFIG = {  # black-forest-labs/FLUX.1-schnell, transformer/config.
     "patch_size": 1,
     "pooled_projection_dim": 768,
 }
+KONTEXT_CONFIG = {**FLUX_SCHNELL_CONFIG, "guidance_embeds": True}  # FLUX.1-Kontext-dev: FLUX.1-dev's config
+CHROMA_CONFIG = {  # lodestones/Chroma1-HD, transformer/config.json
+    **{k: FLUX_SCHNELL_CONFIG[k] for k in ("attention_head_dim", "axes_dims_rope", "in_channels", "joint_attention_dim",
+                                           "num_attention_heads", "num_layers", "num_single_layers", "patch_size")},
+    "approximator_hidden_dim": 5120, "approximator_layers": 5, "approximator_num_channels": 64,
+}
 SD35_LARGE_CONFIG = {  # stabilityai/stable-diffusion-3.5-large, transformer/config.json
     "attention_head_dim": 64,
     "caption_projection_dim": 2432,
@@ -132,6 +140,8 @@ REAL_SHAPES = {
     "unet": dict(latent=(4, 128, 128), text_tokens=77),
     "flux": dict(image_tokens=4096, text_tokens=512),
     "sd3": dict(latent=(16, 128, 128), text_tokens=333),
+    "kontext": dict(image_tokens=8192, text_tokens=512),  # 4096 generated + 4096 of a 1024x1024 input image
+    "chroma": dict(image_tokens=4096, text_tokens=512),
 }
 
 # Small configurations for timing on a CPU (and for the fast FLOP count of --tiny).
@@ -173,9 +183,14 @@ TINY_SD3_CONFIG = {
     "qk_norm": "rms_norm",
     "sample_size": 32,
 }
+TINY_KONTEXT_CONFIG = {**TINY_FLUX_CONFIG, "guidance_embeds": True}
+TINY_CHROMA_CONFIG = {**{k: v for k, v in TINY_FLUX_CONFIG.items() if k in CHROMA_CONFIG},
+                      "approximator_hidden_dim": 64, "approximator_layers": 2, "approximator_num_channels": 16}
 TINY_SHAPES = {
     "unet": dict(latent=(4, 32, 32), text_tokens=77),
     "flux": dict(image_tokens=256, text_tokens=64),
+    "kontext": dict(image_tokens=512, text_tokens=64),
+    "chroma": dict(image_tokens=256, text_tokens=64),
     "sd3": dict(latent=(16, 32, 32), text_tokens=64),
 }
 NAG = NAGConfig(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25)
@@ -192,8 +207,10 @@ TARGETS = {  # (family, figure) -> upper bound on the relative extra cost
 
 def build(family: str, tiny: bool):
     """(module, inputs(rows, text_rows) -> dict of ShapeDtypeStruct, call(module, params, inputs))."""
-    configs = {"unet": TINY_UNET_CONFIG, "flux": TINY_FLUX_CONFIG, "sd3": TINY_SD3_CONFIG} if tiny else {
-        "unet": SDXL_UNET_CONFIG, "flux": FLUX_SCHNELL_CONFIG, "sd3": SD35_LARGE_CONFIG}
+    configs = {"unet": TINY_UNET_CONFIG, "flux": TINY_FLUX_CONFIG, "sd3": TINY_SD3_CONFIG, "kontext": TINY_KONTEXT_CONFIG,
+               "chroma": TINY_CHROMA_CONFIG} if tiny else {
+        "unet": SDXL_UNET_CONFIG, "flux": FLUX_SCHNELL_CONFIG, "sd3": SD35_LARGE_CONFIG, "kontext": KONTEXT_CONFIG,
+        "chroma": CHROMA_CONFIG}
     shapes = (TINY_SHAPES if tiny else REAL_SHAPES)[family]
     config = configs[family]
     f32 = jnp.float32
@@ -213,15 +230,19 @@ def build(family: str, tiny: bool):
         def call(module, params, x):
             return module.apply(params, x["sample"], x["timesteps"], x["encoder_hidden_states"],
                                 added_cond_kwargs=x.get("added_cond_kwargs"))
-    elif family == "flux":
-        module = FluxTransformer2DModel.from_config(config)
+    elif family in ("flux", "kontext", "chroma"):
+        chroma = family == "chroma"
+        module = (ChromaTransformer2DModel if chroma else FluxTransformer2DModel).from_config(config)
         n, t = shapes["image_tokens"], shapes["text_tokens"]
 
         def inputs(rows, text_rows):
-            return dict(hidden_states=spec((rows, n, config["in_channels"]), f32),
-                        encoder_hidden_states=spec((text_rows, t, config["joint_attention_dim"]), f32),
-                        pooled_projections=spec((text_rows, config["pooled_projection_dim"]), f32),
-                        timestep=spec((rows,), f32), img_ids=spec((n, 3), f32), txt_ids=spec((t, 3), f32))
+            out = dict(hidden_states=spec((rows, n, config["in_channels"]), f32),
+                       encoder_hidden_states=spec((text_rows, t, config["joint_attention_dim"]), f32),
+                       timestep=spec((rows,), f32), img_ids=spec((n, 3), f32), txt_ids=spec((t, 3), f32))
+            if chroma:
+                return dict(out, attention_mask=spec((text_rows, t), f32))
+            out["pooled_projections"] = spec((text_rows, config["pooled_projection_dim"]), f32)
+            return dict(out, guidance=spec((rows,), f32)) if config["guidance_embeds"] else out
 
         def call(module, params, x):
             return module.apply(params, **x)
@@ -285,7 +306,7 @@ def variants(family: str) -> dict:
     The step is one image row without CFG; "CFG" doubles the rows (context only for scale)."""
     plain = contextlib.nullcontext
     out = {"no NAG": (0, plain, 1), "CFG": (0, plain, 2)}
-    if family == "flux":
+    if family in ("flux", "kontext"):
         out["NAG shared-image"] = (1, lambda: guided(NAG), 1)
         reference = NAGConfig(NAG.nag_scale, NAG.nag_tau, NAG.nag_alpha, "reference")
         out["NAG reference"] = (1, lambda: guided(reference), 1)
@@ -644,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipping the timing part: {missing}", file=sys.stderr)
         parts = [p for p in parts if p != "timing"]
     total = (len(parts) and sum(
-        len(variants(f)) if p == "flops" else args.repeats if p == "timing" else 0 for p in parts for f in families)
+        len(variants(f)) if p == "flops" else args.repeats * (f in TIMED_FAMILIES) if p == "timing" else 0
+        for p in parts for f in families)
         + ("compile" in parts and "unet" in families) * 3 * args.compile_repeats
         + ("invariant" in parts and "unet" in families) * args.repeats
         + ("vae-memory" in parts) * 4
@@ -659,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         for family in families:
             if "flops" in parts:
                 records += flop_counts(family, tiny=args.tiny, progress=progress)
-            if "timing" in parts:
+            if "timing" in parts and family in TIMED_FAMILIES:
                 records += timing_figures(family, args.repeats, progress)
         if "compile" in parts and "unet" in families:
             records += compile_figures(repeats=args.compile_repeats, progress=progress)

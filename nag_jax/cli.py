@@ -95,6 +95,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="pipeline folder (diffusers layout or converted), an embedded model ("
                                         f"{', '.join(EMBEDDED_MODELS)}; default {EMBEDDED_MODELS[0]}) or a Hugging "
                                         "Face repo id (from its cache; downloaded unless HF_HUB_OFFLINE=1)")
+    kontext = parser.add_argument_group("Flux Kontext (image editing)")
+    kontext.add_argument("--image", metavar="PATH", help="the image to edit")
+    kontext.add_argument("--max-area", type=positive_int, metavar="PIXELS",
+                         help="output pixels: --height x --width refitted to this area (default 1024*1024)")
+    kontext.add_argument("--no-auto-resize", action="store_true",
+                         help="keep the input image's size instead of the nearest preferred Kontext resolution")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="parameter and activation dtype (default float32)")
     parser.add_argument("--lora", type=lora_argument, action="append", default=[], metavar="PATH[:SCALE]",
@@ -109,8 +115,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                      help="normalization threshold (family default)")
     nag.add_argument("--nag-alpha", type=in_range("nag_alpha"), metavar="A",
                      help="blend with the positive branch (family default)")
-    nag.add_argument("--nag-end", type=in_range("nag_end"), default=1.0, metavar="E",
-                     help="fraction of the denoising run that gets NAG (default 1.0)")
+    nag.add_argument("--nag-end", type=in_range("nag_end"), metavar="E",
+                     help="fraction of the denoising run that gets NAG (family default: 1.0, Flux Kontext 0.25)")
+    nag.add_argument("--nag-norm", choices=("l1", "l2"), default="l1",  # guidance.NAG_NORMS, without importing jax
+                     help="norm of NAG's ratio: l1 (the paper, default) or l2 (the reference's Flux processors)")
     pag = parser.add_argument_group("PAG (perturbed-attention guidance; UNet and SD3 families)")
     pag.add_argument("--pag-scale", type=in_range("pag_scale"), default=0.0, metavar="S",
                      help="PAG strength, on when > 0 (default 0)")
@@ -180,13 +188,16 @@ def resolve_settings(args, defaults: dict) -> dict:
         "nag_scale": nag_scale,
         "nag_tau": defaults["nag_tau"] if args.nag_tau is None else args.nag_tau,
         "nag_alpha": defaults["nag_alpha"] if args.nag_alpha is None else args.nag_alpha,
-        "nag_end": args.nag_end,
+        "nag_end": defaults.get("nag_end", 1.0) if args.nag_end is None else args.nag_end,
+        "nag_norm": args.nag_norm,
         "pag_scale": args.pag_scale,
         "pag_adaptive_scale": args.pag_adaptive_scale,
         "pag_applied_layers": args.pag_applied_layers,
         "negative_prompt": args.negative_prompt,
         "guidance_scale": defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
         **({} if args.true_cfg_scale is None else {"true_cfg_scale": args.true_cfg_scale}),  # a Flux option
+        **({} if args.max_area is None else {"max_area": args.max_area}),  # Kontext options
+        **({"auto_resize": False} if args.no_auto_resize else {}),
         "num_inference_steps": defaults["num_inference_steps"] if args.steps is None else args.steps,
         "height": args.height,
         "width": args.width,
@@ -203,15 +214,21 @@ def png_info(settings: dict, model: str, dtype: str, index: int):
     return record_png_info(dict(settings, model=model, dtype=dtype, image_index=index))
 
 
-def load_pipeline(model: Path, dtype: str = "float32"):
-    """NAGPipeline.from_pretrained, its errors (missing files, damaged or mismatched weights)
-    naming --model."""
+def load_pipeline(model: Path, dtype: str = "float32", loras=()):
+    """NAGPipeline.from_pretrained with the --lora files merged, its errors (missing files,
+    damaged or mismatched weights) naming the flag."""
     from nag_jax.pipeline import NAGPipeline
 
     try:
-        return NAGPipeline.from_pretrained(model, dtype=dtype)
+        pipe = NAGPipeline.from_pretrained(model, dtype=dtype)
     except (ValueError, OSError) as error:
         raise ValueError(f"--model: {error}") from None
+    for lora, scale in loras:
+        try:
+            pipe.load_lora_weights(lora, scale)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"--lora: {error}") from None
+    return pipe
 
 
 # JSONL keys of a batch job line -> the generate options they replace
@@ -227,16 +244,27 @@ def generate_batch(args) -> int:
     if Path(args.output).suffix:
         raise ValueError(f"--output {args.output}: a batch job writes into a folder; give a folder name")
     check_writable(args.output, [Path(args.output) / "manifest.jsonl"])
-    pipe = load_pipeline(model, args.dtype)
+    pipe = load_pipeline(model, args.dtype, args.lora)
     calls = []
     for index, line in enumerate(lines):
         options = {LINE_OPTIONS.get(key, key): value for key, value in line.items()}
         options.setdefault("seed", args.seed + index)
         calls.append(resolve_settings(argparse.Namespace(**{**vars(args), **options}), pipe.family.defaults))
     result = run_batch_job(pipe, calls, args.output, args.batch_size, args.overwrite, progress=not args.no_progress,
-                           job={"model": str(model), "dtype": args.dtype})
+                           job={"model": str(model), "dtype": args.dtype,
+                                **({"loras": [f"{lora}:{scale}" for lora, scale in args.lora]} if args.lora else {})})
     print(f"{result.summary}; manifest: {Path(args.output) / 'manifest.jsonl'}")
     return 0
+
+
+def open_image(path: str):
+    """--image as an RGB PIL image, or an error naming the flag."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path).convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"--image {path}: cannot read it as an image ({error})") from None
 
 
 def generate(args) -> int:
@@ -245,15 +273,11 @@ def generate(args) -> int:
     model = model_folder(args.model)
     paths = output_paths(args.output, args.num_images)  # checked before the slow part
     check_writable(args.output, paths)
-    pipe = load_pipeline(model, args.dtype)
-    for lora, scale in args.lora:
-        try:
-            pipe.load_lora_weights(lora, scale)
-        except (ValueError, OSError) as error:
-            raise ValueError(f"--lora: {error}") from None
+    image = {} if args.image is None else {"image": open_image(args.image)}
+    pipe = load_pipeline(model, args.dtype, args.lora)
     settings = resolve_settings(args, pipe.family.defaults)
-    images = pipe(**settings, progress=not args.no_progress, check_finite=True).images
-    settings.update(height=images[0].height, width=images[0].width)
+    images = pipe(**settings, **image, progress=not args.no_progress, check_finite=True).images
+    settings.update(height=images[0].height, width=images[0].width, **({"image": args.image} if image else {}))
     record = dict(settings, loras=[f"{lora}:{scale}" for lora, scale in args.lora]) if args.lora else settings
     for index, (image, path) in enumerate(zip(images, paths)):
         path.parent.mkdir(parents=True, exist_ok=True)

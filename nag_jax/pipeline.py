@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nag_jax.guidance import nag_step_split
+from nag_jax.guidance import check_nag_norm, nag_step_split
 from nag_jax.intercept import guidance_of, layer_paths, track_layers
 from nag_jax.sampler import Conditioning, GuidancePlan, Sampler, Scales, resolve_parallel
 
@@ -32,6 +32,8 @@ FAMILIES = {
     "StableDiffusionPipeline": "nag_jax.families.unet:StableDiffusionFamily",
     "StableDiffusionXLPipeline": "nag_jax.families.unet:StableDiffusionFamily",
     "FluxPipeline": "nag_jax.families.flux:FluxFamily",
+    "FluxKontextPipeline": "nag_jax.families.flux_kontext:FluxKontextFamily",
+    "ChromaPipeline": "nag_jax.families.chroma:ChromaFamily",
     "StableDiffusion3Pipeline": "nag_jax.families.sd3:SD3Family",
 }
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -84,6 +86,10 @@ class Family:
 
     def make_schedule(self, num_inference_steps: int, height: int, width: int, options: dict):
         raise NotImplementedError
+
+    def output_size(self, height: int, width: int, options: dict) -> tuple[int, int]:
+        """The size actually generated for the asked one (Flux Kontext fits it to max_area)."""
+        return height, width
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         """One image's latents in the diffusers pipeline's layout."""
@@ -329,7 +335,8 @@ class NAGPipeline:
         nag_scale: float = 1.0,
         nag_tau: float | None = None,
         nag_alpha: float | None = None,
-        nag_end: float = 1.0,
+        nag_end: float | None = None,
+        nag_norm: str = "l1",
         negative_prompt=None,
         guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
@@ -350,7 +357,8 @@ class NAGPipeline:
         image_seeds=None,
         **options,
     ) -> PipelineOutput:
-        """Generate images. NAG is on when nag_scale > 1 (reference convention: paper phi + 1).
+        """Generate images. NAG is on when nag_scale > 1 (reference convention: paper phi + 1);
+        `nag_norm` is the norm of NAG's ratio, "l1" (the paper) or "l2" (the reference's Flux processors).
 
         nag_negative_prompt defaults to negative_prompt when given, else "". CFG is on per the
         family's rule (guidance_scale > 1 for models trained with it). `latents` takes the
@@ -379,7 +387,8 @@ class NAGPipeline:
         nag_scale = check_argument("nag_scale", nag_scale)
         nag_tau = check_argument("nag_tau", defaults["nag_tau"] if nag_tau is None else nag_tau)
         nag_alpha = check_argument("nag_alpha", defaults["nag_alpha"] if nag_alpha is None else nag_alpha)
-        nag_end = check_argument("nag_end", nag_end)
+        nag_end = check_argument("nag_end", defaults.get("nag_end", 1.0) if nag_end is None else nag_end)
+        nag_norm = check_nag_norm(nag_norm)
         guidance_scale = check_argument("guidance_scale",
                                         defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
         pag_scale, pag_adaptive_scale, pag_applied_layers = check_pag(family, pag_scale, pag_adaptive_scale,
@@ -410,6 +419,8 @@ class NAGPipeline:
         options = dict(family.option_defaults, **options, guidance_scale=guidance_scale, negative_prompt=negatives,
                        height=height, width=width)
         do_cfg = family.uses_cfg(guidance_scale, options)
+        height, width = family.output_size(height, width, options)
+        options.update(height=height, width=width)
         do_nag = nag_scale > 1.0
         if nag_negative_prompt is None:
             nag_negatives = negatives or [""] * len(prompts)
@@ -460,6 +471,7 @@ class NAGPipeline:
             nag=do_nag,
             nag_steps=nag_step_split(schedule.timesteps, nag_end, schedule.timestep_kind) if do_nag else 0,
             nag_mode=options.get("nag_mode", "shared-image"),
+            nag_norm=nag_norm,
             pag_layers=self._pag_layers(pag_applied_layers, layers) if do_pag else frozenset(),
             per_image=batch_invariant,
         )

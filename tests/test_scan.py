@@ -4,6 +4,8 @@ LoRA uses), and model parallelism never splits a stacked layer axis."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,16 +13,19 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec
 
+from convert.checkpoint import FLAX_PARAMS_FILE
 from convert.flux import flux_param_location, load_flux_transformer
 from convert.mapping import stack_layers, unstack_layers
 from convert.sd3 import load_sd3_transformer, sd3_param_location
 from models.flux import FluxTransformer2DModel
 from models.layers import unrolled_layers
 from models.sd3 import SD3Transformer
+from nag_jax.converted import save_flat_safetensors
 from nag_jax.sharding import param_shardings, partition_spec
 from tiny_flux import TINY_CONFIG, build_model, make_inputs, save_sharded
 from tiny_sd3 import build_model as build_sd3, save_diffusers
 
+FLUX_LAYERS = dict(num_layers=2, num_single_layers=3)
 SD3_CONFIG = dict(sample_size=8, patch_size=2, in_channels=4, attention_head_dim=8, num_attention_heads=2,
                   joint_attention_dim=16, pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8)
 
@@ -66,7 +71,7 @@ def test_compiled_program_does_not_grow_with_depth(step, depths):
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     folder = tmp_path_factory.mktemp("flux")
-    model = build_model(guidance_embeds=False, num_layers=2, num_single_layers=3)
+    model = build_model(guidance_embeds=False, **FLUX_LAYERS)
     save_sharded(model, folder)
     return model, *load_flux_transformer(folder)
 
@@ -127,6 +132,17 @@ def test_stack_and_unstack_are_inverse(flux):
     assert restacked.keys() == stacked.keys()
     for key in stacked:
         np.testing.assert_array_equal(restacked[key], stacked[key])
+
+
+def test_converted_folder_from_before_scan_still_loads(flux, tmp_path):
+    """A folder converted while the blocks were unrolled holds per-layer Flax paths: stacked on load."""
+    _, module, params = flux
+    (tmp_path / "config.json").write_text(json.dumps(dict(TINY_CONFIG, **FLUX_LAYERS)))
+    save_flat_safetensors(tmp_path / FLAX_PARAMS_FILE, traverse_util.unflatten_dict(
+        unstack_layers(flat(params), module.layer_stacks), sep="/"))
+    _, loaded = load_flux_transformer(tmp_path)
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
 
 def test_model_parallelism_never_splits_the_layer_axis():
