@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nag_jax.attention import check_backend, with_attention_backend
 from nag_jax.guidance import nag_step_split
 from nag_jax.intercept import guidance_of
 from nag_jax.sampler import Conditioning, GuidancePlan, Sampler, Scales, resolve_parallel
@@ -205,9 +206,9 @@ def with_scheduler(scheduler_config: dict, scheduler: str | None) -> dict:
 class NAGPipeline:
     """Text-to-image sampling with NAG (and CFG) for any supported family."""
 
-    def __init__(self, family: Family, model_parallel: int = 1):
+    def __init__(self, family: Family, model_parallel: int = 1, attention_backend: str = "auto"):
         self.family = family
-        self.sampler = Sampler(family.denoise, model_parallel)
+        self.sampler = Sampler(with_attention_backend(family.denoise, attention_backend), model_parallel)
         self._guided_layers = None  # {module path: guidance its transform implements}, found on first use
 
     def _layers_with_guidance(self, latents, timestep, conditioning) -> dict[str, frozenset]:
@@ -256,11 +257,13 @@ class NAGPipeline:
         return frozenset(selected)
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, **family_options) -> "NAGPipeline":
+    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, attention_backend: str = "auto",
+                        **family_options) -> "NAGPipeline":
         """Load a diffusers-format folder; `dtype` is "float32", "bfloat16" or "float16".
 
         `model_parallel` > 1 splits the denoiser's parameters over that many devices (a model
-        bigger than one device; docs/multi-device.md); the batch is split over the rest."""
+        bigger than one device; docs/multi-device.md); the batch is split over the rest.
+        `attention_backend` picks the denoiser's attention implementation (docs/attention.md)."""
         path = Path(path)
         index_path = path / "model_index.json"
         if not index_path.exists():
@@ -273,7 +276,8 @@ class NAGPipeline:
             )
         module_name, family_name = FAMILIES[class_name].split(":")
         family_cls = getattr(importlib.import_module(module_name), family_name)
-        return cls(family_cls.load(path, index, dtype=dtype, **family_options), model_parallel)
+        check_backend(attention_backend)  # before the slow part
+        return cls(family_cls.load(path, index, dtype=dtype, **family_options), model_parallel, attention_backend)
 
     def __call__(
         self,
