@@ -36,19 +36,19 @@ def attention_temp_bytes(tokens: int, heads: int, head_dim: int, backend: str) -
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-def flux_dev_step_temp_bytes(backend: str, nag_mode: str = "shared-image") -> int:
-    """One Flux-dev 1024x1024 step with NAG (one image row, positive and negative text rows), bf16."""
+def flux_dev_step_temp_bytes(backend: str, nag_mode: str = "shared-image", dtype=jnp.bfloat16) -> int:
+    """One Flux-dev 1024x1024 step with NAG (one image row, positive and negative text rows)."""
     from nag_jax.bench import FLUX_SCHNELL_CONFIG, REAL_SHAPES
 
     config = dict(FLUX_SCHNELL_CONFIG, guidance_embeds=True)  # FLUX.1-dev differs from schnell only here
-    module = FluxTransformer2DModel.from_config(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    module = FluxTransformer2DModel.from_config(config, dtype=dtype, param_dtype=dtype)
     n, t = REAL_SHAPES["flux"]["image_tokens"], REAL_SHAPES["flux"]["text_tokens"]
-    bf16, f32, spec = jnp.bfloat16, jnp.float32, jax.ShapeDtypeStruct
+    f32, spec = jnp.float32, jax.ShapeDtypeStruct
 
     def inputs(text_rows):
-        return dict(hidden_states=spec((1, n, config["in_channels"]), bf16),
-                    encoder_hidden_states=spec((text_rows, t, config["joint_attention_dim"]), bf16),
-                    pooled_projections=spec((text_rows, config["pooled_projection_dim"]), bf16),
+        return dict(hidden_states=spec((1, n, config["in_channels"]), dtype),
+                    encoder_hidden_states=spec((text_rows, t, config["joint_attention_dim"]), dtype),
+                    pooled_projections=spec((text_rows, config["pooled_projection_dim"]), dtype),
                     timestep=spec((1,), f32), img_ids=spec((n, 3), f32), txt_ids=spec((t, 3), f32),
                     guidance=spec((1,), f32))
 
