@@ -195,7 +195,8 @@ def _blockwise(q, k, v, bias, scale, finish):
 def _to_bits(x):
     """Half-precision arrays as their uint16 bits: XLA:CPU slices and updates bf16 arrays in float32
     and hoists the conversion of the whole array out of the block loops; bits keep it to one block."""
-    return lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
+    half = x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
+    return lax.bitcast_convert_type(x, jnp.uint16) if half else x
 
 
 def _from_bits(x, dtype):
@@ -212,7 +213,8 @@ def splash_attention(q, k, v, scale, save_residuals: bool = False, interpret: bo
     q_tokens, k_tokens, heads, head_dim = q.shape[1], k.shape[1], q.shape[2], v.shape[3]
     tile = lambda n: SPLASH_BLOCK if n > SPLASH_BLOCK else SPLASH_LANES  # noqa: E731
     padded = lambda n, m: -(-n // m) * m  # noqa: E731
-    q_pad, k_pad, d_pad = padded(q_tokens, tile(q_tokens)), padded(k_tokens, tile(k_tokens)), padded(head_dim, SPLASH_LANES)
+    q_pad, k_pad = padded(q_tokens, tile(q_tokens)), padded(k_tokens, tile(k_tokens))
+    d_pad = padded(head_dim, SPLASH_LANES)
 
     def to_bhnd(x, tokens):
         x = jnp.pad(x, ((0, 0), (0, tokens - x.shape[1]), (0, 0), (0, d_pad - x.shape[3])))

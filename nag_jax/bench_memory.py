@@ -67,9 +67,9 @@ def memory_figures(progress=None, with_flux_step: bool = True) -> list[dict]:
     records = []
     for name, (tokens, heads, head_dim, limit) in ATTENTION_SIZES.items():
         before, after = (attention_temp_bytes(tokens, heads, head_dim, b) / GIB for b in (BEFORE, AFTER))
-        records.append(dict(part="memory", family="attention", config="real", name=f"{name} ({tokens}, {heads}x{head_dim})",
-                            value=after, unit="GiB", ratio=after / before, target=limit, met=after <= limit,
-                            before=before))
+        records.append(dict(part="memory", family="attention", config="real",
+                            name=f"{name} ({tokens}, {heads}x{head_dim})", value=after, unit="GiB",
+                            ratio=after / before, target=limit, met=after <= limit, before=before))
         if progress:
             progress.update(1)
     if with_flux_step:

@@ -23,7 +23,7 @@ DEMO_PAIRS = (("a circle", "red"), ("a square on a gray background", "blue"), ("
                                                                                  "yellow"))
 DEMO_STEPS = (1, 2, 4)
 EMBEDDED_MODELS = ("sd-shapes", "flux-shapes")  # folders under nag_jax/embedded/, trained by examples/train_tiny.py
-ATTENTION_BACKENDS = ("auto", "xla", "blockwise", "cudnn", "splash")  # nag_jax.attention.BACKENDS, without importing jax
+ATTENTION_BACKENDS = ("auto", "xla", "blockwise", "cudnn", "splash")  # attention.BACKENDS, without importing jax
 CACHE_VARIABLE = "NAG_JAX_COMPILATION_CACHE"  # the cache folder; empty: no cache
 
 
