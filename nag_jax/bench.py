@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         len(variants(f)) if p == "flops" else args.repeats if p == "timing" else 0 for p in parts for f in families)
         + ("compile" in parts and "unet" in families) * 3 * args.compile_repeats
         + ("invariant" in parts and "unet" in families) * args.repeats
-        + ("memory" in parts) * (len(bench_memory.ATTENTION_SIZES) + 1)
+        + ("memory" in parts) * (len(bench_memory.ATTENTION_SIZES) + 2)
         + ("gpu" in parts) * sum(bench_gpu.task_count(f) for f in families))
     progress = None
     if not args.no_progress:

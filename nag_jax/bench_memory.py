@@ -3,7 +3,8 @@
 - one `nag_jax.attention.attention` call on bf16 [1, N, H, D] inputs at the sizes of one
   1024x1024 image (Flux, SD3.5-Large) and one 81-frame Wan2.1 video, with the one-block "xla"
   implementation (what every call was before blockwise attention) and the default ("auto");
-- one Flux-dev 1024x1024 denoiser step with NAG in bf16 (parameters from `jax.eval_shape`).
+- one Flux-dev 1024x1024 denoiser step with NAG in float32 and in bf16 (parameters from
+  `jax.eval_shape`); in bf16, XLA:CPU's float32 copies of the weights dominate (BENCHMARKS.md).
 
 Compiled for the default backend (the CPU here): the figures are XLA's buffer assignment for that
 backend. XLA:CPU has no native bf16 slicing inside loops, so the blockwise implementation keeps a
@@ -72,10 +73,11 @@ def memory_figures(progress=None, with_flux_step: bool = True) -> list[dict]:
                             ratio=after / before, target=limit, met=after <= limit, before=before))
         if progress:
             progress.update(1)
-    if with_flux_step:
-        before, after = (flux_dev_step_temp_bytes(b) / GIB for b in (BEFORE, AFTER))
-        records.append(dict(part="memory", family="flux", config="real", name="Flux-dev 1024^2 step, NAG, bf16",
-                            value=after, unit="GiB", ratio=after / before, target=None, met=None, before=before))
+    for dtype in (jnp.float32, jnp.bfloat16) if with_flux_step else ():
+        before, after = (flux_dev_step_temp_bytes(b, dtype=dtype) / GIB for b in (BEFORE, AFTER))
+        records.append(dict(part="memory", family="flux", config="real",
+                            name=f"Flux-dev 1024^2 step, NAG, {jnp.dtype(dtype).name}", value=after, unit="GiB",
+                            ratio=after / before, target=None, met=None, before=before))
         if progress:
             progress.update(1)
     return records
