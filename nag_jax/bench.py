@@ -20,6 +20,11 @@ Parts:
   call of a fresh pipeline, interleaved over repetitions, median.
 - invariant: seconds per compiled call of that pipeline with `batch_invariant` off and on
   (1 and 4 images, CFG and NAG on), interleaved over repetitions, median.
+- memory: temporary memory of one attention call and of a Flux-dev step with NAG from XLA's
+  memory analysis, before and after blockwise attention (nag_jax/bench_memory.py).
+- gpu (only with `--only gpu`): per-step latency at the published configurations on the
+  accelerator, per attention backend, beside the paper's Table 4 (nag_jax/bench_gpu.py);
+  `--tiny` runs it on the small configurations on any device.
 - vae-memory: XLA's memory analysis of the Wan2.1 VAE (bfloat16, abstract parameters) decoding
   17, 41 and 81 frames at 480x832 and encoding 81: the working memory is the same at every length.
 - depth: compile time of the Flux and SD3 transformers against depth, blocks under scan and
@@ -63,7 +68,7 @@ from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
 
 FAMILIES = ("unet", "flux", "sd3", "kontext", "chroma")
 TIMED_FAMILIES = ("unet", "flux", "sd3")  # kontext and chroma: FLOPs only
-PARTS = ("flops", "timing", "compile", "invariant", "vae-memory", "depth")
+PARTS = ("flops", "timing", "compile", "invariant", "vae-memory", "depth", "memory", "gpu")  # "gpu" only when asked for
 
 # Published configurations (diffusers config.json values of the full-size models).
 SDXL_UNET_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
@@ -637,8 +642,10 @@ def format_table(records: list[dict]) -> str:
         ratio = f"{r['ratio']:.3f}x"
         if "vs_pytorch_eager" in r:
             ratio += f" (vs PyTorch {r['vs_pytorch_eager']:.3f}x)"
+        if "before" in r:  # memory: the figure of the one-block attention
+            ratio += f" of {r['before']:.4g} {r['unit']} before"
         status = "-" if r["met"] is None else ("met" if r["met"] else "MISSED")
-        target = "-" if r["target"] is None else f"<= {r['target']:.2f}x"
+        target = "-" if r["target"] is None else f"<= {r['target']:.2f}" + (" " + r["unit"] if "before" in r else "x")
         rows.append((r["part"], r["family"], r["config"], r["name"], f"{r['value']:.4g} {r['unit']}", ratio, target,
                      status))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -652,13 +659,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=PARTS, action="append", help="run only this part (repeatable)")
     parser.add_argument("--family", choices=FAMILIES, action="append", help="only this family (repeatable)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--tiny", action="store_true", help="count FLOPs on the small timing configs (fast)")
+    parser.add_argument("--tiny", action="store_true", help="flops and gpu parts on the small timing configs (fast)")
     parser.add_argument("--repeats", type=int, default=7, help="timing repetitions per variant (median)")
     parser.add_argument("--compile-repeats", type=int, default=3, help="compile-time repetitions (median)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    parts = args.only or list(PARTS)
+    from nag_jax import bench_gpu, bench_memory  # they import this module
+    parts = args.only or [p for p in PARTS if p != "gpu"]
     families = args.family or list(FAMILIES)
+    if "gpu" in parts and jax.default_backend() == "cpu" and not args.tiny:
+        parser.error("--only gpu needs an accelerator at the published sizes; add --tiny to run it on the CPU")
 
     missing = _torch_available() if "timing" in parts else None
     if missing:
@@ -670,7 +680,9 @@ def main(argv: list[str] | None = None) -> int:
         + ("compile" in parts and "unet" in families) * 3 * args.compile_repeats
         + ("invariant" in parts and "unet" in families) * args.repeats
         + ("vae-memory" in parts) * 4
-        + ("depth" in parts) * sum(2 * len(DEPTHS.get(f, ())) for f in families) * args.compile_repeats)
+        + ("depth" in parts) * sum(2 * len(DEPTHS.get(f, ())) for f in families) * args.compile_repeats
+        + ("memory" in parts) * (len(bench_memory.ATTENTION_SIZES) + 2)
+        + ("gpu" in parts) * sum(bench_gpu.task_count(f) for f in families))
     progress = None
     if not args.no_progress:
         from tqdm.auto import tqdm
@@ -683,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
                 records += flop_counts(family, tiny=args.tiny, progress=progress)
             if "timing" in parts and family in TIMED_FAMILIES:
                 records += timing_figures(family, args.repeats, progress)
+            if "gpu" in parts:
+                records += bench_gpu.gpu_figures(family, tiny=args.tiny, repeats=args.repeats, progress=progress)
         if "compile" in parts and "unet" in families:
             records += compile_figures(repeats=args.compile_repeats, progress=progress)
         if "invariant" in parts and "unet" in families:
@@ -692,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
         for family in families:
             if "depth" in parts and family in DEPTHS:
                 records += depth_figures(family, args.compile_repeats, progress=progress)
+        if "memory" in parts:
+            records += bench_memory.memory_figures(progress=progress)
     finally:
         if progress:
             progress.close()

@@ -23,6 +23,24 @@ IMAGE_SUFFIXES = (".png",)
 DEMO_PAIRS = (("a circle", "red"), ("a square on a gray background", "blue"), ("a triangle on a black background",
                                                                                  "yellow"))
 DEMO_STEPS = (1, 2, 4)
+ATTENTION_BACKENDS = ("auto", "xla", "blockwise", "cudnn", "splash")  # attention.BACKENDS, without importing jax
+CACHE_VARIABLE = "NAG_JAX_COMPILATION_CACHE"  # the cache folder; empty: no cache
+
+
+def compilation_cache_folder() -> Path | None:
+    """$NAG_JAX_COMPILATION_CACHE, else $XDG_CACHE_HOME/nag-jax/jax (default ~/.cache/nag-jax/jax)."""
+    if CACHE_VARIABLE in os.environ:
+        return Path(os.environ[CACHE_VARIABLE]) if os.environ[CACHE_VARIABLE] else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nag-jax" / "jax"
+
+
+def use_compilation_cache(folder: Path) -> None:
+    """JAX's persistent compilation cache in `folder`: a later process with the same model and shapes loads the
+    compiled programs instead of compiling (every program is cached, however fast it compiled)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def model_folder(model: str | None) -> Path:
@@ -106,6 +124,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", type=lora_argument, action="append", default=[], metavar="PATH[:SCALE]",
                         help="merge a LoRA file (diffusers/PEFT, kohya, ComfyUI, XLabs) times SCALE (default 1); "
                              "repeat to stack several")
+    parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                        help="the denoiser's attention implementation, see docs/attention.md (default auto)")
+    add_cache_argument(parser)
     nag = parser.add_argument_group("NAG (normalized attention guidance)")
     nag.add_argument("--nag-negative-prompt", metavar="TEXT",
                      help="what the image should not show; turns NAG on at the model family's default scale")
@@ -214,13 +235,19 @@ def png_info(settings: dict, model: str, dtype: str, index: int):
     return record_png_info(dict(settings, model=model, dtype=dtype, image_index=index))
 
 
-def load_pipeline(model: Path, dtype: str = "float32", loras=()):
+def add_cache_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-compilation-cache", action="store_true",
+                        help=f"do not keep compiled programs between runs (default: kept in ${CACHE_VARIABLE}, else "
+                             "$XDG_CACHE_HOME/nag-jax/jax or ~/.cache/nag-jax/jax)")
+
+
+def load_pipeline(model: Path, dtype: str = "float32", loras=(), attention_backend: str = "auto"):
     """NAGPipeline.from_pretrained with the --lora files merged, its errors (missing files,
     damaged or mismatched weights) naming the flag."""
     from nag_jax.pipeline import NAGPipeline
 
     try:
-        pipe = NAGPipeline.from_pretrained(model, dtype=dtype)
+        pipe = NAGPipeline.from_pretrained(model, dtype=dtype, attention_backend=attention_backend)
     except (ValueError, OSError) as error:
         raise ValueError(f"--model: {error}") from None
     for lora, scale in loras:
@@ -244,7 +271,7 @@ def generate_batch(args) -> int:
     if Path(args.output).suffix:
         raise ValueError(f"--output {args.output}: a batch job writes into a folder; give a folder name")
     check_writable(args.output, [Path(args.output) / "manifest.jsonl"])
-    pipe = load_pipeline(model, args.dtype, args.lora)
+    pipe = load_pipeline(model, args.dtype, args.lora, args.attention_backend)
     calls = []
     for index, line in enumerate(lines):
         options = {LINE_OPTIONS.get(key, key): value for key, value in line.items()}
@@ -274,7 +301,7 @@ def generate(args) -> int:
     paths = output_paths(args.output, args.num_images)  # checked before the slow part
     check_writable(args.output, paths)
     image = {} if args.image is None else {"image": open_image(args.image)}
-    pipe = load_pipeline(model, args.dtype, args.lora)
+    pipe = load_pipeline(model, args.dtype, args.lora, args.attention_backend)
     settings = resolve_settings(args, pipe.family.defaults)
     images = pipe(**settings, **image, progress=not args.no_progress, check_finite=True).images
     settings.update(height=images[0].height, width=images[0].width, **({"image": args.image} if image else {}))
@@ -400,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "prompt) at 1, 2 and 4 steps and save a labelled grid PNG.")
     dem.add_argument("--output-dir", default=".", help="folder for nag-demo.png (default: current folder)")
     dem.add_argument("--model", help="one pipeline folder or embedded model name instead of both embedded models")
+    add_cache_argument(dem)
 
     con = commands.add_parser("convert", help="checkpoint -> fast-loading nag-jax folder",
                               description="Convert a diffusers pipeline folder or a single checkpoint file into a "
@@ -428,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    cache = compilation_cache_folder()
+    if args.command in ("generate", "demo") and not args.no_compilation_cache and cache is not None:
+        use_compilation_cache(cache)
     try:
         if args.command == "generate":
             return generate(args)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nag_jax.attention import check_backend, with_attention_backend
 from nag_jax.guidance import check_nag_norm, nag_step_split
 from nag_jax.intercept import guidance_of, layer_paths, track_layers
 from nag_jax.sampler import Conditioning, GuidancePlan, Sampler, Scales, resolve_parallel
@@ -232,9 +233,10 @@ def image_keys_of(seed: int, image_seeds, images: int, rows: int):
 class NAGPipeline:
     """Text-to-image sampling with NAG (and CFG) for any supported family."""
 
-    def __init__(self, family: Family, model_parallel: int = 1):
+    def __init__(self, family: Family, model_parallel: int = 1, attention_backend: str = "auto"):
         self.family = family
-        self.sampler = Sampler(family.denoise, model_parallel, family.stacked_params)
+        self.sampler = Sampler(with_attention_backend(family.denoise, attention_backend), model_parallel,
+                               family.stacked_params)
         self._guided_layers = None  # {module path: guidance its transform implements}, found on first use
 
     def _layers_with_guidance(self, latents, timestep, conditioning) -> dict[str, frozenset]:
@@ -284,7 +286,8 @@ class NAGPipeline:
         return frozenset(selected)
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, loras=(), revision: str | None = None,
+    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, attention_backend: str = "auto",
+                        loras=(), revision: str | None = None,
                         variant: str | None = None, cache_dir=None, local_files_only: bool | None = None,
                         **family_options) -> "NAGPipeline":
         """Load a diffusers-format pipeline: a local folder, an embedded model's name ("sd-shapes",
@@ -294,6 +297,7 @@ class NAGPipeline:
 
         `model_parallel` > 1 splits the denoiser's parameters over that many devices (a model
         bigger than one device; docs/multi-device.md); the batch is split over the rest.
+        `attention_backend` picks the denoiser's attention implementation (docs/attention.md).
         `loras`: (path, scale) pairs merged in order, as `load_lora_weights` does."""
         from nag_jax.resolve import resolve_model
 
@@ -310,7 +314,9 @@ class NAGPipeline:
             )
         module_name, family_name = FAMILIES[class_name].split(":")
         family_cls = getattr(importlib.import_module(module_name), family_name)
-        pipeline = cls(family_cls.load(path, index, dtype=dtype, **family_options), model_parallel)
+        check_backend(attention_backend)  # before the slow part
+        pipeline = cls(family_cls.load(path, index, dtype=dtype, **family_options), model_parallel,
+                       attention_backend)
         for lora_path, scale in loras:
             pipeline.load_lora_weights(lora_path, scale)
         return pipeline
