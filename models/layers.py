@@ -37,12 +37,13 @@ class SelfAttentionCore(nn.Module):
 
 
 class CrossAttentionCore(nn.Module):
-    """Image queries over context keys/values (UNet attn2, PixArt, SANA, Wan)."""
+    """Image queries over context keys/values (UNet attn2, PixArt, SANA, Wan). `bias`: None or
+    one additive row per context row, [B, 1, 1, Nk] (the text mask of PixArt and SANA)."""
 
     @nn.compact
-    def __call__(self, q, k, v):
+    def __call__(self, q, k, v, bias=None):
         _require_same_batch(q.shape[0], k.shape[0], "cross-attention")
-        return merge_heads(attention(q, k, v))
+        return merge_heads(attention(q, k, v, bias))
 
 
 class JointAttentionCore(nn.Module):

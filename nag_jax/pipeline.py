@@ -33,6 +33,7 @@ FAMILIES = {
     "StableDiffusionXLPipeline": "nag_jax.families.unet:StableDiffusionFamily",
     "FluxPipeline": "nag_jax.families.flux:FluxFamily",
     "StableDiffusion3Pipeline": "nag_jax.families.sd3:SD3Family",
+    "PixArtSigmaPipeline": "nag_jax.families.pixart:PixArtSigmaFamily",
 }
 OUTPUT_TYPES = ("pil", "np", "latent")
 

@@ -1,0 +1,231 @@
+"""PixArt-alpha / PixArt-Sigma transformer, as diffusers' `PixArtTransformer2DModel`.
+
+Patch embedding with a fixed 2-D sin-cos position table, adaLN-single (one timestep MLP for
+the whole model; each block adds its own learned `scale_shift_table` to the shared six
+modulation vectors), then per block: modulated self-attention, plain cross-attention over the
+projected caption tokens (masked by the text mask), modulated GELU feed-forward. The blocks
+run under `nn.scan` over parameters stacked along a leading layer axis (`blocks/...`).
+PixArt-alpha's resolution / aspect-ratio embeddings are there when the config asks for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from models.layers import CrossAttentionCore, GELUFeedForward, MLPEmbedder, SelfAttentionCore, layer_norm, timestep_embedding
+
+MASK_BIAS = -10000.0  # diffusers' encoder_attention_mask -> bias: (1 - mask) * -10000
+
+
+def mask_to_bias(mask, dtype=jnp.float32):
+    """Text mask [B, L] (1 = token) -> additive attention bias [B, 1, 1, L] (diffusers' value)."""
+    return ((1.0 - mask.astype(dtype)) * MASK_BIAS)[:, None, None, :]
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    """[M] positions -> [M, dim]: [sin, cos] at frequencies 10000^(-2i/dim), float64."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = positions.reshape(-1)[:, None].astype(np.float64) * omega[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(dim: int, height: int, width: int, base_size: int, interpolation_scale: float) -> np.ndarray:
+    """diffusers' `get_2d_sincos_pos_embed` for a (height, width) token grid -> [H*W, dim] float32,
+    tokens row-major; the first half of the features encodes the column, the second the row."""
+    rows = np.arange(height, dtype=np.float32) / (height / base_size) / interpolation_scale
+    cols = np.arange(width, dtype=np.float32) / (width / base_size) / interpolation_scale
+    col_grid, row_grid = np.meshgrid(cols, rows, indexing="xy")
+    return np.concatenate([sincos_1d(dim // 2, col_grid), sincos_1d(dim // 2, row_grid)], axis=1).astype(np.float32)
+
+
+def patchify(module: nn.Module, x, dim: int, patch: int):
+    """[B, C, H, W] -> tokens [B, (H/p)*(W/p), dim] by a stride-p convolution `patch_embed`."""
+    tokens = nn.Conv(dim, (patch, patch), strides=(patch, patch), padding="VALID", dtype=module.dtype,
+                     param_dtype=module.param_dtype, name="patch_embed")(jnp.transpose(x, (0, 2, 3, 1)))
+    return tokens.reshape(tokens.shape[0], -1, dim)
+
+
+def unpatchify(x, height: int, width: int, patch: int, channels: int):
+    """Tokens [B, h*w, p*p*C] -> [B, C, h*p, w*p] (diffusers' einsum nhwpqc->nchpwq)."""
+    x = x.reshape(x.shape[0], height, width, patch, patch, channels)
+    return jnp.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], channels, height * patch, width * patch)
+
+
+class Attention(nn.Module):
+    """diffusers' `Attention` with to_q/to_k/to_v/to_out.0 (biased per `bias`) around a core;
+    keys and values come from `context` when given (cross-attention)."""
+
+    heads: int
+    head_dim: int
+    bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None, context_bias=None):
+        def project(name, source):
+            y = nn.Dense(self.heads * self.head_dim, use_bias=self.bias, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name=name)(source)
+            return y.reshape(*y.shape[:-1], self.heads, self.head_dim)
+
+        source = x if context is None else context
+        q, k, v = project("to_q", x), project("to_k", source), project("to_v", source)
+        if context is None:
+            out = SelfAttentionCore(name="core")(q, k, v)
+        else:
+            out = CrossAttentionCore(name="core")(q, k, v, context_bias)
+        return nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="to_out")(out)
+
+
+class PixArtBlock(nn.Module):
+    """diffusers' `BasicTransformerBlock` with norm_type "ada_norm_single", as a scan body."""
+
+    heads: int
+    head_dim: int
+    attention_bias: bool = True
+    norm_eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, context_bias, modulation):
+        dim = x.shape[-1]
+        table = self.param("scale_shift_table", nn.initializers.normal(dim**-0.5), (6, dim), self.param_dtype)
+        vectors = table[None].astype(modulation.dtype) + modulation.reshape(x.shape[0], 6, dim)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (vectors[:, i] for i in range(6))
+        attention = lambda name: Attention(self.heads, self.head_dim, self.attention_bias, self.dtype,  # noqa: E731
+                                           self.param_dtype, name=name)
+        normed = layer_norm(x, self.norm_eps) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        x = x + gate_msa[:, None] * attention("attn1")(normed)
+        x = x + attention("attn2")(x, context, context_bias)  # PixArt: no norm before cross-attention
+        normed = layer_norm(x, self.norm_eps) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        ff = GELUFeedForward(dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(normed)
+        return x + gate_mlp[:, None] * ff, None
+
+
+def scan_blocks(block_cls, num_layers: int, name: str = "blocks", **block_fields):
+    """`block_cls` repeated `num_layers` times by `nn.scan`: parameters stacked on a leading layer
+    axis; the carry is the image stream, every other argument is broadcast to all layers."""
+    scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=nn.broadcast, length=num_layers)
+    return scanned(**block_fields, name=name)
+
+
+class CaptionProjection(nn.Module):
+    """diffusers' `PixArtAlphaTextProjection` (act "gelu_tanh"): Linear -> GELU(tanh) -> Linear."""
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda name: nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
+        return dense("linear_2")(nn.gelu(dense("linear_1")(x), approximate=True))
+
+
+class AdaLNSingle(nn.Module):
+    """diffusers' `AdaLayerNormSingle`: timestep (+ resolution and aspect ratio) -> (six
+    modulation vectors [B, 6*D], the embedding [B, D] the final layer uses)."""
+
+    dim: int
+    use_additional_conditions: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, timestep, resolution=None, aspect_ratio=None):
+        embed = lambda x, features, name: MLPEmbedder(features, self.dtype, self.param_dtype, name=name)(  # noqa: E731
+            timestep_embedding(x, 256, flip_sin_to_cos=True, freq_shift=0.0).astype(self.dtype))
+        emb = embed(timestep, self.dim, "timestep_embedder")
+        if self.use_additional_conditions:
+            size_dim = self.dim // 3
+            batch = timestep.shape[0]
+            sizes = embed(resolution.reshape(-1), size_dim, "resolution_embedder").reshape(batch, -1)
+            ratios = embed(aspect_ratio.reshape(-1), size_dim, "aspect_ratio_embedder").reshape(batch, -1)
+            emb = emb + jnp.concatenate([sizes, ratios], axis=1)
+        modulation = nn.Dense(6 * self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear")(nn.silu(emb))
+        return modulation, emb
+
+
+@dataclasses.dataclass(frozen=True)
+class PixArtConfig:
+    num_attention_heads: int = 16
+    attention_head_dim: int = 72
+    in_channels: int = 4
+    out_channels: int | None = 8
+    num_layers: int = 28
+    attention_bias: bool = True
+    sample_size: int = 128
+    patch_size: int = 2
+    norm_eps: float = 1e-6
+    interpolation_scale: float | None = None
+    use_additional_conditions: bool | None = None
+    caption_channels: int | None = None
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "PixArtConfig":
+        for key, allowed in (("norm_type", "ada_norm_single"), ("activation_fn", "gelu-approximate")):
+            if config.get(key, allowed) != allowed:
+                raise ValueError(f"PixArt transformer config: {key} must be {allowed!r}, got {config[key]!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        return self.in_channels if self.out_channels is None else self.out_channels
+
+    @property
+    def additional_conditions(self) -> bool:
+        """diffusers' default: on for the 1024px (sample_size 128) PixArt-alpha models."""
+        return self.sample_size == 128 if self.use_additional_conditions is None else self.use_additional_conditions
+
+
+class PixArtTransformer(nn.Module):
+    """latents [B, C, H, W], caption tokens [B', L, caption_channels], their mask [B', L],
+    timestep [B] -> prediction [B, out_channels, H, W] (B' > B only inside nag_jax.guided)."""
+
+    config: PixArtConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @classmethod
+    def from_config(cls, config: dict, dtype=jnp.float32, param_dtype=jnp.float32):
+        return cls(PixArtConfig.from_dict(config), dtype=dtype, param_dtype=param_dtype)
+
+    def pos_embed(self, height: int, width: int) -> np.ndarray:
+        cfg = self.config
+        scale = cfg.interpolation_scale if cfg.interpolation_scale is not None else max(cfg.sample_size // 64, 1)
+        return sincos_2d(cfg.inner_dim, height, width, cfg.sample_size // cfg.patch_size, scale)
+
+    @nn.compact
+    def __call__(self, x, context, context_mask, timestep, resolution=None, aspect_ratio=None):
+        cfg, dim, patch = self.config, self.config.inner_dim, self.config.patch_size
+        height, width = x.shape[-2] // patch, x.shape[-1] // patch
+        tokens = patchify(self, x.astype(self.dtype), dim, patch)
+        tokens = tokens + jnp.asarray(self.pos_embed(height, width), self.dtype)[None]
+        timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (x.shape[0],))
+        modulation, emb = AdaLNSingle(dim, cfg.additional_conditions, self.dtype, self.param_dtype,
+                                      name="adaln_single")(timestep, resolution, aspect_ratio)
+        context = context.astype(self.dtype)
+        if cfg.caption_channels is not None:
+            context = CaptionProjection(dim, self.dtype, self.param_dtype, name="caption_projection")(context)
+        blocks = scan_blocks(PixArtBlock, cfg.num_layers, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
+                             attention_bias=cfg.attention_bias, norm_eps=cfg.norm_eps, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+        tokens, _ = blocks(tokens, context, mask_to_bias(context_mask), modulation)
+
+        table = self.param("scale_shift_table", nn.initializers.normal(dim**-0.5), (2, dim), self.param_dtype)
+        shift, scale = table[0][None] + emb, table[1][None] + emb
+        tokens = layer_norm(tokens, 1e-6) * (1 + scale[:, None]) + shift[:, None]
+        out = nn.Dense(patch * patch * cfg.output_channels, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="proj_out")(tokens)
+        return unpatchify(out, height, width, patch, cfg.output_channels)
