@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from models.layers import CrossAttentionCore, GELUFeedForward, MLPEmbedder, SelfAttentionCore, layer_norm, timestep_embedding
+from models.layers import (CrossAttentionCore, GELUFeedForward, MLPEmbedder, RMSNorm, SelfAttentionCore, layer_norm,
+                           timestep_embedding)
 
 MASK_BIAS = -10000.0  # diffusers' encoder_attention_mask -> bias: (1 - mask) * -10000
 
@@ -55,13 +56,35 @@ def unpatchify(x, height: int, width: int, patch: int, channels: int):
     return jnp.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], channels, height * patch, width * patch)
 
 
+def final_layer(module: nn.Module, tokens, emb, grid, patch: int, channels: int):
+    """Modulated norm with the model's own `scale_shift_table` [2, D] (shift, scale) plus the
+    timestep embedding, `proj_out`, unpatchify (PixArt and SANA)."""
+    dim = tokens.shape[-1]
+    table = module.param("scale_shift_table", nn.initializers.normal(dim**-0.5), (2, dim), module.param_dtype)
+    shift, scale = table[0][None] + emb, table[1][None] + emb
+    tokens = layer_norm(tokens, 1e-6) * (1 + scale[:, None]) + shift[:, None]
+    out = nn.Dense(patch * patch * channels, dtype=module.dtype, param_dtype=module.param_dtype, name="proj_out")(tokens)
+    return unpatchify(out, *grid, patch, channels)
+
+
+def block_modulation(module: nn.Module, x, modulation):
+    """The block's six adaLN vectors [B, D] each: its `scale_shift_table` [6, D] plus the shared
+    modulation [B, 6*D] (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp)."""
+    dim = x.shape[-1]
+    table = module.param("scale_shift_table", nn.initializers.normal(dim**-0.5), (6, dim), module.param_dtype)
+    vectors = table[None].astype(modulation.dtype) + modulation.reshape(x.shape[0], 6, dim)
+    return [vectors[:, i, None] for i in range(6)]
+
+
 class Attention(nn.Module):
     """diffusers' `Attention` with to_q/to_k/to_v/to_out.0 (biased per `bias`) around a core;
-    keys and values come from `context` when given (cross-attention)."""
+    keys and values come from `context` when given (cross-attention). `qk_norm`: RMS norm of q
+    and k over all heads (diffusers' "rms_norm_across_heads", SANA-Sprint)."""
 
     heads: int
     head_dim: int
     bias: bool = True
+    qk_norm: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -70,6 +93,8 @@ class Attention(nn.Module):
         def project(name, source):
             y = nn.Dense(self.heads * self.head_dim, use_bias=self.bias, dtype=self.dtype,
                          param_dtype=self.param_dtype, name=name)(source)
+            if self.qk_norm and name != "to_v":
+                y = RMSNorm(1e-5, param_dtype=self.param_dtype, name=name.replace("to_", "norm_"))(y)
             return y.reshape(*y.shape[:-1], self.heads, self.head_dim)
 
         source = x if context is None else context
@@ -93,18 +118,15 @@ class PixArtBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, context, context_bias, modulation):
-        dim = x.shape[-1]
-        table = self.param("scale_shift_table", nn.initializers.normal(dim**-0.5), (6, dim), self.param_dtype)
-        vectors = table[None].astype(modulation.dtype) + modulation.reshape(x.shape[0], 6, dim)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (vectors[:, i] for i in range(6))
-        attention = lambda name: Attention(self.heads, self.head_dim, self.attention_bias, self.dtype,  # noqa: E731
-                                           self.param_dtype, name=name)
-        normed = layer_norm(x, self.norm_eps) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        x = x + gate_msa[:, None] * attention("attn1")(normed)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block_modulation(self, x, modulation)
+        attention = lambda name: Attention(self.heads, self.head_dim, self.attention_bias, dtype=self.dtype,  # noqa: E731
+                                           param_dtype=self.param_dtype, name=name)
+        normed = layer_norm(x, self.norm_eps) * (1 + scale_msa) + shift_msa
+        x = x + gate_msa * attention("attn1")(normed)
         x = x + attention("attn2")(x, context, context_bias)  # PixArt: no norm before cross-attention
-        normed = layer_norm(x, self.norm_eps) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        normed = layer_norm(x, self.norm_eps) * (1 + scale_mlp) + shift_mlp
         ff = GELUFeedForward(dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(normed)
-        return x + gate_mlp[:, None] * ff, None
+        return x + gate_mlp * ff, None
 
 
 def scan_blocks(block_cls, num_layers: int, name: str = "blocks", **block_fields):
@@ -223,9 +245,4 @@ class PixArtTransformer(nn.Module):
                              param_dtype=self.param_dtype)
         tokens, _ = blocks(tokens, context, mask_to_bias(context_mask), modulation)
 
-        table = self.param("scale_shift_table", nn.initializers.normal(dim**-0.5), (2, dim), self.param_dtype)
-        shift, scale = table[0][None] + emb, table[1][None] + emb
-        tokens = layer_norm(tokens, 1e-6) * (1 + scale[:, None]) + shift[:, None]
-        out = nn.Dense(patch * patch * cfg.output_channels, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name="proj_out")(tokens)
-        return unpatchify(out, height, width, patch, cfg.output_channels)
+        return final_layer(self, tokens, emb, (height, width), patch, cfg.output_channels)
