@@ -29,11 +29,12 @@ def _require_same_batch(image_rows: int, context_rows: int, what: str) -> None:
 
 
 class SelfAttentionCore(nn.Module):
-    """Attention of a stream over itself (UNet attn1, text encoders)."""
+    """Attention of a stream over itself (UNet attn1, text encoders; Gemma-2 with its own scale
+    and logit soft-capping)."""
 
     @nn.compact
-    def __call__(self, q, k, v, bias=None):
-        return merge_heads(attention(q, k, v, bias))
+    def __call__(self, q, k, v, bias=None, scale=None, softcap=None):
+        return merge_heads(attention(q, k, v, bias, scale, softcap))
 
 
 class CrossAttentionCore(nn.Module):

@@ -29,14 +29,17 @@ class Partial(NamedTuple):
         return Partial(*(x[index] for x in self))
 
 
-def attention_partial(q, k, v, bias=None, scale=None) -> Partial:
+def attention_partial(q, k, v, bias=None, scale=None, softcap=None) -> Partial:
     """Scores of q against one key block (float32), exponentiated against their max.
 
     `bias` is added to the scores, broadcastable to [B, H, Nq, Nk] (masks, relative positions);
-    use a large finite negative rather than -inf for masked keys.
+    use a large finite negative rather than -inf for masked keys. `softcap`: scores become
+    softcap * tanh(scores / softcap) before the bias (Gemma-2's attention-logit soft-capping).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     if bias is not None:
         scores = scores + bias.astype(jnp.float32)
     peak = jnp.max(scores, axis=-1, keepdims=True)
@@ -65,9 +68,9 @@ def merge_partials(parts, dtype=None):
     return (out / denom).astype(dtype or parts[0].out.dtype)
 
 
-def attention(q, k, v, bias=None, scale=None):
+def attention(q, k, v, bias=None, scale=None, softcap=None):
     """softmax(q k^T * scale + bias) v, computed in float32, returned in q's dtype."""
-    return merge_partials([attention_partial(q, k, v, bias, scale)], dtype=q.dtype)
+    return merge_partials([attention_partial(q, k, v, bias, scale, softcap)], dtype=q.dtype)
 
 
 def merge_heads(x):
