@@ -55,12 +55,28 @@ class LinearAttention(nn.Module):
         return nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="to_out")(out)
 
 
+class BiasedRMSNorm(nn.Module):
+    """diffusers' `RMSNorm(elementwise_affine=True, bias=True)` over the last axis: x / rms(x) * weight + bias."""
+
+    eps: float = 1e-5
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * weight + bias).astype(x.dtype)
+
+
 class GLUMBConv(nn.Module):
-    """diffusers' `GLUMBConv` on a token grid [B, H*W, D]: pointwise conv to 2*hidden, SiLU,
-    depthwise 3x3, split into (x, gate), x * SiLU(gate), pointwise conv back (no bias)."""
+    """diffusers' `GLUMBConv` on a channels-last grid [B, H, W, C]: pointwise conv to 2*hidden,
+    SiLU, depthwise 3x3, split into (x, gate), x * SiLU(gate), pointwise conv back (no bias);
+    DC-AE's variant (`norm_residual`) adds an RMS norm with bias and the residual."""
 
     mlp_ratio: float
-    grid: tuple[int, int]
+    norm_residual: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -69,12 +85,13 @@ class GLUMBConv(nn.Module):
         dim = x.shape[-1]
         hidden = int(self.mlp_ratio * dim)
         h = nn.silu(nn.Dense(2 * hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_inverted")(x))
-        h = h.reshape(x.shape[0], *self.grid, 2 * hidden)
         h = nn.Conv(2 * hidden, (3, 3), padding=1, feature_group_count=2 * hidden, dtype=self.dtype,
                     param_dtype=self.param_dtype, name="conv_depth")(h)
         h = h[..., :hidden] * nn.silu(h[..., hidden:])
-        h = h.reshape(x.shape[0], -1, hidden)
-        return nn.Dense(dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_point")(h)
+        h = nn.Dense(dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_point")(h)
+        if not self.norm_residual:
+            return h
+        return x + BiasedRMSNorm(param_dtype=self.param_dtype, name="norm")(h)
 
 
 class SanaBlock(nn.Module):
@@ -100,8 +117,9 @@ class SanaBlock(nn.Module):
         x = x + gate_msa * LinearAttention(self.heads, self.head_dim, self.attention_bias, **kinds, name="attn1")(normed)
         x = x + Attention(self.cross_heads, self.cross_head_dim, True, **kinds, name="attn2")(x, context, context_bias)
         normed = layer_norm(x, self.norm_eps) * (1 + scale_mlp) + shift_mlp
-        ff = GLUMBConv(self.mlp_ratio, self.grid, self.dtype, self.param_dtype, name="ff")(normed)
-        return x + gate_mlp * ff, None
+        grid = normed.reshape(x.shape[0], *self.grid, x.shape[-1])
+        ff = GLUMBConv(self.mlp_ratio, dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(grid)
+        return x + gate_mlp * ff.reshape(x.shape), None
 
 
 class TimestepGuidanceEmbedding(nn.Module):
