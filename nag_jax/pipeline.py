@@ -34,6 +34,8 @@ FAMILIES = {
     "FluxPipeline": "nag_jax.families.flux:FluxFamily",
     "StableDiffusion3Pipeline": "nag_jax.families.sd3:SD3Family",
     "PixArtSigmaPipeline": "nag_jax.families.pixart:PixArtSigmaFamily",
+    "SanaPipeline": "nag_jax.families.sana:SanaFamily",
+    "SanaSprintPipeline": "nag_jax.families.sana:SanaSprintFamily",
 }
 OUTPUT_TYPES = ("pil", "np", "latent")
 
