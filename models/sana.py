@@ -186,6 +186,7 @@ class SanaTransformer(nn.Module):
     config: SanaConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    scan_unroll: int = 1  # blocks per scan iteration (models.pixart.scan_blocks)
 
     @classmethod
     def from_config(cls, config: dict, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -208,7 +209,7 @@ class SanaTransformer(nn.Module):
             modulation, emb = AdaLNSingle(dim, False, self.dtype, self.param_dtype, name="time_embed")(timestep)
         context = CaptionProjection(dim, self.dtype, self.param_dtype, name="caption_projection")(context.astype(self.dtype))
         context = RMSNorm(1e-5, param_dtype=self.param_dtype, name="caption_norm")(context)
-        blocks = scan_blocks(SanaBlock, cfg.num_layers, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
+        blocks = scan_blocks(SanaBlock, cfg.num_layers, self.scan_unroll, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
                              cross_heads=cfg.num_cross_attention_heads, cross_head_dim=cfg.cross_attention_head_dim,
                              mlp_ratio=cfg.mlp_ratio, grid=grid, attention_bias=cfg.attention_bias,
                              qk_norm=cfg.qk_norm is not None, norm_eps=cfg.norm_eps, dtype=self.dtype,

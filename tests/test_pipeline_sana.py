@@ -8,6 +8,7 @@ Images in [0, 1] must agree within 1e-3.
 """
 
 import copy
+import json
 from unittest import mock
 
 import jax
@@ -16,8 +17,10 @@ import pytest
 import torch
 from diffusers import SanaPipeline, SanaSprintPipeline
 from diffusers.schedulers import scheduling_scm
+from PIL import Image
 
 import nag_jax
+from nag_jax.cli import main
 from nag_jax.families.sana import COMPLEX_HUMAN_INSTRUCTION
 from tiny_components import assert_close
 from tiny_sana import make_sana_pipeline
@@ -32,13 +35,13 @@ SEED = 0
 @pytest.fixture(scope="module")
 def sana(tmp_path_factory):
     folder = make_sana_pipeline(tmp_path_factory.mktemp("sana"))
-    return nag_jax.NAGPipeline.from_pretrained(folder), SanaPipeline.from_pretrained(folder)
+    return nag_jax.NAGPipeline.from_pretrained(folder), SanaPipeline.from_pretrained(folder), folder
 
 
 @pytest.fixture(scope="module")
 def sprint(tmp_path_factory):
     folder = make_sana_pipeline(tmp_path_factory.mktemp("sana_sprint"), sprint=True)
-    return nag_jax.NAGPipeline.from_pretrained(folder), SanaSprintPipeline.from_pretrained(folder)
+    return nag_jax.NAGPipeline.from_pretrained(folder), SanaSprintPipeline.from_pretrained(folder), folder
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,7 @@ def encode_reference(pipe, prompt):
 
 
 def test_prompt_encoding_matches_diffusers(sana):
-    ours, pipe = sana
+    ours, pipe, _ = sana
     got = ours.family.encode([PROMPT, "blurry, low quality"], {"max_sequence_length": TOKENS})
     embeds, mask = encode_reference(pipe, [PROMPT, "blurry, low quality"])
     assert got.text["context"].shape == (2, TOKENS, 32)
@@ -139,3 +142,15 @@ def test_sprint_nag_matches_reference(sprint, latents, nag):
     assert np.abs(got - generate(sprint[0], latents, **call)).max() > 1e-2
     if "nag_end" in nag:
         assert np.abs(got - generate(sprint[0], latents, dict(nag, nag_end=1.0), **call)).max() > 1e-2
+
+
+@pytest.mark.parametrize("which", ["sana", "sprint"])
+def test_cli_generate_with_the_family_defaults(request, tmp_path, capsys, which):
+    folder = request.getfixturevalue(which)[2]
+    argv = ["generate", "--model", str(folder), "--prompt", PROMPT, "--nag-negative-prompt", "a dog", "--steps", "2",
+            "--no-progress", "--output", str(tmp_path)]
+    assert main(argv) == 0
+    image = Image.open(capsys.readouterr().out.strip())
+    record = json.loads(image.text["nag-jax"])
+    assert image.size == (32, 32)  # the transformer's sample_size times the DC-AE's 4x
+    assert (record["nag_scale"], record["nag_tau"], record["nag_alpha"]) == (5.0, 2.5, 0.375)

@@ -9,15 +9,18 @@ Images in [0, 1] must agree within 1e-3.
 """
 
 import copy
+import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from diffusers import PixArtSigmaPipeline
+from PIL import Image
 
 import nag_jax
 from convert.pixart import load_pixart_transformer
+from nag_jax.cli import main
 from tiny_components import assert_close
 from tiny_pixart import make_pixart_pipeline, random_transformer
 from torch_dit_nag import discrete_cut, with_nag_negatives
@@ -129,3 +132,13 @@ def test_nag_matches_reference(diffusers_pipe, ours, latents, guidance_scale, ne
     if nag.get("nag_end", 1.0) < 1.0:
         full = generate(ours, latents, guidance_scale, negative_prompt, dict(nag, nag_end=1.0))
         assert np.abs(got - full).max() > 5e-3  # the last steps really ran without NAG
+
+
+def test_cli_generate_with_the_family_defaults(folder, tmp_path, capsys):
+    argv = ["generate", "--model", str(folder), "--prompt", PROMPT, "--nag-negative-prompt", "a dog", "--steps", "2",
+            "--no-progress", "--output", str(tmp_path)]
+    assert main(argv) == 0
+    image = Image.open(capsys.readouterr().out.strip())
+    record = json.loads(image.text["nag-jax"])
+    assert image.size == (32, 32)
+    assert (record["nag_scale"], record["nag_tau"], record["nag_alpha"], record["guidance_scale"]) == (5.0, 2.5, 0.375, 4.5)
