@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.sana import BiasedRMSNorm, GLUMBConv, relu_linear_attention
+from models.pixart import relu_linear_attention
+from models.sana import BiasedRMSNorm, GLUMBConv
 
 ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "relu6": jax.nn.relu6}
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.layers import SelfAttentionCore
+from models.layers import SelfAttentionCore, rms_normalized
 
 MASKED = -1e9  # large finite negative for keys a query may not see
 
@@ -69,9 +69,7 @@ class GemmaRMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         weight = self.param("weight", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+        return (rms_normalized(x, self.eps) * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
 
 
 def rotate_half_rope(x, cos, sin):
@@ -139,5 +137,6 @@ class Gemma2Encoder(nn.Module):
                    for sliding in (False, True)}
         biases = {sliding: jnp.where(seen, 0.0, MASKED) for sliding, seen in visible.items()}
         for i in range(cfg.num_hidden_layers):
-            x = Gemma2Layer(cfg, self.dtype, self.param_dtype, name=f"layers.{i}")(x, biases[cfg.is_sliding(i)], cos, sin)
+            layer = Gemma2Layer(cfg, self.dtype, self.param_dtype, name=f"layers.{i}")
+            x = layer(x, biases[cfg.is_sliding(i)], cos, sin)
         return GemmaRMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x)

@@ -79,6 +79,12 @@ def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = False, freq_
     return emb
 
 
+def rms_normalized(x, eps: float):
+    """x / sqrt(mean(x^2) + eps) over the last axis, in float32."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * scale over the last axis, computed in float32 (QK-norm of Flux and SD3.5)."""
 
@@ -88,8 +94,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        normed = rms_normalized(x, self.eps)
         if self.use_scale:
             normed = normed * self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         return normed.astype(x.dtype)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -63,7 +64,8 @@ def final_layer(module: nn.Module, tokens, emb, grid, patch: int, channels: int)
     table = module.param("scale_shift_table", nn.initializers.normal(dim**-0.5), (2, dim), module.param_dtype)
     shift, scale = table[0][None] + emb, table[1][None] + emb
     tokens = layer_norm(tokens, 1e-6) * (1 + scale[:, None]) + shift[:, None]
-    out = nn.Dense(patch * patch * channels, dtype=module.dtype, param_dtype=module.param_dtype, name="proj_out")(tokens)
+    out = nn.Dense(patch * patch * channels, dtype=module.dtype, param_dtype=module.param_dtype,
+                   name="proj_out")(tokens)
     return unpatchify(out, *grid, patch, channels)
 
 
@@ -76,15 +78,28 @@ def block_modulation(module: nn.Module, x, modulation):
     return [vectors[:, i, None] for i in range(6)]
 
 
+def relu_linear_attention(q, k, v):
+    """out_n = sum_m v_m (k_m . q_n) / (sum_m k_m . q_n + 1e-15) with ReLU'd q, k; [B, N, H, D]
+    in, [B, N, H*D] out, in float32 (diffusers pads v with a row of ones for the denominator)."""
+    q, k, v = (t.astype(jnp.float32) for t in (jax.nn.relu(q), jax.nn.relu(k), v))
+    kv = jnp.einsum("bmhd,bmhe->bhed", k, v)
+    numerator = jnp.einsum("bhed,bnhd->bnhe", kv, q)
+    denominator = jnp.einsum("bmhd,bnhd->bnh", k, q)[..., None]
+    out = numerator / (denominator + 1e-15)
+    return out.reshape(*out.shape[:2], -1)
+
+
 class Attention(nn.Module):
     """diffusers' `Attention` with to_q/to_k/to_v/to_out.0 (biased per `bias`) around a core;
     keys and values come from `context` when given (cross-attention). `qk_norm`: RMS norm of q
-    and k over all heads (diffusers' "rms_norm_across_heads", SANA-Sprint)."""
+    and k over all heads (diffusers' "rms_norm_across_heads", SANA-Sprint). `linear`: SANA's ReLU
+    linear self-attention in place of softmax attention."""
 
     heads: int
     head_dim: int
     bias: bool = True
     qk_norm: bool = False
+    linear: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -99,7 +114,9 @@ class Attention(nn.Module):
 
         source = x if context is None else context
         q, k, v = project("to_q", x), project("to_k", source), project("to_v", source)
-        if context is None:
+        if self.linear:
+            out = relu_linear_attention(q, k, v).astype(x.dtype)
+        elif context is None:
             out = SelfAttentionCore(name="core")(q, k, v)
         else:
             out = CrossAttentionCore(name="core")(q, k, v, context_bias)
@@ -119,8 +136,8 @@ class PixArtBlock(nn.Module):
     @nn.compact
     def __call__(self, x, context, context_bias, modulation):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block_modulation(self, x, modulation)
-        attention = lambda name: Attention(self.heads, self.head_dim, self.attention_bias, dtype=self.dtype,  # noqa: E731
-                                           param_dtype=self.param_dtype, name=name)
+        attention = lambda name: Attention(  # noqa: E731
+            self.heads, self.head_dim, self.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         normed = layer_norm(x, self.norm_eps) * (1 + scale_msa) + shift_msa
         x = x + gate_msa * attention("attn1")(normed)
         x = x + attention("attn2")(x, context, context_bias)  # PixArt: no norm before cross-attention
@@ -148,7 +165,8 @@ class CaptionProjection(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda name: nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
+        dense = lambda name: nn.Dense(  # noqa: E731
+            self.features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         return dense("linear_2")(nn.gelu(dense("linear_1")(x), approximate=True))
 
 
@@ -176,8 +194,31 @@ class AdaLNSingle(nn.Module):
         return modulation, emb
 
 
+class DiTConfig:
+    """What the PixArt and SANA config dataclasses share: reading diffusers' config.json (keys of
+    other versions ignored, after the subclass's `check`) and the derived widths."""
+
+    @staticmethod
+    def check(config: dict) -> None:
+        """Raise for config values the model does not implement."""
+
+    @classmethod
+    def from_dict(cls, config: dict):
+        cls.check(config)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels or self.in_channels
+
+
 @dataclasses.dataclass(frozen=True)
-class PixArtConfig:
+class PixArtConfig(DiTConfig):
     num_attention_heads: int = 16
     attention_head_dim: int = 72
     in_channels: int = 4
@@ -191,21 +232,11 @@ class PixArtConfig:
     use_additional_conditions: bool | None = None
     caption_channels: int | None = None
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "PixArtConfig":
+    @staticmethod
+    def check(config: dict) -> None:
         for key, allowed in (("norm_type", "ada_norm_single"), ("activation_fn", "gelu-approximate")):
             if config.get(key, allowed) != allowed:
                 raise ValueError(f"PixArt transformer config: {key} must be {allowed!r}, got {config[key]!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        return self.in_channels if self.out_channels is None else self.out_channels
 
     @property
     def additional_conditions(self) -> bool:
@@ -243,7 +274,8 @@ class PixArtTransformer(nn.Module):
         context = context.astype(self.dtype)
         if cfg.caption_channels is not None:
             context = CaptionProjection(dim, self.dtype, self.param_dtype, name="caption_projection")(context)
-        blocks = scan_blocks(PixArtBlock, cfg.num_layers, self.scan_unroll, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
+        blocks = scan_blocks(PixArtBlock, cfg.num_layers, self.scan_unroll, heads=cfg.num_attention_heads,
+                             head_dim=cfg.attention_head_dim,
                              attention_bias=cfg.attention_bias, norm_eps=cfg.norm_eps, dtype=self.dtype,
                              param_dtype=self.param_dtype)
         tokens, _ = blocks(tokens, context, mask_to_bias(context_mask), modulation)

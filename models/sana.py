@@ -13,46 +13,11 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from models.layers import MLPEmbedder, RMSNorm, layer_norm, timestep_embedding
-from models.pixart import (AdaLNSingle, Attention, CaptionProjection, block_modulation, final_layer, mask_to_bias,
-                           patchify, scan_blocks, sincos_2d)
-
-
-def relu_linear_attention(q, k, v):
-    """out_n = sum_m v_m (k_m . q_n) / (sum_m k_m . q_n + 1e-15) with ReLU'd q, k; [B, N, H, D]
-    in, [B, N, H*D] out, in float32 (diffusers pads v with a row of ones for the denominator)."""
-    q, k, v = (t.astype(jnp.float32) for t in (jax.nn.relu(q), jax.nn.relu(k), v))
-    kv = jnp.einsum("bmhd,bmhe->bhed", k, v)
-    numerator = jnp.einsum("bhed,bnhd->bnhe", kv, q)
-    denominator = jnp.einsum("bmhd,bnhd->bnh", k, q)[..., None]
-    out = numerator / (denominator + 1e-15)
-    return out.reshape(*out.shape[:2], -1)
-
-
-class LinearAttention(nn.Module):
-    """SANA's self-attention (attn1): to_q/to_k/to_v (optionally QK-normed), ReLU linear attention, to_out.0."""
-
-    heads: int
-    head_dim: int
-    bias: bool = False
-    qk_norm: bool = False
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        def project(name):
-            y = nn.Dense(self.heads * self.head_dim, use_bias=self.bias, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name=name)(x)
-            if self.qk_norm and name != "to_v":
-                y = RMSNorm(1e-5, param_dtype=self.param_dtype, name=name.replace("to_", "norm_"))(y)
-            return y.reshape(*y.shape[:-1], self.heads, self.head_dim)
-
-        out = relu_linear_attention(project("to_q"), project("to_k"), project("to_v")).astype(x.dtype)
-        return nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="to_out")(out)
+from models.layers import MLPEmbedder, RMSNorm, layer_norm, rms_normalized, timestep_embedding
+from models.pixart import (AdaLNSingle, Attention, CaptionProjection, DiTConfig, block_modulation, final_layer,
+                           mask_to_bias, patchify, scan_blocks, sincos_2d)
 
 
 class BiasedRMSNorm(nn.Module):
@@ -65,9 +30,7 @@ class BiasedRMSNorm(nn.Module):
     def __call__(self, x):
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * weight + bias).astype(x.dtype)
+        return (rms_normalized(x, self.eps) * weight + bias).astype(x.dtype)
 
 
 class GLUMBConv(nn.Module):
@@ -114,7 +77,8 @@ class SanaBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block_modulation(self, x, modulation)
         kinds = dict(qk_norm=self.qk_norm, dtype=self.dtype, param_dtype=self.param_dtype)
         normed = layer_norm(x, self.norm_eps) * (1 + scale_msa) + shift_msa
-        x = x + gate_msa * LinearAttention(self.heads, self.head_dim, self.attention_bias, **kinds, name="attn1")(normed)
+        self_attention = Attention(self.heads, self.head_dim, self.attention_bias, linear=True, **kinds, name="attn1")
+        x = x + gate_msa * self_attention(normed)
         x = x + Attention(self.cross_heads, self.cross_head_dim, True, **kinds, name="attn2")(x, context, context_bias)
         normed = layer_norm(x, self.norm_eps) * (1 + scale_mlp) + shift_mlp
         grid = normed.reshape(x.shape[0], *self.grid, x.shape[-1])
@@ -140,7 +104,7 @@ class TimestepGuidanceEmbedding(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class SanaConfig:
+class SanaConfig(DiTConfig):
     in_channels: int = 32
     out_channels: int | None = 32
     num_attention_heads: int = 70
@@ -160,23 +124,13 @@ class SanaConfig:
     qk_norm: str | None = None
     timestep_scale: float = 1.0
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "SanaConfig":
+    @staticmethod
+    def check(config: dict) -> None:
         if config.get("norm_elementwise_affine", False):
             raise ValueError("SANA transformer config: norm_elementwise_affine must be false (every released model)")
         if config.get("qk_norm") not in (None, "rms_norm_across_heads"):
             raise ValueError(f"SANA transformer config: qk_norm must be null or 'rms_norm_across_heads', "
                              f"got {config['qk_norm']!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        return self.out_channels or self.in_channels
 
 
 class SanaTransformer(nn.Module):
@@ -207,9 +161,11 @@ class SanaTransformer(nn.Module):
                 timestep, guidance)
         else:
             modulation, emb = AdaLNSingle(dim, False, self.dtype, self.param_dtype, name="time_embed")(timestep)
-        context = CaptionProjection(dim, self.dtype, self.param_dtype, name="caption_projection")(context.astype(self.dtype))
+        context = CaptionProjection(dim, self.dtype, self.param_dtype, name="caption_projection")(
+            context.astype(self.dtype))
         context = RMSNorm(1e-5, param_dtype=self.param_dtype, name="caption_norm")(context)
-        blocks = scan_blocks(SanaBlock, cfg.num_layers, self.scan_unroll, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
+        blocks = scan_blocks(SanaBlock, cfg.num_layers, self.scan_unroll, heads=cfg.num_attention_heads,
+                             head_dim=cfg.attention_head_dim,
                              cross_heads=cfg.num_cross_attention_heads, cross_head_dim=cfg.cross_attention_head_dim,
                              mlp_ratio=cfg.mlp_ratio, grid=grid, attention_bias=cfg.attention_bias,
                              qk_norm=cfg.qk_norm is not None, norm_eps=cfg.norm_eps, dtype=self.dtype,

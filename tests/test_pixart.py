@@ -120,7 +120,7 @@ def test_pipeline_matches_diffusers_without_nag(diffusers_pipe, ours, latents, g
     [
         (1.0, None, dict(nag_negative_prompt="a dog", nag_scale=5.0)),  # PixArt defaults tau 2.5, alpha 0.375
         (4.5, "blurry", dict(nag_negative_prompt="the dog on a red chair", nag_scale=4.0, nag_tau=1.5, nag_alpha=0.5)),
-        (1.0, None, dict(nag_negative_prompt="a dog", nag_scale=5.0, nag_end=0.7)),  # t >= 299: 400 guided; 250, 100 not
+        (1.0, None, dict(nag_negative_prompt="a dog", nag_scale=5.0, nag_end=0.7)),  # t >= 299: 400 only
     ],
     ids=["nag_alone", "nag_with_cfg", "nag_end"],
 )
@@ -141,4 +141,4 @@ def test_cli_generate_with_the_family_defaults(folder, tmp_path, capsys):
     image = Image.open(capsys.readouterr().out.strip())
     record = json.loads(image.text["nag-jax"])
     assert image.size == (32, 32)
-    assert (record["nag_scale"], record["nag_tau"], record["nag_alpha"], record["guidance_scale"]) == (5.0, 2.5, 0.375, 4.5)
+    assert [record[k] for k in ("nag_scale", "nag_tau", "nag_alpha", "guidance_scale")] == [5.0, 2.5, 0.375, 4.5]

@@ -49,8 +49,18 @@ def test_gemma2_matches_transformers(tmp_path):
     assert_close(module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)), want)
 
 
-def test_dc_ae_matches_diffusers(tmp_path):
-    model = random_dc_ae()
+def pixel_shuffle_dc_ae():
+    """Pixel (un)shuffle sampling, RMS/SiLU decoder, and a first stage without blocks (sampling conv_in/out)."""
+    torch.manual_seed(0)
+    return diffusers.AutoencoderDC(**dict(VAE, upsample_block_type="pixel_shuffle",
+                                          downsample_block_type="pixel_unshuffle", decoder_norm_types="rms_norm",
+                                          decoder_act_fns="silu", encoder_layers_per_block=[0, 1, 1],
+                                          decoder_layers_per_block=[0, 1, 1])).eval()
+
+
+@pytest.mark.parametrize("build", [random_dc_ae, pixel_shuffle_dc_ae], ids=["sana_vae", "pixel_shuffle"])
+def test_dc_ae_matches_diffusers(tmp_path, build):
+    model = build()
     model.save_pretrained(str(tmp_path))
     module, params = load_dc_ae(tmp_path)
     x = np.random.default_rng(2).uniform(-1, 1, (2, 3, 32, 48)).astype(np.float32)
@@ -58,22 +68,6 @@ def test_dc_ae_matches_diffusers(tmp_path):
         latents = model.encode(torch.from_numpy(x)).latent
         images = model.decode(latents).sample
     assert latents.shape == (2, 8, 8, 12)
-    assert_close(module.apply({"params": params}, jnp.asarray(x), method=DCAutoencoder.encode), latents)
-    assert_close(module.apply({"params": params}, jnp.asarray(latents.numpy()), method=DCAutoencoder.decode), images)
-
-
-def test_dc_ae_pixel_shuffle_variant_matches_diffusers(tmp_path):
-    config = dict(VAE, upsample_block_type="pixel_shuffle", downsample_block_type="pixel_unshuffle",
-                  decoder_norm_types="rms_norm", decoder_act_fns="silu", encoder_layers_per_block=[0, 1, 1],
-                  decoder_layers_per_block=[0, 1, 1])
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderDC(**config).eval()
-    model.save_pretrained(str(tmp_path))
-    module, params = load_dc_ae(tmp_path)
-    x = np.random.default_rng(3).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
-    with torch.no_grad():
-        latents = model.encode(torch.from_numpy(x)).latent
-        images = model.decode(latents).sample
     assert_close(module.apply({"params": params}, jnp.asarray(x), method=DCAutoencoder.encode), latents)
     assert_close(module.apply({"params": params}, jnp.asarray(latents.numpy()), method=DCAutoencoder.decode), images)
 

@@ -53,7 +53,8 @@ def make_pixart_pipeline(folder) -> Path:
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
     index = {"_class_name": "PixArtSigmaPipeline", "_diffusers_version": "0.28.0.dev0",
-             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
+             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+             "text_encoder": ["transformers", "T5EncoderModel"],
              "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "PixArtTransformer2DModel"],
              "vae": ["diffusers", "AutoencoderKL"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))

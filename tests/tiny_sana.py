@@ -114,7 +114,8 @@ def make_sana_pipeline(folder, sprint: bool = False) -> Path:
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     index = {"_class_name": "SanaSprintPipeline" if sprint else "SanaPipeline", "_diffusers_version": "0.33.0.dev0",
              "scheduler": ["diffusers", scheduler["_class_name"]], "text_encoder": ["transformers", "Gemma2Model"],
-             "tokenizer": ["transformers", "GemmaTokenizerFast"], "transformer": ["diffusers", "SanaTransformer2DModel"],
+             "tokenizer": ["transformers", "GemmaTokenizerFast"],
+             "transformer": ["diffusers", "SanaTransformer2DModel"],
              "vae": ["diffusers", "AutoencoderDC"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder

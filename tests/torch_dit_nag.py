@@ -30,7 +30,7 @@ class NAGMaskedCrossAttentionProcessor:
             key, value = attn.to_k(context), attn.to_v(context)
             if attn.norm_q is not None:  # SANA-Sprint's QK norm, across heads
                 query, key = attn.norm_q(query), attn.norm_k(key)
-            split = lambda x: x.view(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)  # noqa: E731
+            split = lambda x: x.view(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)  # noqa
             mask = None if bias is None else bias[:, None]
             out = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=mask)
             return out.transpose(1, 2).reshape(query.shape[0], -1, query.shape[-1])
