@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nag_jax.guidance import nag_step_split
-from nag_jax.intercept import guidance_of
+from nag_jax.intercept import guidance_of, layer_paths, track_layers
 from nag_jax.sampler import Conditioning, GuidancePlan, Sampler, Scales, resolve_parallel
 
 # diffusers pipeline class (model_index.json "_class_name") -> "module:Family"
@@ -51,12 +51,14 @@ class Family:
     own call arguments), and for PAG `pag_layer_names` (regular expressions over our attention
     cores' module paths, "/"-joined, each with the diffusers module name it stands for, so
     `pag_applied_layers` means what it does in diffusers) and `pag_applied_layers` (the default;
-    none: the family has no PAG).
+    none: the family has no PAG), `stacked_params` ('/'-joined paths in `params` of blocks run
+    under scan, stacked along a leading layer axis, which model parallelism never splits).
     """
 
     options: tuple[str, ...] = ()
     pag_layer_names: tuple[tuple[str, str], ...] = ()
     pag_applied_layers: tuple[str, ...] = ()
+    stacked_params: tuple[str, ...] = ()
     option_defaults: dict = {}  # values of the family's own options when the call leaves them out (read-only)
     cfg_argument = "guidance_scale"  # Flux: its own true_cfg_scale (its guidance_scale is distilled guidance)
     name: str
@@ -205,28 +207,48 @@ def with_scheduler(scheduler_config: dict, scheduler: str | None) -> dict:
     return dict(scheduler_config, _class_name=class_name)
 
 
+def image_keys_of(seed: int, image_seeds, images: int, rows: int):
+    """One PRNG key per row: fold_in(key(seed), i) for row i, or from `image_seeds` (one (seed,
+    index) pair per image); padding rows repeat the last image's key."""
+    if image_seeds is None:
+        return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(rows))
+    pairs = list(image_seeds)
+    if len(pairs) != images or not all(isinstance(s, int) and isinstance(i, int) for s, i in pairs):
+        raise ValueError(f"image_seeds must hold {images} (seed, index) pairs of integers, one per image, "
+                         f"got {image_seeds!r}")
+    pairs += pairs[-1:] * (rows - images)
+    order, keys = [], []
+    for base in dict.fromkeys(s for s, _ in pairs):  # one vectorised fold per distinct seed
+        where = [r for r, (s, _) in enumerate(pairs) if s == base]
+        indices = jnp.array([pairs[r][1] for r in where])
+        keys.append(jax.vmap(lambda i, base=base: jax.random.fold_in(jax.random.key(base), i))(indices))
+        order += where
+    return jnp.concatenate(keys)[np.argsort(order)]
+
+
 class NAGPipeline:
     """Text-to-image sampling with NAG (and CFG) for any supported family."""
 
     def __init__(self, family: Family, model_parallel: int = 1):
         self.family = family
-        self.sampler = Sampler(family.denoise, model_parallel)
+        self.sampler = Sampler(family.denoise, model_parallel, family.stacked_params)
         self._guided_layers = None  # {module path: guidance its transform implements}, found on first use
 
     def _layers_with_guidance(self, latents, timestep, conditioning) -> dict[str, frozenset]:
-        """Every module call of the denoiser that has a guidance transform: its path ("/"-joined)
-        and what the transform implements. Found once per pipeline by tracing one row's shapes."""
+        """Every module call of the denoiser that has a guidance transform: its path ("/"-joined;
+        one per layer of scanned blocks, `layer_paths`) and what the transform implements. Found
+        once per pipeline by tracing one row's shapes."""
         if self._guided_layers is None:
             seen = {}
 
             def record(next_fun, args, kwargs, context):
                 guidance = guidance_of(type(context.module), context.method_name)
                 if guidance:
-                    seen["/".join(context.module.path)] = guidance
+                    seen.update(dict.fromkeys(layer_paths(context.module), guidance))
                 return next_fun(*args, **kwargs)
 
             one_row = jax.tree.map(lambda leaf: leaf[:1], conditioning)
-            with nn.intercept_methods(record):
+            with nn.intercept_methods(track_layers(record)):
                 jax.eval_shape(lambda p, x, c: self.family.denoise(p, x, timestep, c), self.family.params, latents,
                                one_row)
             self._guided_layers = seen
@@ -259,12 +281,21 @@ class NAGPipeline:
         return frozenset(selected)
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, **family_options) -> "NAGPipeline":
-        """Load a diffusers-format folder; `dtype` is "float32", "bfloat16" or "float16".
+    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, loras=(), revision: str | None = None,
+                        variant: str | None = None, cache_dir=None, local_files_only: bool | None = None,
+                        **family_options) -> "NAGPipeline":
+        """Load a diffusers-format pipeline: a local folder, an embedded model's name ("sd-shapes",
+        "flux-shapes") or a Hugging Face repo id at `revision`, from the Hugging Face cache or
+        downloaded (`variant`, `cache_dir`, `local_files_only`: nag_jax/resolve.py). `dtype` is
+        "float32", "bfloat16" or "float16".
 
         `model_parallel` > 1 splits the denoiser's parameters over that many devices (a model
-        bigger than one device; docs/multi-device.md); the batch is split over the rest."""
-        path = Path(path)
+        bigger than one device; docs/multi-device.md); the batch is split over the rest.
+        `loras`: (path, scale) pairs merged in order, as `load_lora_weights` does."""
+        from nag_jax.resolve import resolve_model
+
+        path = resolve_model(path, revision=revision, variant=variant, cache_dir=cache_dir,
+                             local_files_only=local_files_only)
         index_path = path / "model_index.json"
         if not index_path.exists():
             raise FileNotFoundError(f"{path}: no model_index.json; expected a diffusers-format pipeline folder")
@@ -276,7 +307,23 @@ class NAGPipeline:
             )
         module_name, family_name = FAMILIES[class_name].split(":")
         family_cls = getattr(importlib.import_module(module_name), family_name)
-        return cls(family_cls.load(path, index, dtype=dtype, **family_options), model_parallel)
+        pipeline = cls(family_cls.load(path, index, dtype=dtype, **family_options), model_parallel)
+        for lora_path, scale in loras:
+            pipeline.load_lora_weights(lora_path, scale)
+        return pipeline
+
+    def load_lora_weights(self, path, scale: float = 1.0) -> int:
+        """Merge a LoRA safetensors file (diffusers/PEFT, kohya, ComfyUI or XLabs names; docs/lora.md)
+        into the denoiser and text encoders, times `scale`; calls stack. Returns the layers patched."""
+        from nag_jax.lora import load_lora_weights
+
+        return load_lora_weights(self, path, scale)
+
+    def unload_lora_weights(self) -> None:
+        """Restore the parameters from before the first `load_lora_weights`, bit for bit."""
+        from nag_jax.lora import unload_lora_weights
+
+        unload_lora_weights(self)
 
     def __call__(
         self,
@@ -303,6 +350,7 @@ class NAGPipeline:
         pag_adaptive_scale: float = 0.0,
         pag_applied_layers=None,
         batch_invariant: bool = False,
+        image_seeds=None,
         **options,
     ) -> PipelineOutput:
         """Generate images. NAG is on when nag_scale > 1 (reference convention: paper phi + 1).
@@ -318,7 +366,9 @@ class NAGPipeline:
         and pag_adaptive_scale > 0 lowers the scale by that much per unit of (1000 - t).
         `batch_invariant` encodes, denoises and decodes one image at a time, so each image is
         bit-identical whatever the rest of the batch and the device count (slower;
-        docs/reproducibility.md). Family options: see the family (e.g. nag_mode and
+        docs/reproducibility.md). `image_seeds`, one (seed, index) pair per image, replaces
+        (seed, image index): images of different calls batched together (nag_jax.batch) each
+        draw the noise of their own call. Family options: see the family (e.g. nag_mode and
         true_cfg_scale for Flux, max_sequence_length).
         """
         family = self.family
@@ -391,7 +441,7 @@ class NAGPipeline:
 
         schedule = family.make_schedule(steps, height, width, options)
         # Each image's randomness depends on (seed, image index) only, never on the device layout.
-        image_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(rows))
+        image_keys = image_keys_of(seed, image_seeds, images, rows)
         start_keys, step_keys = jax.vmap(jax.random.split, out_axes=1)(image_keys)
         latent_shape = family.latent_shape(height, width)
         if latents is None:
