@@ -1,7 +1,7 @@
 """diffusers `PixArtTransformer2DModel` folders -> `models.pixart.PixArtTransformer` parameters.
 
 The key map is data: per-layer keys `transformer_blocks.N....` go to `blocks_N/...` and are
-stacked into the scanned `blocks/...` arrays (convert/stacked.py).
+stacked into the scanned `blocks/...` arrays by `map_checkpoint`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ import jax.numpy as jnp
 
 from convert.checkpoint import parse_dtype
 from convert.clip import read_component
-from convert.mapping import Rule, target_shapes
-from convert.stacked import map_stacked_checkpoint
-from models.pixart import PixArtTransformer
+from convert.mapping import Rule, map_checkpoint, target_shapes
+from models.pixart import PixArtTransformer, blocks_stack
 
 _BLOCK = r"transformer_blocks\.(\d+)\."
 
@@ -54,6 +53,6 @@ def load_pixart_transformer(folder, dtype="float32", config: dict | None = None)
     context_width = cfg.caption_channels or cfg.inner_dim
     shapes = target_shapes(module, jnp.zeros((1, cfg.in_channels, patch, patch)), jnp.zeros((1, 1, context_width)),
                            jnp.ones((1, 1)), jnp.zeros((1,)), jnp.zeros((1, 2)), jnp.ones((1, 1)))
-    params = map_stacked_checkpoint(checkpoint, PIXART_RULES, shapes, "blocks", cfg.num_layers, dtype,
-                                    "PixArt transformer")
+    params = map_checkpoint(checkpoint, PIXART_RULES, shapes, dtype, "PixArt transformer",
+                            stacks=(blocks_stack(cfg.num_layers),))
     return module, params

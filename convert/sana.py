@@ -1,6 +1,6 @@
 """diffusers `SanaTransformer2DModel` folders (SANA, SANA-Sprint) -> `models.sana.SanaTransformer` parameters.
 
-A key map as data, per layer (`transformer_blocks.N.` -> `blocks_N/`), stacked for the scan.
+A key map as data, per layer (`transformer_blocks.N.` -> `blocks_N/`), stacked for the scan by `map_checkpoint`.
 GLU-MBConv's 1x1 convolutions are Dense layers on the tokens (`pointwise_conv` layout).
 """
 
@@ -10,9 +10,9 @@ import jax.numpy as jnp
 
 from convert.checkpoint import parse_dtype
 from convert.clip import read_component
-from convert.mapping import LAYOUTS, Rule, target_shapes
+from convert.mapping import LAYOUTS, Rule, map_checkpoint, target_shapes
 from convert.pixart import linear_rules
-from convert.stacked import map_stacked_checkpoint
+from models.pixart import blocks_stack
 from models.sana import SanaTransformer
 
 LAYOUTS["pointwise_conv"] = lambda w: w[:, :, 0, 0].T  # torch Conv2d 1x1 [out, in, 1, 1] -> Dense [in, out]
@@ -55,6 +55,6 @@ def load_sana_transformer(folder, dtype="float32", config: dict | None = None):
     config, checkpoint = read_component(folder, config)
     jax_dtype = jnp.dtype(parse_dtype(dtype))
     module = SanaTransformer.from_config(config, dtype=jax_dtype, param_dtype=jax_dtype)
-    params = map_stacked_checkpoint(checkpoint, SANA_RULES, sana_param_shapes(module), "blocks",
-                                    module.config.num_layers, dtype, "SANA transformer")
+    params = map_checkpoint(checkpoint, SANA_RULES, sana_param_shapes(module), dtype, "SANA transformer",
+                            stacks=(blocks_stack(module.config.num_layers),))
     return module, params

@@ -4,7 +4,7 @@ Patch embedding with a fixed 2-D sin-cos position table, adaLN-single (one times
 the whole model; each block adds its own learned `scale_shift_table` to the shared six
 modulation vectors), then per block: modulated self-attention, plain cross-attention over the
 projected caption tokens (masked by the text mask), modulated GELU feed-forward. The blocks
-run under `nn.scan` over parameters stacked along a leading layer axis (`blocks/...`).
+run under `models.layers.scan_blocks` over parameters stacked along a leading layer axis (`blocks/...`).
 PixArt-alpha's resolution / aspect-ratio embeddings are there when the config asks for them.
 """
 
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.layers import (CrossAttentionCore, GELUFeedForward, MLPEmbedder, RMSNorm, SelfAttentionCore, layer_norm,
-                           timestep_embedding)
+from models.layers import (CrossAttentionCore, GELUFeedForward, LayerStack, MLPEmbedder, RMSNorm, ScannedBlock,
+                           SelfAttentionCore, layer_norm, scan_blocks, timestep_embedding)
 
 MASK_BIAS = -10000.0  # diffusers' encoder_attention_mask -> bias: (1 - mask) * -10000
 
@@ -123,7 +123,7 @@ class Attention(nn.Module):
         return nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="to_out")(out)
 
 
-class PixArtBlock(nn.Module):
+class PixArtBlock(ScannedBlock):
     """diffusers' `BasicTransformerBlock` with norm_type "ada_norm_single", as a scan body."""
 
     heads: int
@@ -134,7 +134,7 @@ class PixArtBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, context_bias, modulation):
+    def __call__(self, x, layer, context, context_bias, modulation):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block_modulation(self, x, modulation)
         attention = lambda name: Attention(  # noqa: E731
             self.heads, self.head_dim, self.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
@@ -146,14 +146,10 @@ class PixArtBlock(nn.Module):
         return x + gate_mlp * ff, None
 
 
-def scan_blocks(block_cls, num_layers: int, unroll: int = 1, name: str = "blocks", **block_fields):
-    """`block_cls` repeated `num_layers` times by `nn.scan`: parameters stacked on a leading layer
-    axis; the carry is the image stream, every other argument is broadcast to all layers. `unroll`
-    layers per loop iteration (XLA's cost analysis counts a loop body once: the FLOP benchmark
-    unrolls them all)."""
-    scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=nn.broadcast, length=num_layers, unroll=unroll)
-    return scanned(**block_fields, name=name)
+def blocks_stack(num_layers: int) -> LayerStack:
+    """The scanned blocks: parameters stacked under `blocks`, layer i unrolled is `blocks_i`
+    (diffusers' `transformer_blocks.i`)."""
+    return LayerStack("blocks", range(num_layers), "blocks")
 
 
 class CaptionProjection(nn.Module):
@@ -251,7 +247,6 @@ class PixArtTransformer(nn.Module):
     config: PixArtConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    scan_unroll: int = 1  # blocks per scan iteration (see scan_blocks)
 
     @classmethod
     def from_config(cls, config: dict, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -274,10 +269,9 @@ class PixArtTransformer(nn.Module):
         context = context.astype(self.dtype)
         if cfg.caption_channels is not None:
             context = CaptionProjection(dim, self.dtype, self.param_dtype, name="caption_projection")(context)
-        blocks = scan_blocks(PixArtBlock, cfg.num_layers, self.scan_unroll, heads=cfg.num_attention_heads,
-                             head_dim=cfg.attention_head_dim,
+        tokens = scan_blocks(PixArtBlock, blocks_stack(cfg.num_layers), tokens, context, mask_to_bias(context_mask),
+                             modulation, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
                              attention_bias=cfg.attention_bias, norm_eps=cfg.norm_eps, dtype=self.dtype,
                              param_dtype=self.param_dtype)
-        tokens, _ = blocks(tokens, context, mask_to_bias(context_mask), modulation)
 
         return final_layer(self, tokens, emb, (height, width), patch, cfg.output_channels)

@@ -5,7 +5,7 @@ modulated norm; models/pixart.py) with SANA's pieces: linear self-attention with
 kernel (computed in float32, as diffusers' `SanaLinearAttnProcessor2_0`), softmax
 cross-attention over the RMS-normed caption projection (masked, through `CrossAttentionCore`),
 the GLU-MBConv feed-forward (1x1 conv, depthwise 3x3, SiLU-gated, 1x1 conv) on the token grid.
-SANA-Sprint adds the guidance embedding and RMS QK-norm across heads. Blocks run under `nn.scan`.
+SANA-Sprint adds the guidance embedding and RMS QK-norm across heads. Blocks run under `scan_blocks`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.layers import MLPEmbedder, RMSNorm, layer_norm, rms_normalized, timestep_embedding
-from models.pixart import (AdaLNSingle, Attention, CaptionProjection, DiTConfig, block_modulation, final_layer,
-                           mask_to_bias, patchify, scan_blocks, sincos_2d)
+from models.layers import (MLPEmbedder, RMSNorm, ScannedBlock, layer_norm, rms_normalized, scan_blocks,
+                           timestep_embedding)
+from models.pixart import (AdaLNSingle, Attention, CaptionProjection, DiTConfig, block_modulation, blocks_stack,
+                           final_layer, mask_to_bias, patchify, sincos_2d)
 
 
 class BiasedRMSNorm(nn.Module):
@@ -57,7 +58,7 @@ class GLUMBConv(nn.Module):
         return x + BiasedRMSNorm(param_dtype=self.param_dtype, name="norm")(h)
 
 
-class SanaBlock(nn.Module):
+class SanaBlock(ScannedBlock):
     """diffusers' `SanaTransformerBlock`, as a scan body over the image tokens."""
 
     heads: int
@@ -73,7 +74,7 @@ class SanaBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, context_bias, modulation):
+    def __call__(self, x, layer, context, context_bias, modulation):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block_modulation(self, x, modulation)
         kinds = dict(qk_norm=self.qk_norm, dtype=self.dtype, param_dtype=self.param_dtype)
         normed = layer_norm(x, self.norm_eps) * (1 + scale_msa) + shift_msa
@@ -140,7 +141,6 @@ class SanaTransformer(nn.Module):
     config: SanaConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    scan_unroll: int = 1  # blocks per scan iteration (models.pixart.scan_blocks)
 
     @classmethod
     def from_config(cls, config: dict, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -164,11 +164,10 @@ class SanaTransformer(nn.Module):
         context = CaptionProjection(dim, self.dtype, self.param_dtype, name="caption_projection")(
             context.astype(self.dtype))
         context = RMSNorm(1e-5, param_dtype=self.param_dtype, name="caption_norm")(context)
-        blocks = scan_blocks(SanaBlock, cfg.num_layers, self.scan_unroll, heads=cfg.num_attention_heads,
-                             head_dim=cfg.attention_head_dim,
+        tokens = scan_blocks(SanaBlock, blocks_stack(cfg.num_layers), tokens, context, mask_to_bias(context_mask),
+                             modulation, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
                              cross_heads=cfg.num_cross_attention_heads, cross_head_dim=cfg.cross_attention_head_dim,
                              mlp_ratio=cfg.mlp_ratio, grid=grid, attention_bias=cfg.attention_bias,
                              qk_norm=cfg.qk_norm is not None, norm_eps=cfg.norm_eps, dtype=self.dtype,
                              param_dtype=self.param_dtype)
-        tokens, _ = blocks(tokens, context, mask_to_bias(context_mask), modulation)
         return final_layer(self, tokens, emb, grid, patch, cfg.output_channels)
