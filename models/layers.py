@@ -33,20 +33,22 @@ def _require_same_batch(image_rows: int, context_rows: int, what: str) -> None:
 
 
 class SelfAttentionCore(nn.Module):
-    """Attention of a stream over itself (UNet attn1, text encoders)."""
+    """Attention of a stream over itself (UNet attn1, text encoders; Gemma-2 with its own scale
+    and logit soft-capping)."""
 
     @nn.compact
-    def __call__(self, q, k, v, bias=None):
-        return merge_heads(attention(q, k, v, bias))
+    def __call__(self, q, k, v, bias=None, scale=None, softcap=None):
+        return merge_heads(attention(q, k, v, bias, scale, softcap))
 
 
 class CrossAttentionCore(nn.Module):
-    """Image queries over context keys/values (UNet attn2, PixArt, SANA, Wan)."""
+    """Image queries over context keys/values (UNet attn2, PixArt, SANA, Wan). `bias`: None or
+    one additive row per context row, [B, 1, 1, Nk] (the text mask of PixArt and SANA)."""
 
     @nn.compact
-    def __call__(self, q, k, v):
+    def __call__(self, q, k, v, bias=None):
         _require_same_batch(q.shape[0], k.shape[0], "cross-attention")
-        return merge_heads(attention(q, k, v))
+        return merge_heads(attention(q, k, v, bias))
 
 
 MASKED = -1e9  # score bias of a masked key: finite, so a fully masked block still merges to weight 0
@@ -160,6 +162,12 @@ def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = False, freq_
     return emb
 
 
+def rms_normalized(x, eps: float):
+    """x / sqrt(mean(x^2) + eps) over the last axis, in float32."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * scale over the last axis, computed in float32 (QK-norm of Flux and SD3.5)."""
 
@@ -169,8 +177,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        normed = rms_normalized(x, self.eps)
         if self.use_scale:
             normed = normed * self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         return normed.astype(x.dtype)

@@ -121,9 +121,12 @@ def _bias4(bias):
     return None if bias is None else jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
 
 
-def _one_block(q, k, v, bias, scale) -> Partial:
-    """Every score of q against k at once (float32), exponentiated against their max."""
+def _one_block(q, k, v, bias, scale, softcap=None) -> Partial:
+    """Every score of q against k at once (float32), exponentiated against their max; `softcap`
+    (Gemma-2's attention-logit soft-capping) makes scores softcap * tanh(scores / softcap) before the bias."""
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     if bias is not None:
         scores = scores + bias.astype(jnp.float32)
     peak = jnp.max(scores, axis=-1, keepdims=True)
@@ -269,9 +272,12 @@ def merge_partials(parts, dtype=None):
     return (out / denom).astype(dtype or parts[0].out.dtype)
 
 
-def attention(q, k, v, bias=None, scale=None):
-    """softmax(q k^T * scale + bias) v, computed in float32, returned in q's dtype."""
+def attention(q, k, v, bias=None, scale=None, softcap=None):
+    """softmax(q k^T * scale + bias) v, computed in float32, returned in q's dtype. `softcap`
+    (text encoders only, never guided) always takes the one-block path."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if softcap is not None:
+        return merge_partials([_one_block(q, k, v, bias, scale, softcap)], dtype=q.dtype)
     implementation = _implementation(q, k, bias, partial=False)
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")

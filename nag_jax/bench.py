@@ -64,10 +64,11 @@ from models.layers import JointAttentionCore, unrolled_layers
 from models.sd3 import SD3Transformer
 from models.unet import UNet2DConditionModel
 from nag_jax.bench_depth import DEPTHS, depth_figures
+from nag_jax.bench_dit import DIT_FAMILIES, build_dit, small_init_inputs
 from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
 
-FAMILIES = ("unet", "flux", "sd3", "kontext", "chroma")
-TIMED_FAMILIES = ("unet", "flux", "sd3")  # kontext and chroma: FLOPs only
+FAMILIES = ("unet", "flux", "sd3", "kontext", "chroma") + DIT_FAMILIES
+TIMED_FAMILIES = ("unet", "flux", "sd3")  # the others: FLOPs only
 PARTS = ("flops", "timing", "compile", "invariant", "vae-memory", "depth", "memory", "gpu")  # "gpu" only when asked for
 
 # Published configurations (diffusers config.json values of the full-size models).
@@ -204,6 +205,8 @@ TARGETS = {  # (family, figure) -> upper bound on the relative extra cost
     ("flux", "NAG shared-image"): 0.20,
     ("flux", "NAG reference"): 0.80,
     ("sd3", "NAG"): 0.20,
+    ("pixart", "NAG"): 0.03,
+    ("sana", "NAG"): 0.03,
 }
 
 
@@ -212,6 +215,8 @@ TARGETS = {  # (family, figure) -> upper bound on the relative extra cost
 
 def build(family: str, tiny: bool):
     """(module, inputs(rows, text_rows) -> dict of ShapeDtypeStruct, call(module, params, inputs))."""
+    if family in DIT_FAMILIES:
+        return build_dit(family, tiny)
     configs = {"unet": TINY_UNET_CONFIG, "flux": TINY_FLUX_CONFIG, "sd3": TINY_SD3_CONFIG, "kontext": TINY_KONTEXT_CONFIG,
                "chroma": TINY_CHROMA_CONFIG} if tiny else {
         "unet": SDXL_UNET_CONFIG, "flux": FLUX_SCHNELL_CONFIG, "sd3": SD35_LARGE_CONFIG, "kontext": KONTEXT_CONFIG,
@@ -270,7 +275,9 @@ def build(family: str, tiny: bool):
 def _small_init_inputs(family: str, inputs):
     """Concrete zero inputs of a small spatial size: parameter shapes do not depend on it."""
     x = inputs(1, 1)
-    if family == "unet":
+    if family in DIT_FAMILIES:
+        x = small_init_inputs(family, x)
+    elif family == "unet":
         x["sample"] = jax.ShapeDtypeStruct(x["sample"].shape[:2] + (8, 8), jnp.float32)
     elif family == "sd3":
         x["hidden_states"] = jax.ShapeDtypeStruct(x["hidden_states"].shape[:2] + (4, 4), jnp.float32)

@@ -185,13 +185,15 @@ def apply_to_last_rows(config: NAGConfig, z_pos, z_neg):
 
 
 @register_nag(CrossAttentionCore)
-def _cross_attention_nag(config, module, plain, q, k, v):
+def _cross_attention_nag(config, module, plain, q, k, v, bias=None):
+    """Each context row keeps its own mask row (`bias`), the negative rows included."""
     rows = q.shape[0]
     extra = k.shape[0] - rows
-    z_pos = plain(q, k[:rows], v[:rows])
+    rows_of = lambda start, stop: None if bias is None else bias[start:stop]  # noqa: E731
+    z_pos = plain(q, k[:rows], v[:rows], rows_of(0, rows))
     if extra == 0 or not config.enabled:
         return z_pos
-    z_neg = merge_heads(attention(q[rows - extra :], k[rows:], v[rows:]))
+    z_neg = merge_heads(attention(q[rows - extra :], k[rows:], v[rows:], rows_of(rows, None)))
     return apply_to_last_rows(config, z_pos, z_neg)
 
 

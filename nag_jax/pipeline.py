@@ -36,6 +36,9 @@ FAMILIES = {
     "FluxKontextPipeline": "nag_jax.families.flux_kontext:FluxKontextFamily",
     "ChromaPipeline": "nag_jax.families.chroma:ChromaFamily",
     "StableDiffusion3Pipeline": "nag_jax.families.sd3:SD3Family",
+    "PixArtSigmaPipeline": "nag_jax.families.pixart:PixArtSigmaFamily",
+    "SanaPipeline": "nag_jax.families.sana:SanaFamily",
+    "SanaSprintPipeline": "nag_jax.families.sana:SanaSprintFamily",
 }
 OUTPUT_TYPES = ("pil", "np", "latent")
 
