@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.layers import CrossAttentionCore, JointAttentionCore, SelfAttentionCore
+from models.layers import CrossAttentionCore, JointAttentionCore, SelfAttentionCore, TextImageCrossAttentionCore
 from nag_jax.attention import attention, attention_partial, identity_partial, merge_heads, merge_partials
 from nag_jax.guidance import nag
 
@@ -135,6 +135,14 @@ def _cross_attention_nag(config, module, plain, q, k, v):
         return z_pos
     z_neg = merge_heads(attention(q[rows - extra :], k[rows:], v[rows:]))
     return apply_to_last_rows(config, z_pos, z_neg)
+
+
+@register_nag(TextImageCrossAttentionCore)
+def _text_image_cross_attention_nag(config, module, plain, q, k, v, image_k, image_v):
+    """Wan I2V: NAG on the text part only; the image-token attention (positive rows, one per
+    query row) is added after the combination (nag-semantics.md section 2)."""
+    text = _cross_attention_nag(config, module, lambda *qkv: merge_heads(attention(*qkv)), q, k, v)
+    return text + merge_heads(attention(q, image_k, image_v))
 
 
 @register_pag(SelfAttentionCore)
