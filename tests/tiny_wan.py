@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -110,3 +112,48 @@ def save_original_single_file(model, path, prefix: str = ""):
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
+
+
+WAN_UNIPC = {  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler/scheduler_config.json (the keys UniPC reads)
+    "num_train_timesteps": 1000, "solver_order": 2, "prediction_type": "flow_prediction", "predict_x0": True,
+    "solver_type": "bh2", "lower_order_final": True, "disable_corrector": [], "use_flow_sigmas": True,
+    "flow_shift": 3.0, "final_sigmas_type": "zero", "timestep_spacing": "linspace",
+}
+
+
+def build_tiny_wan_pipeline(folder, image_to_video: bool = False, seed: int = 0):
+    """A diffusers WanPipeline / WanImageToVideoPipeline of tiny random components, saved with
+    `save_pretrained` into `folder` (model_index.json and one folder per component, as Wan-AI
+    publishes them). Returns the diffusers pipeline (float32, CPU) as the reference."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from tests.tiny_components import save_tiny_t5_tokenizer
+
+    parts = Path(tempfile.mkdtemp())  # the components as built; save_pretrained writes the published layout
+    save_tiny_t5_tokenizer(parts / "tokenizer")
+    save_tiny_umt5(parts / "text_encoder", seed=seed, vocab_size=64, d_model=24)
+    transformer = save_tiny_wan_transformer(parts / "transformer", image_to_video, seed=seed + 1)
+    torch.manual_seed(seed + 2)
+    generator = torch.Generator().manual_seed(seed + 3)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+                           latents_mean=torch.randn(4, generator=generator).tolist(),
+                           latents_std=(torch.rand(4, generator=generator) + 0.5).tolist()).eval()
+    components = dict(tokenizer=AutoTokenizer.from_pretrained(str(parts / "tokenizer")),
+                      text_encoder=UMT5EncoderModel.from_pretrained(str(parts / "text_encoder")).eval(),
+                      transformer=transformer, vae=vae, scheduler=UniPCMultistepScheduler(**WAN_UNIPC))
+    if image_to_video:
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        torch.manual_seed(seed + 4)
+        components["image_encoder"] = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=20, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=8, projection_dim=16)).eval()
+        components["image_processor"] = CLIPImageProcessor(size={"shortest_edge": 32},
+                                                           crop_size={"height": 32, "width": 32})
+        pipe = WanImageToVideoPipeline(**components)
+    else:
+        pipe = WanPipeline(**components)
+    pipe.save_pretrained(str(folder))
+    shutil.rmtree(parts)
+    return pipe
