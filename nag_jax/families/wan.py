@@ -19,6 +19,7 @@ on channels at every step.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import re
 from pathlib import Path
@@ -60,20 +61,26 @@ def first_frame_mask(latent_frames: int, height: int, width: int) -> np.ndarray:
     return mask
 
 
-def load_image(image, height: int, width: int) -> np.ndarray:
-    """A PIL image, path, or float array [H, W, 3] in [0, 1] -> RGB at (height, width) in [-1, 1]
-    [3, H, W], resized with Lanczos as diffusers' VideoProcessor does."""
+def as_pil_image(image):
+    """A PIL image, a file path, or a float array [H, W, 3] in [0, 1] -> an RGB PIL image."""
     from PIL import Image
 
     if isinstance(image, (str, Path)):
         if not Path(image).is_file():
             raise FileNotFoundError(f"image {str(image)!r} does not exist")
         image = Image.open(image)
-    if isinstance(image, np.ndarray):
+    elif isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] == 3:
         image = Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
     if not isinstance(image, Image.Image):
         raise ValueError(f"image must be a PIL image, a file path or a float array [H, W, 3], got {type(image).__name__}")
-    pixels = np.asarray(image.convert("RGB").resize((width, height), Image.LANCZOS), np.float32) / 255.0
+    return image.convert("RGB")
+
+
+def vae_pixels(image, height: int, width: int) -> np.ndarray:
+    """RGB PIL image -> [3, height, width] in [-1, 1], resized with Lanczos as diffusers' VideoProcessor does."""
+    from PIL import Image
+
+    pixels = np.asarray(image.resize((width, height), Image.LANCZOS), np.float32) / 255.0
     return (2.0 * pixels - 1.0).transpose(2, 0, 1)
 
 
@@ -128,37 +135,33 @@ class WanFamily(Family):
             self._vae = (module, params, mean, std)
         return self._vae
 
-    def image_embeddings(self, pixels: np.ndarray):
-        """CLIP vision's penultimate hidden states [1, 257, width] of a [3, H, W] image in [-1, 1]."""
-        from transformers import CLIPImageProcessor
-
+    def image_embeddings(self, image):
+        """CLIP vision's penultimate hidden states [1, 257, width] of the (unresized) PIL image."""
         from convert.clip import load_clip_vision
+        from nag_jax.clip_preprocess import CLIPImagePreprocessor
 
         if self._image_encoder is None:
             module, params = load_clip_vision(component_folder(self.path, "image_encoder"), self.dtype)
-            processor = CLIPImageProcessor.from_pretrained(str(component_folder(self.path, "image_processor")))
+            processor = CLIPImagePreprocessor.from_pretrained(component_folder(self.path, "image_processor"))
             encode = jax.jit(lambda p, x: module.apply({"params": p}, x).hidden_states[-2])
             self._image_encoder = (processor, encode, params)
         processor, encode, params = self._image_encoder
-        image = np.round((pixels.transpose(1, 2, 0) + 1) * 127.5).clip(0, 255).astype(np.uint8)
-        inputs = processor(images=image, return_tensors="np").pixel_values
-        return encode(params, jnp.asarray(inputs, self.dtype))
+        return encode(params, jnp.asarray(processor([image]), self.dtype))
 
     def _first_frame(self, options):
         """(CLIP image tokens [1, 257, d], condition [1, 20, T, h, w]) of the call's image, cached."""
-        image, height, width, frames = options["image"], options["height"], options["width"], options["num_frames"]
-        key = (id(image), height, width, frames)
+        image, height, width, frames = as_pil_image(options["image"]), options["height"], options["width"], options["num_frames"]
+        key = (hashlib.sha1(image.tobytes()).hexdigest(), image.size, height, width, frames)
         if self._image_conditioning is None or self._image_conditioning[0] != key:
             from models.wan_vae import encode_video
 
-            pixels = load_image(image, height, width)
             module, params, mean, std = self.vae()
             video = np.zeros((1, 3, frames, height, width), np.float32)
-            video[0, :, 0] = pixels
+            video[0, :, 0] = vae_pixels(image, height, width)
             latents = (np.asarray(encode_video(module, params, jnp.asarray(video, self.dtype)), np.float32) - mean) / std
             mask = first_frame_mask(latents.shape[2], latents.shape[3], latents.shape[4])[None]
             condition = jnp.asarray(np.concatenate([mask, latents], axis=1), self.dtype)
-            self._image_conditioning = (key, (self.image_embeddings(pixels).astype(self.dtype), condition))
+            self._image_conditioning = (key, (self.image_embeddings(image).astype(self.dtype), condition))
         return self._image_conditioning[1]
 
     # -- conditioning ---------------------------------------------------------------------
