@@ -195,10 +195,11 @@ class WanTransformer3DModel(nn.Module):
     config: WanConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    unroll_blocks: bool = False  # for XLA's cost analysis, which counts a loop body once
 
     @classmethod
-    def from_config(cls, config: dict, dtype=jnp.float32, param_dtype=jnp.float32):
-        return cls(WanConfig.from_dict(config), dtype=dtype, param_dtype=param_dtype)
+    def from_config(cls, config: dict, dtype=jnp.float32, param_dtype=jnp.float32, unroll_blocks: bool = False):
+        return cls(WanConfig.from_dict(config), dtype=dtype, param_dtype=param_dtype, unroll_blocks=unroll_blocks)
 
     @nn.compact
     def __call__(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None):
@@ -226,7 +227,8 @@ class WanTransformer3DModel(nn.Module):
             image_context = WanImageEmbedding(dim, name="image_embedder", **kw)(encoder_hidden_states_image.astype(self.dtype))
 
         blocks = nn.scan(WanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast,) * 5, length=cfg.num_layers)
+                         in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
+                         unroll=cfg.num_layers if self.unroll_blocks else 1)
         x, _ = blocks(cfg, name="blocks", **kw)(x, context, image_context, time_projection, cos, sin)
 
         table = self.param("scale_shift_table", nn.initializers.normal(dim**-0.5), (1, 2, dim), self.param_dtype)

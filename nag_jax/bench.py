@@ -52,7 +52,8 @@ from models.sd3 import SD3Transformer
 from models.unet import UNet2DConditionModel
 from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
 
-FAMILIES = ("unet", "flux", "sd3")
+FAMILIES = ("unet", "flux", "sd3", "wan-1.3b", "wan-14b")
+TIMED_FAMILIES = ("unet", "flux", "sd3")  # with a diffusers timing comparison
 PARTS = ("flops", "timing", "compile", "invariant")
 
 # Published configurations (diffusers config.json values of the full-size models).
@@ -176,6 +177,8 @@ TARGETS = {  # (family, figure) -> upper bound on the relative extra cost
     ("flux", "NAG shared-image"): 0.20,
     ("flux", "NAG reference"): 0.80,
     ("sd3", "NAG"): 0.20,
+    ("wan-1.3b", "NAG"): 0.02,
+    ("wan-14b", "NAG"): 0.02,
 }
 
 
@@ -184,6 +187,10 @@ TARGETS = {  # (family, figure) -> upper bound on the relative extra cost
 
 def build(family: str, tiny: bool):
     """(module, inputs(rows, text_rows) -> dict of ShapeDtypeStruct, call(module, params, inputs))."""
+    if family.startswith("wan"):
+        from nag_jax.bench_wan import build_wan
+
+        return build_wan(family, tiny)
     configs = {"unet": TINY_UNET_CONFIG, "flux": TINY_FLUX_CONFIG, "sd3": TINY_SD3_CONFIG} if tiny else {
         "unet": SDXL_UNET_CONFIG, "flux": FLUX_SCHNELL_CONFIG, "sd3": SD35_LARGE_CONFIG}
     shapes = (TINY_SHAPES if tiny else REAL_SHAPES)[family]
@@ -236,7 +243,11 @@ def build(family: str, tiny: bool):
 def _small_init_inputs(family: str, inputs):
     """Concrete zero inputs of a small spatial size: parameter shapes do not depend on it."""
     x = inputs(1, 1)
-    if family == "unet":
+    if family.startswith("wan"):
+        from nag_jax.bench_wan import small_init_inputs
+
+        x = small_init_inputs(x)
+    elif family == "unet":
         x["sample"] = jax.ShapeDtypeStruct(x["sample"].shape[:2] + (8, 8), jnp.float32)
     elif family == "sd3":
         x["hidden_states"] = jax.ShapeDtypeStruct(x["hidden_states"].shape[:2] + (4, 4), jnp.float32)
@@ -603,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipping the timing part: {missing}", file=sys.stderr)
         parts = [p for p in parts if p != "timing"]
     total = (len(parts) and sum(
-        len(variants(f)) if p == "flops" else args.repeats if p == "timing" else 0 for p in parts for f in families)
+        len(variants(f)) if p == "flops" else args.repeats * (f in TIMED_FAMILIES) if p == "timing" else 0
+        for p in parts for f in families)
         + ("compile" in parts and "unet" in families) * 3 * args.compile_repeats
         + ("invariant" in parts and "unet" in families) * args.repeats)
     progress = None
@@ -616,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         for family in families:
             if "flops" in parts:
                 records += flop_counts(family, tiny=args.tiny, progress=progress)
-            if "timing" in parts:
+            if "timing" in parts and family in TIMED_FAMILIES:
                 records += timing_figures(family, args.repeats, progress)
         if "compile" in parts and "unet" in families:
             records += compile_figures(repeats=args.compile_repeats, progress=progress)
