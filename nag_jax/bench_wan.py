@@ -8,6 +8,8 @@ memory analysis of one compiled bf16 denoiser step (abstract shapes, nothing all
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
@@ -57,8 +59,8 @@ def step_memory(family: str = "wan-14b", context=None) -> dict:
     module, inputs, call = build_wan(family, tiny=False, dtype=jnp.bfloat16, unroll_blocks=False)
     x = inputs(1, 2 if context else 1)
     params = jax.eval_shape(lambda: module.init(jax.random.key(0), **jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype), small_init_inputs(x))))
-    step = step_function(call, module, context or (lambda: __import__("contextlib").nullcontext()))
+        lambda s: jnp.zeros(s.shape, s.dtype), small_init_inputs(inputs(1, 1)))))
+    step = step_function(call, module, context or contextlib.nullcontext)
     analysis = jax.jit(step).lower(params, x).compile().memory_analysis()
     return {"arguments": int(analysis.argument_size_in_bytes), "outputs": int(analysis.output_size_in_bytes),
             "temporaries": int(analysis.temp_size_in_bytes)}

@@ -2,6 +2,7 @@
 
     nag-jax demo                                  # a NAG / CFG / no-guidance grid on the embedded models
     nag-jax generate --prompt "a circle" --nag-negative-prompt red --output out/
+    nag-jax generate --model WAN --prompt "a cat" --num-frames 33 --output clip.mp4   # [--image first.png]
     nag-jax convert SRC DST [--dtype bfloat16]    # diffusers folder or single file -> fast-loading folder
     nag-jax bench [--efficacy]
 
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".png",)
+VIDEO_SUFFIXES = (".mp4", ".webp", ".gif")  # nag_jax.video.export_to_video's formats
 DEMO_PAIRS = (("a circle", "red"), ("a square on a gray background", "blue"), ("a triangle on a black background",
                                                                                  "yellow"))
 DEMO_STEPS = (1, 2, 4)
@@ -62,6 +64,13 @@ def positive_int(text: str) -> int:
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+
+
+def frame_count(text: str) -> int:
+    """An argparse type: a video frame count 4k + 1 (the Wan VAE's temporal compression)."""
+    if text.isdigit() and int(text) % 4 == 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be a frame count of the form 4k + 1 (1, 5, ..., 33, ..., 81), got {text!r}")
 
 
 def in_range(name: str):
@@ -124,22 +133,29 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                           help="make each image alone (bit-identical whatever --num-images and the device count, see "
                                "docs/reproducibility.md; slower)")
     sampling.add_argument("--no-progress", action="store_true", help="no progress bar")
+    video = parser.add_argument_group("video (Wan)")
+    video.add_argument("--num-frames", type=frame_count, metavar="F", help="frames, 4k + 1 (model default: 81)")
+    video.add_argument("--image", metavar="PNG", help="the first frame, for image-to-video models")
+    video.add_argument("--fps", type=positive_int, default=16, help="frames per second of the file (default 16)")
     parser.add_argument("--output", default="nag-jax-output",
-                        help="a .png file, or a folder (created) for one PNG per image; a .png with several "
-                             "images becomes NAME-0.png, NAME-1.png, ... (default: nag-jax-output/)")
+                        help="a .png file (video models: .mp4, .webp or .gif), or a folder (created) for one file "
+                             "per image or video; with several, NAME.png becomes NAME-0.png, NAME-1.png, ... "
+                             "(default: nag-jax-output/)")
 
 
-def output_paths(output: str, count: int) -> list[Path]:
-    """The output rule: a path without an image suffix is a folder with one PNG per image; a
-    .png path takes one image, or gets numbered files for several."""
+def output_paths(output: str, count: int, video: bool = False) -> list[Path]:
+    """The output rule: a path without a file suffix is a folder with one PNG (MP4) per image
+    (video); a .png (.mp4/.webp/.gif) path takes one, or gets numbered files for several."""
     path = Path(output)
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if path.suffix.lower() in (VIDEO_SUFFIXES if video else IMAGE_SUFFIXES):
         if count == 1:
             return [path]
         return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
     if path.suffix:
-        raise ValueError(f"--output {output}: images are written as PNG; give a .png file or a folder")
-    return [path / f"image-{k}.png" for k in range(count)]
+        wanted = "videos are written as MP4, WebP or GIF; give a .mp4, .webp or .gif file" if video else (
+            "images are written as PNG; give a .png file")
+        raise ValueError(f"--output {output}: {wanted} or a folder")
+    return [path / (f"video-{k}.mp4" if video else f"image-{k}.png") for k in range(count)]
 
 
 def check_writable(output: str, paths: list[Path]) -> None:
@@ -175,6 +191,7 @@ def resolve_settings(args, defaults: dict) -> dict:
         "seed": args.seed,
         "num_images_per_prompt": args.num_images,
         "batch_invariant": args.batch_invariant,
+        **{name: value for name, value in (("num_frames", args.num_frames), ("image", args.image)) if value is not None},
     }
 
 
@@ -203,15 +220,38 @@ def load_pipeline(model: Path, dtype: str = "float32"):
 
 def generate(args) -> int:
     model = model_folder(args.model)
-    paths = output_paths(args.output, args.num_images)  # checked before the slow part
+    video = args.num_frames is not None or args.image is not None or Path(args.output).suffix.lower() in VIDEO_SUFFIXES
+    paths = output_paths(args.output, args.num_images, video)  # checked before the slow part
     check_writable(args.output, paths)
+    if args.image is not None and not Path(args.image).is_file():
+        raise ValueError(f"--image {args.image}: no such file")
     pipe = load_pipeline(model, args.dtype)
+    if video and not pipe.family.video:
+        raise ValueError(f"--model {model} makes images: --num-frames, --image and video outputs are for video models")
+    if pipe.family.video and not video:
+        paths = output_paths(args.output, args.num_images, video=True)  # a folder: one MP4 per video
     settings = resolve_settings(args, pipe.family.defaults)
+    if pipe.family.video:
+        return write_videos(pipe, settings, paths, args, model)
     images = pipe(**settings, progress=not args.no_progress, check_finite=True).images
     settings.update(height=images[0].height, width=images[0].width)
     for index, (image, path) in enumerate(zip(images, paths)):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, pnginfo=png_info(settings, str(model), args.dtype, index))
+        print(path)
+    return 0
+
+
+def write_videos(pipe, settings: dict, paths: list[Path], args, model: Path) -> int:
+    """Generate with a video family and write each video with its parameters in the file's metadata."""
+    from nag_jax.video import export_to_video
+
+    frames = pipe(**settings, output_type="np", progress=not args.no_progress, check_finite=True).frames
+    settings.update(num_frames=frames.shape[1], height=frames.shape[2], width=frames.shape[3])
+    for index, (video, path) in enumerate(zip(frames, paths)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_to_video(video, path, fps=args.fps,
+                        metadata=dict(settings, model=str(model), dtype=args.dtype, video_index=index))
         print(path)
     return 0
 

@@ -173,7 +173,8 @@ class WanFamily(Family):
         if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= MAX_SEQUENCE_LENGTH:
             raise ValueError(f"max_sequence_length must be an integer in [1, {MAX_SEQUENCE_LENGTH}], got {length!r}")
         if self.image_to_video and options["image"] is None:
-            raise ValueError("image is required: this Wan pipeline is image-to-video (give the first frame)")
+            raise ValueError("image is required: this Wan pipeline is image-to-video; give the first frame "
+                             "(image=..., or --image on the command line)")
         if not self.image_to_video and options["image"] is not None:
             raise ValueError("image is only for image-to-video Wan pipelines; this one is text-to-video")
         return guidance_scale > 1.0
