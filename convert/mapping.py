@@ -26,8 +26,8 @@ def _linear(w):
 
 
 def _conv(w):
-    """torch Conv2d [out, in, h, w] -> Flax Conv kernel [h, w, in, out]."""
-    return w.transpose(2, 3, 1, 0)
+    """torch ConvNd [out, in, *window] -> Flax Conv kernel [*window, in, out] (2D: [h, w, in, out])."""
+    return w.transpose(*range(2, w.ndim), 1, 0)
 
 
 def _as_is(w):
@@ -50,6 +50,7 @@ LAYOUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "linear": _linear,
     "conv": _conv,
     "as_is": _as_is,
+    "flatten": np.ravel,  # per-channel vectors stored with broadcast axes, e.g. Wan's RMS gamma [C, 1, 1, 1]
     "fused_qkv_linear": lambda w: tuple(_linear(part) for part in _split_thirds(w)),
     "fused_qkv_bias": _split_thirds,
     "swap_halves_linear": lambda w: _linear(_swap_halves(w)),
