@@ -30,7 +30,8 @@ def t2v(tmp_path_factory):
 
 def diffusers_latents(pipe, latents, **kwargs):
     with torch.no_grad():
-        return pipe(PROMPT, latents=torch.from_numpy(latents), output_type="latent", **CALL, **kwargs).frames.numpy()
+        out = pipe(prompt=PROMPT, latents=torch.from_numpy(latents), output_type="latent", **CALL, **kwargs)
+    return out.frames.numpy()
 
 
 def reference_nag(pipe, latents, guidance_scale, nag_end=1.0, **kwargs):
@@ -52,17 +53,21 @@ def assert_close(got, want, tol=1e-4):
 def test_prompt_clean_as_diffusers():
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean as diffusers_clean
 
-    for text in (PROMPT, "  tabs\tand\nnewlines ", "&lt;b&gt; bold"):
+    for text in (PROMPT, "  tabs\tand\nnewlines ", "&lt;b&gt; bold", "cafÃ© at night"):
         assert prompt_clean(text) == diffusers_clean(text)
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 5.0], ids=["no-cfg", "cfg"])
-def test_t2v_latents_match_diffusers(t2v, guidance_scale):
+def test_t2v_frames_match_diffusers(t2v, guidance_scale):
     reference, pipe, latents = t2v
-    want = diffusers_latents(reference, latents, guidance_scale=guidance_scale, negative_prompt=NEGATIVE)
-    got = ours(pipe, latents, guidance_scale=guidance_scale, negative_prompt=NEGATIVE)
-    assert got.shape == (1, 4, 2, 4, 4)
-    assert_close(got, want)
+    with torch.no_grad():
+        want = reference(PROMPT, negative_prompt=NEGATIVE, latents=torch.from_numpy(latents), output_type="np",
+                         guidance_scale=guidance_scale, **CALL).frames
+    out = pipe(PROMPT, negative_prompt=NEGATIVE, latents=latents, output_type="np", guidance_scale=guidance_scale,
+               **CALL)
+    assert out.images is None and out.frames.dtype == np.float32 and out.frames.shape == (1, 5, 32, 32, 3)
+    assert np.abs(out.frames - want).max() <= 1e-3
+    assert np.abs(want - want.mean()).max() > 0.05  # the frames are not flat: the comparison sees content
 
 
 @pytest.mark.parametrize("guidance_scale, nag_end", [(1.0, 1.0), (5.0, 1.0), (1.0, 0.5)],
@@ -90,3 +95,39 @@ def test_bad_arguments(t2v, kwargs, match):
     _, pipe, _ = t2v
     with pytest.raises(ValueError, match=match):
         pipe(PROMPT, **{**CALL, **kwargs}, output_type="latent")
+
+
+@pytest.fixture(scope="module")
+def i2v(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("wan_i2v")
+    reference = build_tiny_wan_pipeline(folder, image_to_video=True)
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))  # resized by both pipelines
+    latents = rng.standard_normal((1, 4, 2, 4, 4)).astype(np.float32)
+    return reference, NAGPipeline.from_pretrained(folder), latents, image
+
+
+def test_i2v_frames_match_diffusers(i2v):
+    """First-frame conditioning (CLIP tokens of the image, VAE latents behind the mask channels), CFG on."""
+    reference, pipe, latents, image = i2v
+    with torch.no_grad():
+        want = reference(image=image, prompt=PROMPT, negative_prompt=NEGATIVE, latents=torch.from_numpy(latents),
+                         output_type="np", guidance_scale=5.0, **CALL).frames
+    got = pipe(PROMPT, image=image, negative_prompt=NEGATIVE, latents=latents, output_type="np", guidance_scale=5.0,
+               **CALL).frames
+    assert got.shape == (1, 5, 32, 32, 3)
+    assert np.abs(got - want).max() <= 1e-3
+    other = pipe(PROMPT, image=np.zeros((32, 32, 3)), negative_prompt=NEGATIVE, latents=latents, output_type="np",
+                 guidance_scale=5.0, **CALL).frames
+    assert np.abs(other - want).max() > 1e-2  # the image conditions the video
+
+
+def test_i2v_nag_with_cfg_matches_reference(i2v):
+    reference, pipe, latents, image = i2v
+    want = reference_nag(reference, latents, 5.0, image=image)
+    got = ours(pipe, latents, image=image, guidance_scale=5.0, nag_negative_prompt=NAG_NEGATIVE, **NAG)
+    assert_close(got, want)
+    plain = ours(pipe, latents, image=image, guidance_scale=5.0)
+    assert np.abs(plain - want).max() > 1e-2 * max(1.0, np.abs(want).max())

@@ -1,9 +1,8 @@
 """The Wan2.1 video family: WanPipeline (T2V 1.3B / 14B) and WanImageToVideoPipeline (I2V 14B
 480P / 720P) folders as Wan-AI publishes them in diffusers' layout.
 
-Mirrors diffusers' Wan pipelines: prompts are cleaned (HTML entities unescaped twice,
-whitespace collapsed; ftfy's fixes when ftfy is installed, as diffusers does), tokenized to
-`max_sequence_length` (512) and encoded by UMT5 with the attention mask; the embeddings past each
+Mirrors diffusers' Wan pipelines: prompts are cleaned (ftfy's text fixes, HTML entities
+unescaped twice, whitespace collapsed), tokenized to `max_sequence_length` (512) and encoded by UMT5 with the attention mask; the embeddings past each
 prompt's own length are zeroed. Latents are [B, 16, (F - 1) / 4 + 1, H / 8, W / 8]; the
 transformer sees the flow timestep (integers, as UniPC's schedule gives them) and predicts a
 velocity; CFG is on for guidance_scale > 1 with "" (or negative_prompt) as the uncond text. The
@@ -19,11 +18,13 @@ on channels at every step.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import re
 from pathlib import Path
 
+import ftfy
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,14 +44,8 @@ VAE_TEMPORAL, VAE_SPATIAL = 4, 8  # AutoencoderKLWan's compression
 
 
 def prompt_clean(text: str) -> str:
-    """diffusers' Wan prompt cleaning (basic_clean + whitespace_clean)."""
-    try:
-        import ftfy
-
-        text = ftfy.fix_text(text)
-    except ImportError:  # ftfy is optional in diffusers too
-        pass
-    return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
+    """diffusers' Wan prompt cleaning (basic_clean with ftfy, then whitespace_clean)."""
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(text))).strip()).strip()
 
 
 def first_frame_mask(latent_frames: int, height: int, width: int) -> np.ndarray:
@@ -102,7 +97,7 @@ class WanFamily(Family):
         self.name = "Wan I2V" if self.image_to_video else "Wan T2V"
         self.size_multiple = VAE_SPATIAL * transformer.config.patch_size[1]
         self._text = jax.jit(lambda p, ids, mask: t5.apply({"params": p}, ids, mask))
-        self._vae = None  # (module, params, config), read on first decode or I2V encode
+        self._vae = None  # (jitted encode, jitted decode, latents_mean, latents_std), read on first use
         self._image_encoder = None
         self._image_conditioning = None  # (key, value) of the last call's first frame
 
@@ -124,15 +119,19 @@ class WanFamily(Family):
 
     # -- components read on first use ----------------------------------------------------
     def vae(self):
+        """(encode(video), decode(latents), latents_mean, latents_std): the VAE read on first use."""
         if self._vae is None:
             from convert.wan_vae import load_wan_vae
+            from models.wan_vae import decode_video, encode_video
 
             folder = component_folder(self.path, "vae")
             module, params = load_wan_vae(folder, self.dtype)
             config = read_json(folder / "config.json")
             shape = (1, config["z_dim"], 1, 1, 1)
             mean, std = (np.asarray(config[k], np.float32).reshape(shape) for k in ("latents_mean", "latents_std"))
-            self._vae = (module, params, mean, std)
+            encode, decode = (functools.partial(jax.jit(lambda p, x, f=f: f(module, p, x)), params)
+                              for f in (encode_video, decode_video))
+            self._vae = (encode, decode, mean, std)
         return self._vae
 
     def image_embeddings(self, image):
@@ -153,12 +152,10 @@ class WanFamily(Family):
         image, height, width, frames = as_pil_image(options["image"]), options["height"], options["width"], options["num_frames"]
         key = (hashlib.sha1(image.tobytes()).hexdigest(), image.size, height, width, frames)
         if self._image_conditioning is None or self._image_conditioning[0] != key:
-            from models.wan_vae import encode_video
-
-            module, params, mean, std = self.vae()
+            encode, _, mean, std = self.vae()
             video = np.zeros((1, 3, frames, height, width), np.float32)
             video[0, :, 0] = vae_pixels(image, height, width)
-            latents = (np.asarray(encode_video(module, params, jnp.asarray(video, self.dtype)), np.float32) - mean) / std
+            latents = (np.asarray(encode(jnp.asarray(video, self.dtype)), np.float32) - mean) / std
             mask = first_frame_mask(latents.shape[2], latents.shape[3], latents.shape[4])[None]
             condition = jnp.asarray(np.concatenate([mask, latents], axis=1), self.dtype)
             self._image_conditioning = (key, (self.image_embeddings(image).astype(self.dtype), condition))
@@ -211,8 +208,6 @@ class WanFamily(Family):
 
     def decode(self, latents, height, width):
         """Final latents [B, C, T, h, w] -> frames float32 [B, F, H, W, 3] in [0, 1]."""
-        from models.wan_vae import decode_video
-
-        module, params, mean, std = self.vae()
-        video = decode_video(module, params, jnp.asarray(np.asarray(latents, np.float32) * std + mean, self.dtype))
+        _, decode, mean, std = self.vae()
+        video = decode(jnp.asarray(np.asarray(latents, np.float32) * std + mean, self.dtype))
         return np.asarray(jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 4, 1))
