@@ -76,3 +76,34 @@ def test_wan_transformer_matches_diffusers(tmp_path, image_to_video):
         assert flat.keys() == folder_params.keys()
         for key, value in flat.items():
             np.testing.assert_array_equal(value, folder_params[key], err_msg=key)
+
+
+def test_comfyui_scaled_fp8_single_file_equals_the_folder(tmp_path):
+    """ComfyUI's `wan2.1_..._fp8_scaled.safetensors`: prefixed original naming, every matrix in
+    fp8 e4m3 with a per-tensor scale_weight. It loads to the parameters of a diffusers folder
+    holding the same (dequantised) weights."""
+    from safetensors.torch import save_file
+
+    from tests.tiny_wan import to_original_name
+
+    model = save_tiny_wan_transformer(tmp_path / "unused", seed=3)
+    stored = {"model.diffusion_model.scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            name = "model.diffusion_model." + to_original_name(key)
+            if key.endswith(".weight") and value.ndim == 2:
+                scale = value.abs().max() / 448.0  # e4m3fn's largest finite value
+                stored[name] = (value / scale).to(torch.float8_e4m3fn)
+                stored[name.replace(".weight", ".scale_weight")] = scale.reshape(1)
+                value.copy_(stored[name].float() * scale)  # the folder holds the dequantised weights
+            else:
+                stored[name] = value.clone()
+    save_file(stored, str(tmp_path / "wan2.1_t2v_tiny_fp8_scaled.safetensors"))
+    model.save_pretrained(str(tmp_path / "transformer"))
+    _, folder_params = load_wan_transformer(tmp_path)
+    _, file_params = load_wan_transformer(tmp_path / "wan2.1_t2v_tiny_fp8_scaled.safetensors",
+                                          config={"num_attention_heads": 2, "attention_head_dim": 16})
+    folder_flat, file_flat = (traverse_util.flatten_dict(p, sep="/") for p in (folder_params, file_params))
+    assert folder_flat.keys() == file_flat.keys()
+    for key, value in file_flat.items():
+        np.testing.assert_array_equal(value, folder_flat[key], err_msg=key)
