@@ -157,10 +157,12 @@ def stack_blocks(params: dict, layers: int) -> dict:
 
 def wan_params(checkpoint: Checkpoint, model: WanTransformer3DModel, dtype="float32"):
     """Parameters of `model` from a checkpoint in diffusers or (renamed) original naming (strict)."""
-    layers = model.config.num_layers
-    shapes = per_block_shapes(target_shapes(model, *_model_inputs(model)), layers)
-    params = map_checkpoint(checkpoint, DIFFUSERS_RULES, shapes, dtype, f"Wan transformer {checkpoint.description}")
-    return stack_blocks(params, layers)
+    layers, what = model.config.num_layers, f"Wan transformer {checkpoint.description}"
+    shapes = target_shapes(model, *_model_inputs(model))
+    if checkpoint.flax_paths:  # a converted folder holds the stacked parameters themselves
+        return map_checkpoint(checkpoint, DIFFUSERS_RULES, shapes, dtype, what)
+    return stack_blocks(map_checkpoint(checkpoint, DIFFUSERS_RULES, per_block_shapes(shapes, layers), dtype, what),
+                        layers)
 
 
 def load_wan_transformer(path, dtype="float32", config: dict | None = None):

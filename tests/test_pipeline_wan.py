@@ -131,3 +131,17 @@ def test_i2v_nag_with_cfg_matches_reference(i2v):
     assert_close(got, want)
     plain = ours(pipe, latents, image=image, guidance_scale=5.0)
     assert np.abs(plain - want).max() > 1e-2 * max(1.0, np.abs(want).max())
+
+
+def test_converted_folder_gives_the_same_videos(t2v, tmp_path):
+    """`nag-jax convert` of a Wan folder (stacked Flax parameters written once) samples the same."""
+    from nag_jax.converted import convert_pipeline
+
+    from convert.checkpoint import FLAX_PARAMS_FILE
+
+    _, pipe, latents = t2v
+    folder = convert_pipeline(pipe.family.path, tmp_path / "converted", progress=False)
+    assert all((folder / name / FLAX_PARAMS_FILE).exists() for name in ("transformer", "text_encoder", "vae"))
+    converted = NAGPipeline.from_pretrained(folder)
+    np.testing.assert_array_equal(ours(converted, latents, guidance_scale=5.0, nag_negative_prompt=NAG_NEGATIVE, **NAG),
+                                  ours(pipe, latents, guidance_scale=5.0, nag_negative_prompt=NAG_NEGATIVE, **NAG))
