@@ -145,3 +145,14 @@ def test_converted_folder_gives_the_same_videos(t2v, tmp_path):
     converted = NAGPipeline.from_pretrained(folder)
     np.testing.assert_array_equal(ours(converted, latents, guidance_scale=5.0, nag_negative_prompt=NAG_NEGATIVE, **NAG),
                                   ours(pipe, latents, guidance_scale=5.0, nag_negative_prompt=NAG_NEGATIVE, **NAG))
+
+
+def test_flow_euler_with_the_folder_shift_matches_diffusers(t2v):
+    """scheduler="flow_euler" (few-step recipes): flow-match Euler with the folder's flow_shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    reference, pipe, latents = t2v
+    euler = copy.copy(reference)
+    euler.scheduler = FlowMatchEulerDiscreteScheduler(shift=reference.scheduler.config.flow_shift)
+    swapped = NAGPipeline.from_pretrained(pipe.family.path, scheduler="flow_euler")
+    assert_close(ours(swapped, latents, guidance_scale=1.0), diffusers_latents(euler, latents, guidance_scale=1.0))
