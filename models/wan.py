@@ -211,7 +211,8 @@ class WanTransformer3DModel(nn.Module):
         f, gh, gw = t // pt, h // ph, w // pw
         # Conv3d with stride = kernel = patch: each patch (channels, pt, ph, pw) flattened is one token.
         patches = hidden_states.reshape(b, c, f, pt, gh, ph, gw, pw).transpose(0, 2, 4, 6, 1, 3, 5, 7)
-        x = nn.Dense(dim, name="patch_embedding", **kw)(patches.reshape(b, f * gh * gw, c * pt * ph * pw).astype(self.dtype))
+        patches = patches.reshape(b, f * gh * gw, c * pt * ph * pw).astype(self.dtype)
+        x = nn.Dense(dim, name="patch_embedding", **kw)(patches)
         cos, sin = rope_tables(cfg.attention_head_dim, f, gh, gw)
 
         frequencies = timestep_embedding(jnp.broadcast_to(timestep, (b,)), cfg.freq_dim, flip_sin_to_cos=True, freq_shift=0)
@@ -224,7 +225,8 @@ class WanTransformer3DModel(nn.Module):
         if cfg.image_dim is not None:
             if encoder_hidden_states_image is None:
                 raise ValueError("encoder_hidden_states_image is required: this Wan transformer is image-to-video")
-            image_context = WanImageEmbedding(dim, name="image_embedder", **kw)(encoder_hidden_states_image.astype(self.dtype))
+            image_context = encoder_hidden_states_image.astype(self.dtype)
+            image_context = WanImageEmbedding(dim, name="image_embedder", **kw)(image_context)
 
         blocks = nn.scan(WanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,

@@ -24,7 +24,7 @@ WAN_CONFIGS = {
                  "num_layers": 2},
 }
 REAL_SHAPE = dict(latent=(16, 21, 60, 104), text_tokens=512)  # 480x832, 81 frames
-TINY_SHAPE = dict(latent=(16, 3, 8, 8), text_tokens=32)
+TINY_SHAPE = dict(latent=(16, 2, 4, 4), text_tokens=8)
 
 
 def build_wan(family: str, tiny: bool, dtype=jnp.float32, unroll_blocks: bool = True):

@@ -136,7 +136,8 @@ def build_tiny_wan_pipeline(folder, image_to_video: bool = False, seed: int = 0)
     transformer = save_tiny_wan_transformer(parts / "transformer", image_to_video, seed=seed + 1)
     torch.manual_seed(seed + 2)
     generator = torch.Generator().manual_seed(seed + 3)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True, True],
                            latents_mean=torch.randn(4, generator=generator).tolist(),
                            latents_std=(torch.rand(4, generator=generator) + 0.5).tolist()).eval()
     components = dict(tokenizer=AutoTokenizer.from_pretrained(str(parts / "tokenizer")),

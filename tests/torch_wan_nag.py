@@ -32,7 +32,8 @@ class WanNAGProcessor:
         image = None
         if attn.add_k_proj is not None:
             image_tokens = encoder_hidden_states.shape[1] - TEXT_TOKENS
-            image, encoder_hidden_states = encoder_hidden_states[:rows, :image_tokens], encoder_hidden_states[:, image_tokens:]
+            image = encoder_hidden_states[:rows, :image_tokens]
+            encoder_hidden_states = encoder_hidden_states[:, image_tokens:]
 
         def attend(q, k, v):
             split = lambda x: x.unflatten(2, (attn.heads, -1)).transpose(1, 2)  # noqa: E731

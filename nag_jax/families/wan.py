@@ -2,18 +2,20 @@
 480P / 720P) folders as Wan-AI publishes them in diffusers' layout.
 
 Mirrors diffusers' Wan pipelines: prompts are cleaned (ftfy's text fixes, HTML entities
-unescaped twice, whitespace collapsed), tokenized to `max_sequence_length` (512) and encoded by UMT5 with the attention mask; the embeddings past each
-prompt's own length are zeroed. Latents are [B, 16, (F - 1) / 4 + 1, H / 8, W / 8]; the
-transformer sees the flow timestep (integers, as UniPC's schedule gives them) and predicts a
-velocity; CFG is on for guidance_scale > 1 with "" (or negative_prompt) as the uncond text. The
-final latents are un-normalised with the VAE's latents_mean / latents_std and decoded frame
-chunk by frame chunk.
+unescaped twice, whitespace collapsed), tokenized to `max_sequence_length` (512) and encoded by
+UMT5 with the attention mask; the embeddings past each prompt's own length are zeroed.
+Latents are [B, 16, (F - 1) / 4 + 1, H / 8, W / 8]; the transformer sees the flow timestep
+(integers, as UniPC's schedule gives them) and predicts a velocity; CFG is on for
+guidance_scale > 1 with "" (or negative_prompt) as the uncond text. The final latents are
+un-normalised with the VAE's latents_mean / latents_std and decoded frame chunk by frame chunk.
 
 I2V (transformer with image_dim): the first frame conditions in two ways, both video-stream
 conditioning (one row per video row, never NAG rows): CLIP's penultimate hidden states (257
 tokens) for the cross-attention's image part, and the VAE encoding of [image; zero frames]
 (normalised) behind 4 mask channels (1 on the first latent frame), concatenated to the latents
-on channels at every step.
+on channels at every step. diffusers' attention processor takes the last 512 context tokens as
+the text (it concatenates [image; text]); here the streams stay separate, so a
+max_sequence_length below 512 works, where diffusers' I2V would misread the split.
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.checkpoint import parse_dtype
+from convert.clip import load_clip_vision
 from convert.t5 import load_t5
 from convert.wan import load_wan_transformer
+from convert.wan_vae import load_wan_vae
+from models.wan_vae import decode_video, encode_video
+from nag_jax.clip_preprocess import CLIPImagePreprocessor
 from nag_jax.pipeline import Family, component_folder, read_json, with_scheduler
 from nag_jax.sampler import Conditioning
 from nag_jax.schedulers import make_schedule
@@ -89,16 +95,24 @@ class WanFamily(Family):
     height, width = 480, 832
     video = True
 
-    def __init__(self, path, transformer, t5, tokenizer, params, scheduler_config, dtype):
-        self.path, self.transformer, self.t5, self.tokenizer = path, transformer, t5, tokenizer
+    def __init__(self, path, transformer, t5, tokenizer, vae, image_encoder, params, scheduler_config, vae_config,
+                 dtype):
+        self.path, self.transformer, self.tokenizer = path, transformer, tokenizer
         self.params, self.t5_params = params["transformer"], params["t5"]
         self.scheduler_config, self.dtype = scheduler_config, dtype
         self.image_to_video = transformer.config.image_dim is not None
         self.name = "Wan I2V" if self.image_to_video else "Wan T2V"
         self.size_multiple = VAE_SPATIAL * transformer.config.patch_size[1]
         self._text = jax.jit(lambda p, ids, mask: t5.apply({"params": p}, ids, mask))
-        self._vae = None  # (jitted encode, jitted decode, latents_mean, latents_std), read on first use
-        self._image_encoder = None
+        shape = (1, vae_config["z_dim"], 1, 1, 1)
+        self.latents_mean, self.latents_std = (np.asarray(vae_config[k], np.float32).reshape(shape)
+                                               for k in ("latents_mean", "latents_std"))
+        self._encode_video, self._decode_video = (
+            functools.partial(jax.jit(lambda p, x, f=f: f(vae, p, x)), params["vae"]) for f in (encode_video, decode_video))
+        if image_encoder is not None:
+            module, self._clip_preprocess = image_encoder
+            self._image_tokens = functools.partial(
+                jax.jit(lambda p, x: module.apply({"params": p}, x).hidden_states[-2]), params["image_encoder"])
         self._image_conditioning = None  # (key, value) of the last call's first frame
 
     @classmethod
@@ -107,58 +121,34 @@ class WanFamily(Family):
         transformer, transformer_params = load_wan_transformer(component_folder(path, "transformer"), dtype)
         t5, t5_params = load_t5(component_folder(path, "text_encoder"), dtype=dtype)
         tokenizer = load_tokenizer(component_folder(path, "tokenizer"))
+        vae_folder = component_folder(path, "vae")
+        vae, vae_params = load_wan_vae(vae_folder, dtype)
         scheduler_config = with_scheduler(read_json(component_folder(path, "scheduler") / "scheduler_config.json"),
                                           scheduler)
         if scheduler_config["_class_name"] == "FlowMatchEulerDiscreteScheduler":  # Wan's shift under Euler's name
             scheduler_config.setdefault("shift", scheduler_config.get("flow_shift", 1.0))
+        params = {"transformer": transformer_params, "t5": t5_params, "vae": vae_params}
+        image_encoder = None
         if transformer.config.image_dim is not None:
-            for name in ("image_encoder", "image_processor"):
-                component_folder(path, name)
-        params = {"transformer": transformer_params, "t5": t5_params}
-        return cls(path, transformer, t5, tokenizer, params, scheduler_config, dtype)
-
-    # -- components read on first use ----------------------------------------------------
-    def vae(self):
-        """(encode(video), decode(latents), latents_mean, latents_std): the VAE read on first use."""
-        if self._vae is None:
-            from convert.wan_vae import load_wan_vae
-            from models.wan_vae import decode_video, encode_video
-
-            folder = component_folder(self.path, "vae")
-            module, params = load_wan_vae(folder, self.dtype)
-            config = read_json(folder / "config.json")
-            shape = (1, config["z_dim"], 1, 1, 1)
-            mean, std = (np.asarray(config[k], np.float32).reshape(shape) for k in ("latents_mean", "latents_std"))
-            encode, decode = (functools.partial(jax.jit(lambda p, x, f=f: f(module, p, x)), params)
-                              for f in (encode_video, decode_video))
-            self._vae = (encode, decode, mean, std)
-        return self._vae
-
-    def image_embeddings(self, image):
-        """CLIP vision's penultimate hidden states [1, 257, width] of the (unresized) PIL image."""
-        from convert.clip import load_clip_vision
-        from nag_jax.clip_preprocess import CLIPImagePreprocessor
-
-        if self._image_encoder is None:
-            module, params = load_clip_vision(component_folder(self.path, "image_encoder"), self.dtype)
-            processor = CLIPImagePreprocessor.from_pretrained(component_folder(self.path, "image_processor"))
-            encode = jax.jit(lambda p, x: module.apply({"params": p}, x).hidden_states[-2])
-            self._image_encoder = (processor, encode, params)
-        processor, encode, params = self._image_encoder
-        return encode(params, jnp.asarray(processor([image]), self.dtype))
+            module, params["image_encoder"] = load_clip_vision(component_folder(path, "image_encoder"), dtype)
+            image_encoder = (module, CLIPImagePreprocessor.from_pretrained(component_folder(path, "image_processor")))
+        return cls(path, transformer, t5, tokenizer, vae, image_encoder, params, scheduler_config,
+                   read_json(vae_folder / "config.json"), dtype)
 
     def _first_frame(self, options):
         """(CLIP image tokens [1, 257, d], condition [1, 20, T, h, w]) of the call's image, cached."""
-        image, height, width, frames = as_pil_image(options["image"]), options["height"], options["width"], options["num_frames"]
+        image = as_pil_image(options["image"])
+        height, width, frames = options["height"], options["width"], options["num_frames"]
         key = (hashlib.sha1(image.tobytes()).hexdigest(), image.size, height, width, frames)
         if self._image_conditioning is None or self._image_conditioning[0] != key:
-            encode, _, mean, std = self.vae()
             video = np.zeros((1, 3, frames, height, width), np.float32)
             video[0, :, 0] = vae_pixels(image, height, width)
-            latents = (np.asarray(encode(jnp.asarray(video, self.dtype)), np.float32) - mean) / std
+            latents = np.asarray(self._encode_video(jnp.asarray(video, self.dtype)), np.float32)
+            latents = (latents - self.latents_mean) / self.latents_std
             mask = first_frame_mask(latents.shape[2], latents.shape[3], latents.shape[4])[None]
             condition = jnp.asarray(np.concatenate([mask, latents], axis=1), self.dtype)
-            self._image_conditioning = (key, (self.image_embeddings(image).astype(self.dtype), condition))
+            image_tokens = self._image_tokens(jnp.asarray(self._clip_preprocess([image]), self.dtype))
+            self._image_conditioning = (key, (image_tokens.astype(self.dtype), condition))
         return self._image_conditioning[1]
 
     # -- conditioning ---------------------------------------------------------------------
@@ -208,6 +198,6 @@ class WanFamily(Family):
 
     def decode(self, latents, height, width):
         """Final latents [B, C, T, h, w] -> frames float32 [B, F, H, W, 3] in [0, 1]."""
-        _, decode, mean, std = self.vae()
-        video = decode(jnp.asarray(np.asarray(latents, np.float32) * std + mean, self.dtype))
+        latents = np.asarray(latents, np.float32) * self.latents_std + self.latents_mean
+        video = self._decode_video(jnp.asarray(latents, self.dtype))
         return np.asarray(jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 4, 1))
