@@ -269,14 +269,14 @@ class AutoencoderKLWan(_WanModule):
         return jnp.zeros((1, self.config.temporal_factor, size, size, self.config.in_channels), self.dtype)
 
 
-def _chunked(module, params, method: str, x, chunk_frames: int):
+def _chunked(module, params, method: str, x, chunk_frames: int, out_frames: int):
     """x [B, C, F, H, W], F = 1 + chunk_frames * n: `method` on frame 0 alone (first_chunk), then
-    `lax.scan` over the n chunks carrying the causal cache. Each chunk is sliced from x and its
-    output written into the result [B, C', F', H', W'] in place, so the working memory is one
-    chunk's, whatever F is."""
+    `lax.scan` over the n chunks (each giving out_frames frames) carrying the causal cache. Each
+    chunk is sliced from x and its output written into the result [B, C', 1 + out_frames * n,
+    H', W'] in place, so the working memory is one chunk's, whatever F is."""
 
-    def chunk_at(start, size):
-        return jnp.moveaxis(jax.lax.dynamic_slice_in_dim(x, start, size, axis=2), 1, -1)
+    def chunk_at(start, size):  # cast per chunk: no converted copy of the whole input
+        return jnp.moveaxis(jax.lax.dynamic_slice_in_dim(x, start, size, axis=2), 1, -1).astype(module.dtype)
 
     first, cache = module.apply({"params": params}, chunk_at(0, 1), True, method=method, mutable=["cache"])
     first = jnp.moveaxis(first, -1, 1)
@@ -284,18 +284,14 @@ def _chunked(module, params, method: str, x, chunk_frames: int):
     if chunks == 0:
         return first
 
-    def run_chunk(cache, index):
-        return module.apply({"params": params, **cache}, chunk_at(1 + index * chunk_frames, chunk_frames),
-                            method=method, mutable=["cache"])
-
-    out_frames = jax.eval_shape(run_chunk, cache, 0)[0].shape[1]
     batch, channels, _, height, width = first.shape
     result = jnp.zeros((batch, channels, 1 + chunks * out_frames, height, width), first.dtype)
     result = jax.lax.dynamic_update_slice_in_dim(result, first, 0, axis=2)
 
     def step(carry, _):
         index, cache, result = carry
-        out, cache = run_chunk(cache, index)
+        out, cache = module.apply({"params": params, **cache}, chunk_at(1 + index * chunk_frames, chunk_frames),
+                                  method=method, mutable=["cache"])
         result = jax.lax.dynamic_update_slice_in_dim(result, jnp.moveaxis(out, -1, 1), 1 + index * out_frames, axis=2)
         return (index + 1, cache, result), None
 
@@ -312,7 +308,7 @@ def encode_video(module: AutoencoderKLWan, params, x):
         raise ValueError(f"x: expected [B, 3, 1 + {cfg.temporal_factor} * k, H, W] frames, got shape {x.shape}")
     if x.shape[3] % cfg.spatial_factor or x.shape[4] % cfg.spatial_factor:
         raise ValueError(f"x: height and width must be multiples of {cfg.spatial_factor}, got {x.shape[3:]}")
-    return _chunked(module, params, "encode_chunk", x.astype(module.dtype), cfg.temporal_factor)
+    return _chunked(module, params, "encode_chunk", x, cfg.temporal_factor, 1)
 
 
 def decode_video(module: AutoencoderKLWan, params, z):
@@ -321,4 +317,4 @@ def decode_video(module: AutoencoderKLWan, params, z):
     One latent frame per chunk, as diffusers decodes."""
     if z.ndim != 5 or z.shape[1] != module.config.z_dim:
         raise ValueError(f"z: expected [B, {module.config.z_dim}, T, h, w] latents, got shape {z.shape}")
-    return _chunked(module, params, "decode_chunk", z.astype(module.dtype), 1)
+    return _chunked(module, params, "decode_chunk", z, 1, module.config.temporal_factor)

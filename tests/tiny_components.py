@@ -98,16 +98,22 @@ def save_tiny_clip(folder, projection: bool = False, seed: int = 0, hidden_size:
                             hidden_act=hidden_act, bos_token_id=vocab_size - 2, eos_token_id=eos_token_id,
                             pad_token_id=1)
     model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+    _save_clip_tower(model, folder, "text_model.", published_naming, sharded, dtype)
+    return model
+
+
+def _save_clip_tower(model, folder, prefix: str, published_naming: bool, sharded: bool = False, dtype=None):
+    """config.json + weights of a CLIP tower; the tower's keys with `prefix` (published) or bare
+    (transformers 5), its projection's key bare either way."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]
     model.config.to_json_file(str(folder / "config.json"))
     state = {}
     for key, tensor in _state_dict(model, dtype).items():
-        bare = key.removeprefix("text_model.")
-        state[bare if key.startswith("text_projection") or not published_naming else "text_model." + bare] = tensor
+        bare = key.removeprefix(prefix)
+        state[bare if key.endswith("projection.weight") or not published_naming else prefix + bare] = tensor
     _save_weights(state, folder, "model", sharded)
-    return model
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -153,15 +159,7 @@ def save_tiny_clip_vision(folder, projection: bool = True, seed: int = 0, publis
     torch.manual_seed(seed)
     config = CLIPVisionConfig(**TINY_VISION, projection_dim=projection_dim, hidden_act=hidden_act)
     model = (CLIPVisionModelWithProjection if projection else CLIPVisionModel)(config).eval()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.config.architectures = [type(model).__name__]
-    model.config.to_json_file(str(folder / "config.json"))
-    state = {}
-    for key, tensor in _state_dict(model).items():
-        bare = key.removeprefix("vision_model.")
-        state[bare if key.startswith("visual_projection") or not published_naming else "vision_model." + bare] = tensor
-    _save_weights(state, folder, "model", sharded=False)
+    _save_clip_tower(model, folder, "vision_model.", published_naming)
     return model
 
 
