@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.checkpoint import Checkpoint, open_checkpoint, parse_dtype
-from convert.mapping import LAYOUTS, Rule, map_checkpoint, target_shapes
+from convert.mapping import LAYOUTS, Rule, map_checkpoint, param_location, target_shapes
 from models.flux import MLP_RATIO, FluxTransformer2DModel
 
 BFL_PREFIX = "model.diffusion_model."
@@ -56,7 +56,8 @@ def _scale(source: str, target: str) -> Rule:
 
 
 D, S = r"transformer_blocks\.(\d+)", r"single_transformer_blocks\.(\d+)"
-DOUBLE, SINGLE = r"transformer_blocks_\1", r"single_transformer_blocks/block_\1"
+# Per-layer targets as the unrolled model names them; map_checkpoint stacks them (model.layer_stacks).
+DOUBLE, SINGLE = r"transformer_blocks_\1", r"single_transformer_blocks/blocks_\1"
 
 DIFFUSERS_RULES = [
     *_dense(r"x_embedder", "x_embedder"),
@@ -174,7 +175,14 @@ def flux_params(checkpoint: Checkpoint, model: FluxTransformer2DModel, dtype="fl
     else:
         rules, what = DIFFUSERS_RULES, "Flux transformer (diffusers)"
     shapes = target_shapes(model, *_model_inputs(model))
-    return map_checkpoint(checkpoint, rules, shapes, dtype, what=f"{what} {checkpoint.description}")
+    return map_checkpoint(checkpoint, rules, shapes, dtype, what=f"{what} {checkpoint.description}",
+                          stacks=model.layer_stacks)
+
+
+def flux_param_location(name: str, model: FluxTransformer2DModel) -> tuple[str, int | None]:
+    """A diffusers parameter name (`transformer_blocks.3.attn.to_q.weight`) -> (our parameter path,
+    index along its leading layer axis, or None when not stacked); its layout is the rule's."""
+    return param_location(name, DIFFUSERS_RULES, model.layer_stacks)
 
 
 def load_flux_transformer(path, dtype="float32", config: dict | None = None):

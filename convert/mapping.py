@@ -2,7 +2,10 @@
 
 A key map is a list of `Rule`s: a regular expression over checkpoint keys, a target Flax
 path template ('/'-separated, regex groups as \\1), and a layout naming how the tensor is
-rearranged. The first rule whose pattern matches a key wins. The targets' shapes come from
+rearranged. The first rule whose pattern matches a key wins. Repeated blocks run under scan
+keep their weights stacked along a leading layer axis (`models.layers.LayerStack`): the rules
+name each layer's weights as the unrolled model would (`blocks_3/...`), and `map_checkpoint`
+stacks them (`stack_layers`; `unstack_layers` is the inverse). The targets' shapes come from
 `jax.eval_shape` of the module's init, so nothing is allocated to check them. Every problem
 (missing, unexpected, mis-shaped) is collected and reported in one error.
 """
@@ -93,6 +96,61 @@ def target_shapes(module, *init_args, **init_kwargs) -> dict[str, tuple[int, ...
     return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
 
+def _stacked_part(path: str, stacks):
+    """(stack, global layer index, rest of the path) of an unrolled per-layer `path`, or None."""
+    for stack in stacks:
+        for index in stack.layers:
+            prefix = stack.layer_path(index) + "/"
+            if path.startswith(prefix):
+                return stack, index, path[len(prefix) :]
+    return None
+
+
+def stack_layers(flat: dict, stacks) -> dict:
+    """Flat per-layer arrays -> flat arrays stacked along a new leading axis per `stacks`.
+    Empties `flat` as it goes, so at most one stacked parameter exists twice (real sizes)."""
+    per_stack = {}
+    for path in list(flat):
+        found = _stacked_part(path, stacks)
+        if found is not None:
+            stack, index, rest = found
+            per_stack.setdefault(f"{stack.path}/{rest}", {})[index] = path
+    out = {}
+    for path, layer_paths in per_stack.items():
+        out[path] = np.stack([flat.pop(layer_paths[index]) for index in sorted(layer_paths)])
+    out.update(flat)
+    flat.clear()
+    return out
+
+
+def unstack_layers(flat: dict, stacks, layer=lambda array, i: array[i]) -> dict:
+    """Flat arrays with stacked parameters -> flat per-layer (unrolled) arrays; `stack_layers`
+    undone. `layer(value, i)` is the i-th layer of a stacked value (for shapes: its shape[1:])."""
+    out = {}
+    for path, array in flat.items():
+        stack = next((s for s in stacks if path.startswith(s.path + "/")), None)
+        if stack is None:
+            out[path] = array
+            continue
+        rest = path[len(stack.path) + 1 :]
+        out.update((f"{stack.layer_path(index)}/{rest}", layer(array, i)) for i, index in enumerate(stack.layers))
+    return out
+
+
+def param_location(key: str, rules, stacks=()) -> tuple[str, int | None]:
+    """Where checkpoint tensor `key` lands: (Flax parameter path, its index along the leading
+    layer axis of a stacked parameter, or None for an unstacked one). For code that edits
+    converted parameters in place (LoRA). Raises ValueError for a key no rule maps to one tensor."""
+    rule, targets = _route(rules, key)
+    if rule is None or len(targets) != 1:
+        raise ValueError(f"{key!r} is not a checkpoint key that maps to one parameter")
+    found = _stacked_part(targets[0], stacks)
+    if found is None:
+        return targets[0], None
+    stack, index, rest = found
+    return f"{stack.path}/{rest}", stack.layers.index(index)
+
+
 def _route(rules, key):
     for rule in rules:
         match = re.fullmatch(rule.pattern, key)
@@ -106,16 +164,20 @@ def _route(rules, key):
 FLAX_PATH_RULES = [Rule(r"(.+)", r"\1")]
 
 
-def map_checkpoint(checkpoint: Checkpoint, rules, shapes: dict, dtype="float32", what: str = "checkpoint"):
+def map_checkpoint(checkpoint: Checkpoint, rules, shapes: dict, dtype="float32", what: str = "checkpoint", stacks=()):
     """Build the nested Flax `params` dict from `checkpoint` following `rules`.
 
-    Raises ConversionError naming every missing, unexpected and mis-shaped key. Tensors are
-    read, rearranged and cast one at a time. A checkpoint holding Flax paths (a folder written
-    by nag_jax.converted) skips `rules` and is checked just as strictly.
+    Raises ConversionError naming every missing, unexpected and mis-shaped key (per layer for
+    stacked parameters). Tensors are read, rearranged and cast one at a time; per-layer tensors
+    are stacked per `stacks` (`models.layers.LayerStack`s of the model). A checkpoint holding
+    Flax paths (a folder written by nag_jax.converted) skips `rules` and is checked just as
+    strictly; it is stacked already unless written before the blocks ran under scan.
     """
     dtype = parse_dtype(dtype)
     if checkpoint.flax_paths:
         rules = FLAX_PATH_RULES
+        stacks = stacks if any(_stacked_part(key, stacks) for key in checkpoint.keys()) else ()
+    shapes = unstack_layers(shapes, stacks, lambda shape, _: shape[1:])
     routes, unexpected = {}, []
     for key in checkpoint.keys():
         rule, targets = _route(rules, key)
@@ -136,4 +198,4 @@ def map_checkpoint(checkpoint: Checkpoint, rules, shapes: dict, dtype="float32",
                 flat[target] = np.asarray(array, dtype=dtype)
     if missing or unexpected or misshaped:
         raise ConversionError(what, missing, unexpected, misshaped)
-    return traverse_util.unflatten_dict(flat, sep="/")
+    return traverse_util.unflatten_dict(stack_layers(flat, stacks), sep="/")

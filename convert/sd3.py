@@ -14,6 +14,8 @@ than by calling it: that function needs torch and the whole state dict in memory
 the Rules read one tensor at a time without torch. The test builds a single file from
 diffusers weights by the inverse renaming and checks both layouts give identical parameters.
 Single files carry no config; it is read off the tensor shapes (`infer_single_file_config`).
+Both maps name each block's weights per layer (`blocks_3/...`, as the unrolled model would);
+`map_checkpoint` stacks them as the model's `layer_stacks` say.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from convert.checkpoint import Checkpoint, CheckpointError, open_checkpoint, parse_dtype
-from convert.mapping import Rule, map_checkpoint, target_shapes
+from convert.mapping import Rule, map_checkpoint, param_location, target_shapes
 from models.sd3 import SD3Transformer
 
 SINGLE_FILE_PREFIX = "model.diffusion_model."
@@ -233,5 +235,12 @@ def load_sd3_transformer(path, dtype="float32", config: dict | None = None):
         rules = diffusers_rules()
     np_dtype = parse_dtype(dtype)
     module = SD3Transformer.from_config(config, dtype=jnp.dtype(np_dtype), param_dtype=jnp.dtype(np_dtype))
-    params = map_checkpoint(checkpoint, rules, transformer_param_shapes(module), np_dtype, f"SD3 transformer {path}")
+    params = map_checkpoint(checkpoint, rules, transformer_param_shapes(module), np_dtype, f"SD3 transformer {path}",
+                            stacks=module.layer_stacks)
     return module, params
+
+
+def sd3_param_location(name: str, module: SD3Transformer) -> tuple[str, int | None]:
+    """A diffusers parameter name (`transformer_blocks.3.attn.to_q.weight`) -> (our parameter path,
+    index along its leading layer axis, or None when not stacked); its layout is the rule's."""
+    return param_location(name, diffusers_rules(), module.layer_stacks)

@@ -8,8 +8,9 @@ Three namings, as data:
 - ComfyUI's repackaged single files: the original naming under `model.diffusion_model.`.
 A single file has no config.json: the config is read off the tensor shapes (`infer_wan_config`).
 
-The blocks run under `nn.scan`, so their parameters are stacked on a leading layer axis: the
-rules map each block's tensors to `blocks_N/...` and `stack_blocks` stacks them into `blocks/...`.
+The blocks run under scan, so their parameters are stacked on a leading layer axis: the rules
+map each block's tensors to `blocks_N/...` (the unrolled names) and `map_checkpoint` stacks them
+into `blocks/...` (`WanTransformer3DModel.layer_stacks`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-from flax import traverse_util
 
 from convert.checkpoint import Checkpoint, open_checkpoint, parse_dtype
 from convert.mapping import LAYOUTS, Rule, map_checkpoint, target_shapes
@@ -135,34 +135,11 @@ def _model_inputs(model: WanTransformer3DModel):
             np.zeros((1, 1, cfg.text_dim), np.float32), image)
 
 
-def per_block_shapes(shapes: dict, layers: int) -> dict:
-    """Stacked `blocks/...` target shapes [L, ...] -> one `blocks_N/...` entry per layer."""
-    flat = {}
-    for path, shape in shapes.items():
-        if path.startswith("blocks/"):
-            flat.update({f"blocks_{i}/{path[len('blocks/'):]}": shape[1:] for i in range(layers)})
-        else:
-            flat[path] = shape
-    return flat
-
-
-def stack_blocks(params: dict, layers: int) -> dict:
-    """`blocks_N/...` parameters -> `blocks/...` stacked on a leading layer axis (nn.scan's layout)."""
-    flat = traverse_util.flatten_dict(params, sep="/")
-    stacked = {k: v for k, v in flat.items() if not k.startswith("blocks_")}
-    for path in {k.split("/", 1)[1] for k in flat if k.startswith("blocks_")}:
-        stacked[f"blocks/{path}"] = np.stack([flat.pop(f"blocks_{i}/{path}") for i in range(layers)])
-    return traverse_util.unflatten_dict(stacked, sep="/")
-
-
 def wan_params(checkpoint: Checkpoint, model: WanTransformer3DModel, dtype="float32"):
     """Parameters of `model` from a checkpoint in diffusers or (renamed) original naming (strict)."""
-    layers, what = model.config.num_layers, f"Wan transformer {checkpoint.description}"
     shapes = target_shapes(model, *_model_inputs(model))
-    if checkpoint.flax_paths:  # a converted folder holds the stacked parameters themselves
-        return map_checkpoint(checkpoint, DIFFUSERS_RULES, shapes, dtype, what)
-    return stack_blocks(map_checkpoint(checkpoint, DIFFUSERS_RULES, per_block_shapes(shapes, layers), dtype, what),
-                        layers)
+    return map_checkpoint(checkpoint, DIFFUSERS_RULES, shapes, dtype, f"Wan transformer {checkpoint.description}",
+                          stacks=model.layer_stacks)
 
 
 def load_wan_transformer(path, dtype="float32", config: dict | None = None):

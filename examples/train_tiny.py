@@ -88,10 +88,11 @@ from convert.checkpoint import open_checkpoint  # noqa: E402
 from convert.clip import CLIP_RULES, load_clip  # noqa: E402
 from convert.flux import DIFFUSERS_RULES as FLUX_RULES  # noqa: E402
 from convert.flux import load_flux_transformer  # noqa: E402
-from convert.mapping import _route  # noqa: E402
+from convert.mapping import _route, unstack_layers  # noqa: E402
 from convert.t5 import T5_RULES, load_t5  # noqa: E402
 from convert.unet import UNET_RULES, load_unet  # noqa: E402
 from convert.vae import VAE_RULES, load_vae  # noqa: E402
+from models.flux import FluxTransformer2DModel  # noqa: E402
 from nag_jax.families.flux import image_ids, pack_latents, unpack_latents  # noqa: E402
 from nag_jax.efficacy import (BACKGROUND_NAMES, COLOUR_NAMES, FULL_SCENES, SHAPES, attribute_accuracy,  # noqa: E402
                               caption, random_scenes, read_attributes, render)
@@ -271,11 +272,21 @@ INVERSE_LAYOUTS = {
 }
 
 
+def layer_stacks(weight_file: Path) -> tuple:
+    """The stacked layer runs of the model whose weights `weight_file` holds (none but Flux's here):
+    the key maps name per-layer weights, so the stacked ones are unstacked before export."""
+    config_file = weight_file.parent / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    if config.get("_class_name") != "FluxTransformer2DModel":
+        return ()
+    return FluxTransformer2DModel.from_config(config).layer_stacks
+
+
 def export_params(reference_file: Path, rules, params) -> dict[str, np.ndarray]:
     """Flax params -> tensors named and shaped as in `reference_file` (the converter's key map
     `rules` run backwards). Every key of the file must be produced: strict, like the converters."""
     reference = open_checkpoint(reference_file)
-    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    flat = unstack_layers(traverse_util.flatten_dict(jax.device_get(params), sep="/"), layer_stacks(reference_file))
     tensors = {}
     for key in reference.keys():
         rule, targets = _route(rules, key)

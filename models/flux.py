@@ -4,7 +4,8 @@ Reads like Black Forest Labs' `model.py`: embed the packed image tokens and the 
 build one conditioning vector per row from timestep, (dev) guidance and the pooled CLIP
 embedding, run the double-stream blocks (each stream with its own weights, joint attention),
 then the single-stream blocks (one set of weights shared by both streams), then the final
-adaLN and projection.
+adaLN and projection. Each kind of block runs under one scan over parameters stacked along a
+leading layer axis (`models.layers.scan_blocks`), so compile time does not grow with depth.
 
 Text and image stay separate tensors everywhere; they meet only inside `JointAttentionCore`.
 Where the single-stream blocks apply one per-token layer to `[text; image]`, it is applied to
@@ -30,17 +31,26 @@ from models.layers import (
     AdaLNModulation,
     GELUFeedForward,
     JointAttentionCore,
+    LayerStack,
     MLPEmbedder,
     QKVProjection,
+    ScannedBlock,
     apply_rope,
     layer_norm,
     modulate,
     rope_cos_sin,
+    scan_blocks,
     timestep_embedding,
 )
 
 ROPE_THETA = 10000.0
 MLP_RATIO = 4
+DOUBLE_STACK, SINGLE_STACK = "transformer_blocks", "single_transformer_blocks"  # module names
+
+
+def single_blocks_stack(num_single_layers: int) -> LayerStack:
+    """The single blocks' parameters, stacked in `single_transformer_blocks/blocks`."""
+    return LayerStack(f"{SINGLE_STACK}/blocks", range(num_single_layers), "blocks")
 
 
 def image_row_of_text_rows(image_rows: int, text_rows: int) -> np.ndarray:
@@ -62,8 +72,8 @@ def _rotated_qkv(projection, x, rope):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-class _FluxBlock(nn.Module):
-    """The fields of every Flux block."""
+class _FluxBlock(ScannedBlock):
+    """The fields of every Flux block; blocks run under `scan_blocks`, carrying (txt, img)."""
 
     heads: int
     head_dim: int
@@ -75,7 +85,8 @@ class FluxDoubleBlock(_FluxBlock):
     """Double-stream block: own modulation, projections and MLP per stream, joint attention."""
 
     @nn.compact
-    def __call__(self, txt, img, temb, txt_rope, img_rope):
+    def __call__(self, carry, layer, temb, txt_rope, img_rope):
+        txt, img = carry
         dim = self.heads * self.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         img_mod = AdaLNModulation(dim, 6, name="norm1", **kw)(temb[: img.shape[0]])
@@ -89,7 +100,7 @@ class FluxDoubleBlock(_FluxBlock):
         txt = _gated_attention_and_mlp(
             txt, txt_attn, txt_mod, nn.Dense(dim, name="to_add_out", **kw), GELUFeedForward(name="ff_context", **kw)
         )
-        return _clip_float16(txt), _clip_float16(img)
+        return (_clip_float16(txt), _clip_float16(img)), None
 
 
 def _gated_attention_and_mlp(x, attn, modulation, out_proj, feed_forward):
@@ -108,7 +119,8 @@ class FluxSingleBlock(_FluxBlock):
     shared by both streams (applied to text and image separately)."""
 
     @nn.compact
-    def __call__(self, txt, img, temb, txt_rope, img_rope):
+    def __call__(self, carry, layer, temb, txt_rope, img_rope):
+        txt, img = carry
         dim = self.heads * self.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         modulation = AdaLNModulation(dim, 3, name="norm", **kw)
@@ -125,12 +137,13 @@ class FluxSingleBlock(_FluxBlock):
         txt_attn, img_attn = JointAttentionCore(name="core")(*txt_qkv, *img_qkv)
         txt = txt + txt_gate[:, None, :] * proj_out(jnp.concatenate([txt_attn, txt_mlp], axis=-1))
         img = img + img_gate[:, None, :] * proj_out(jnp.concatenate([img_attn, img_mlp], axis=-1))
-        return _clip_float16(txt), _clip_float16(img)
+        return (_clip_float16(txt), _clip_float16(img)), None
 
 
 class FluxSingleStreamBlocks(nn.Module):
     """All single-stream blocks as one module: the unit NAG's `reference` mode intercepts
-    (nag_jax/flux_modes.py), because it changes how the image rows flow through the whole stack."""
+    (nag_jax/flux_modes.py), because it changes how the image rows flow through the whole stack.
+    The blocks run under scan, parameters stacked in `blocks` (`FluxTransformer2DModel.layer_stacks`)."""
 
     num_layers: int
     heads: int
@@ -140,10 +153,9 @@ class FluxSingleStreamBlocks(nn.Module):
 
     @nn.compact
     def __call__(self, txt, img, temb, txt_rope, img_rope):
-        for i in range(self.num_layers):
-            block = FluxSingleBlock(self.heads, self.head_dim, self.dtype, self.param_dtype, name=f"block_{i}")
-            txt, img = block(txt, img, temb, txt_rope, img_rope)
-        return txt, img
+        block = dict(heads=self.heads, head_dim=self.head_dim, dtype=self.dtype, param_dtype=self.param_dtype)
+        return scan_blocks(FluxSingleBlock, single_blocks_stack(self.num_layers), (txt, img), temb, txt_rope, img_rope,
+                           **block)
 
 
 class FluxTimeTextEmbedding(nn.Module):
@@ -196,6 +208,11 @@ class FluxTransformer2DModel(nn.Module):
             )
         return model
 
+    @property
+    def layer_stacks(self) -> tuple[LayerStack, ...]:
+        """The stacked runs of layers: all double blocks, all single blocks (each under one scan)."""
+        return LayerStack(DOUBLE_STACK, range(self.num_layers), DOUBLE_STACK), single_blocks_stack(self.num_single_layers)
+
     @nn.compact
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None):
         """Velocity [B, N, out_channels] for packed latents; inputs as in the module docstring.
@@ -221,10 +238,10 @@ class FluxTransformer2DModel(nn.Module):
         txt_rope = rope_cos_sin(txt_ids, self.axes_dims_rope, ROPE_THETA)
         img_rope = rope_cos_sin(img_ids, self.axes_dims_rope, ROPE_THETA)
 
-        heads = (self.num_attention_heads, self.attention_head_dim)
-        for i in range(self.num_layers):
-            txt, img = FluxDoubleBlock(*heads, name=f"transformer_blocks_{i}", **kw)(txt, img, temb, txt_rope, img_rope)
-        _, img = FluxSingleStreamBlocks(self.num_single_layers, *heads, name="single_transformer_blocks", **kw)(
+        heads = dict(heads=self.num_attention_heads, head_dim=self.attention_head_dim)
+        double, _ = self.layer_stacks
+        txt, img = scan_blocks(FluxDoubleBlock, double, (txt, img), temb, txt_rope, img_rope, **heads, **kw)
+        _, img = FluxSingleStreamBlocks(self.num_single_layers, **heads, name=SINGLE_STACK, **kw)(
             txt, img, temb, txt_rope, img_rope
         )
 

@@ -13,9 +13,13 @@ Outside guidance there must be none.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nag_jax.attention import attention, merge_heads
 
@@ -69,6 +73,73 @@ class JointAttentionCore(nn.Module):
         out = merge_heads(attention(*joined))
         text_tokens = txt_q.shape[1]
         return out[:, :text_tokens], out[:, text_tokens:]
+
+
+# --- repeated blocks under scan (Flux, SD3 and every later DiT family) ---
+
+
+class ScannedBlock(nn.Module):
+    """Base of a block that `scan_blocks` runs over parameters stacked along a leading layer axis.
+
+    Its `__call__(carry, layer, *broadcast)` returns `(carry, None)`; `layer` is the traced global
+    index of the layer (int32 scalar). `layers` and `layer_name` are set by `scan_blocks`, static:
+    layer `i` stands for the module `{layer_name}_{i}` of an unrolled model (a sibling of the
+    stack), which is how guidance names a layer (PAG's `pag_applied_layers`) and how converters
+    name per-layer weights before stacking them.
+    """
+
+    layers: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)
+    layer_name: str = dataclasses.field(default="", kw_only=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStack:
+    """Where a run of layers lives: parameters under `path` ('/'-joined) stacked along axis 0 in
+    the order of `layers` (global indices); layer i, unrolled, is the sibling `{layer_name}_{i}`."""
+
+    path: str
+    layers: range
+    layer_name: str
+
+    def layer_path(self, index: int) -> str:
+        """The unrolled module path of global layer `index`."""
+        parent = self.path.rpartition("/")[0]
+        return f"{parent}/{self.layer_name}_{index}" if parent else f"{self.layer_name}_{index}"
+
+
+_UNROLL = [False]
+
+
+@contextlib.contextmanager
+def unrolled_layers():
+    """While tracing inside this context, `scan_blocks` unrolls its loop (same parameters, same
+    numbers): XLA's cost analysis counts a loop body once, so FLOP counts need it unrolled."""
+    _UNROLL.append(True)
+    try:
+        yield
+    finally:
+        _UNROLL.pop()
+
+
+def scan_blocks(block: type[ScannedBlock], stack: LayerStack, carry, *broadcast, **fields):
+    """Run `block(**fields)` over `stack.layers` in one `nn.scan`: `carry` threads through the
+    layers, `broadcast` arguments reach every layer unchanged, parameters are stacked under the
+    module named by `stack.path`'s last part (create it inside the parent's compact method).
+    The compiled program holds one copy of the block, whatever the depth. No layers: `carry`."""
+    if not stack.layers:
+        return carry
+    scanned = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0,) + (nn.broadcast,) * len(broadcast),
+        length=len(stack.layers),
+        unroll=len(stack.layers) if _UNROLL[-1] else 1,
+    )
+    module = scanned(**fields, layers=tuple(stack.layers), layer_name=stack.layer_name,
+                     name=stack.path.rpartition("/")[2])
+    carry, _ = module(carry, np.asarray(stack.layers, np.int32), *broadcast)
+    return carry
 
 
 def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1.0,

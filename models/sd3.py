@@ -8,6 +8,11 @@ the image side (`context_pre_only`: its text side has a continuous adaLN and no 
 SD3.5 adds RMS QK-norm (`qk_norm="rms_norm"`); SD3.5-Medium (MMDiT-X) adds, in the blocks
 listed in `dual_attention_layers`, an image-only self-attention with its own modulation.
 
+The blocks run under scan over parameters stacked along a leading layer axis, in up to three
+parts (`SD3Transformer.layer_stacks`): the dual-attention blocks (SD3.5-Medium's first
+layers) stacked in `dual_blocks`, the other uniform blocks in `blocks`, and the last block
+(`context_pre_only`) alone as `blocks_{num_layers - 1}`: each part has its own weights' shapes.
+
 Text and image stay separate tensors; the text stream may carry more rows than the image
 stream (models/layers.py batch convention), so per-row conditioning is explicit: text row j
 is modulated by temb(pooled row j, timestep of its image row), the image stream by the first
@@ -24,11 +29,14 @@ from models.layers import (
     AdaLNModulation,
     GELUFeedForward,
     JointAttentionCore,
+    LayerStack,
     MLPEmbedder,
     QKVProjection,
+    ScannedBlock,
     SelfAttentionCore,
     layer_norm,
     modulate,
+    scan_blocks,
     timestep_embedding,
 )
 
@@ -56,8 +64,8 @@ def sincos_position_table(embed_dim: int, grid_size: int, base_size: int) -> np.
     return np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
 
 
-class JointBlock(nn.Module):
-    """One MM-DiT block: adaLN-Zero on both streams, joint attention, gated MLPs."""
+class JointBlock(ScannedBlock):
+    """One MM-DiT block: adaLN-Zero on both streams, joint attention, gated MLPs; carries (img, txt)."""
 
     dim: int
     heads: int
@@ -81,7 +89,8 @@ class JointBlock(nn.Module):
         return AdaLNModulation(self.dim, chunks, self.dtype, self.param_dtype, name=name)
 
     @nn.compact
-    def __call__(self, img, txt, img_temb, txt_temb):
+    def __call__(self, carry, layer, img_temb, txt_temb):
+        img, txt = carry
         img_chunks = 9 if self.dual_attention else 6
         img_mod = self._modulation(img_chunks, "img_mod")(img_temb)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = img_mod[:6]
@@ -109,11 +118,11 @@ class JointBlock(nn.Module):
         img_ff = self._ff("img_ff")(modulate(layer_norm(img), shift_mlp, scale_mlp))
         img = img + gate_mlp[:, None] * img_ff
         if self.context_pre_only:
-            return img, None
+            return (img, None), None
 
         txt = txt + c_gate_msa[:, None] * self._dense(self.dim, "txt_attn_out")(txt_attn)
         txt_ff = self._ff("txt_ff")(modulate(layer_norm(txt), c_shift_mlp, c_scale_mlp))
-        return img, txt + c_gate_mlp[:, None] * txt_ff
+        return (img, txt + c_gate_mlp[:, None] * txt_ff), None
 
 
 class SD3Transformer(nn.Module):
@@ -154,6 +163,19 @@ class SD3Transformer(nn.Module):
         if fields.get("out_channels") is None:
             fields["out_channels"] = config.get("in_channels", cls.in_channels)
         return cls(**fields, dtype=dtype, param_dtype=param_dtype)
+
+    @property
+    def layer_stacks(self) -> tuple[LayerStack, ...]:
+        """The stacked runs of layers (each under one scan): the dual-attention blocks, then the
+        other blocks but the last; the last block (context_pre_only) is not stacked."""
+        dual = len(self.dual_attention_layers)
+        if tuple(self.dual_attention_layers) != tuple(range(dual)) or dual >= self.num_layers:
+            raise ValueError(
+                "SD3 transformer: dual_attention_layers must be the first layers before the last one "
+                f"(0, 1, ..., n - 1 with n < num_layers = {self.num_layers}, as in SD3.5-Medium), "
+                f"got {list(self.dual_attention_layers)}"
+            )
+        return LayerStack("dual_blocks", range(dual), "blocks"), LayerStack("blocks", range(dual, self.num_layers - 1), "blocks")
 
     @property
     def inner_dim(self) -> int:
@@ -227,17 +249,17 @@ class SD3Transformer(nn.Module):
         img_temb = txt_temb[:rows]
         txt = self._dense(self.inner_dim, "context_embedder")(encoder_hidden_states.astype(self.dtype))
 
-        for index in range(self.num_layers):
-            img, txt = JointBlock(
-                self.inner_dim,
-                self.num_attention_heads,
-                qk_norm=self.qk_norm == "rms_norm",
-                context_pre_only=index == self.num_layers - 1,
-                dual_attention=index in self.dual_attention_layers,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"blocks_{index}",
-            )(img, txt, img_temb, txt_temb)
+        block = dict(dim=self.inner_dim, heads=self.num_attention_heads, qk_norm=self.qk_norm == "rms_norm",
+                     dtype=self.dtype, param_dtype=self.param_dtype)
+        carry = (img, txt)
+        for stack in self.layer_stacks:
+            dual = stack.path == "dual_blocks"
+            carry = scan_blocks(JointBlock, stack, carry, img_temb, txt_temb, context_pre_only=False,
+                                dual_attention=dual, **block)
+        last = self.num_layers - 1
+        (img, _), _ = JointBlock(context_pre_only=True, dual_attention=False, name=f"blocks_{last}", **block)(
+            carry, last, img_temb, txt_temb
+        )
 
         scale, shift = AdaLNModulation(self.inner_dim, 2, self.dtype, self.param_dtype, name="norm_out")(img_temb)
         img = self._dense(self.patch_size**2 * self.out_channels, "proj_out")(

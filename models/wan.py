@@ -3,8 +3,8 @@
 Reads top to bottom like the Wan paper's figure: cut the latent video [B, C, T, H, W] into
 (1, 2, 2) patches (one token each, frames x rows x columns), embed the timestep into one
 vector per row and a 6-way modulation, project the UMT5 text tokens (and, for I2V, the 257
-CLIP image tokens), run the blocks under `nn.scan` over parameters stacked on a leading layer
-axis, then the final modulated norm, projection and un-patching.
+CLIP image tokens), run the blocks under `scan_blocks` over parameters stacked on a leading
+layer axis, then the final modulated norm, projection and un-patching.
 
 A block: modulated LayerNorm -> self-attention (RMS QK-norm across heads, 3D RoPE split over
 frames, height and width) -> gated residual; LayerNorm -> cross-attention to the text (I2V:
@@ -28,13 +28,16 @@ import numpy as np
 from models.layers import (
     CrossAttentionCore,
     GELUFeedForward,
+    LayerStack,
     MLPEmbedder,
     RMSNorm,
+    ScannedBlock,
     SelfAttentionCore,
     TextImageCrossAttentionCore,
     apply_rope,
     layer_norm,
     modulate,
+    scan_blocks,
     timestep_embedding,
 )
 
@@ -140,15 +143,15 @@ class WanCrossAttention(_Attention):
         return self.dense("to_out", x.shape[-1])(attended)
 
 
-class WanBlock(nn.Module):
-    """One block; `__call__(x, ...) -> (x, None)` so `nn.scan` can run the stack."""
+class WanBlock(ScannedBlock):
+    """One block, run by `scan_blocks` over the stacked parameters of all blocks."""
 
     config: WanConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, image_context, time_projection, cos, sin):
+    def __call__(self, x, layer, context, image_context, time_projection, cos, sin):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         table = self.param("scale_shift_table", nn.initializers.normal(cfg.inner_dim**-0.5), (1, 6, cfg.inner_dim),
@@ -195,11 +198,15 @@ class WanTransformer3DModel(nn.Module):
     config: WanConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    unroll_blocks: bool = False  # for XLA's cost analysis, which counts a loop body once
 
     @classmethod
-    def from_config(cls, config: dict, dtype=jnp.float32, param_dtype=jnp.float32, unroll_blocks: bool = False):
-        return cls(WanConfig.from_dict(config), dtype=dtype, param_dtype=param_dtype, unroll_blocks=unroll_blocks)
+    def from_config(cls, config: dict, dtype=jnp.float32, param_dtype=jnp.float32):
+        return cls(WanConfig.from_dict(config), dtype=dtype, param_dtype=param_dtype)
+
+    @property
+    def layer_stacks(self) -> tuple[LayerStack, ...]:
+        """The blocks' parameters, stacked under `blocks` (layer i unrolled: `blocks_i`)."""
+        return (LayerStack("blocks", range(self.config.num_layers), "blocks"),)
 
     @nn.compact
     def __call__(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None):
@@ -228,10 +235,8 @@ class WanTransformer3DModel(nn.Module):
             image_context = encoder_hidden_states_image.astype(self.dtype)
             image_context = WanImageEmbedding(dim, name="image_embedder", **kw)(image_context)
 
-        blocks = nn.scan(WanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
-                         unroll=cfg.num_layers if self.unroll_blocks else 1)
-        x, _ = blocks(cfg, name="blocks", **kw)(x, context, image_context, time_projection, cos, sin)
+        x = scan_blocks(WanBlock, self.layer_stacks[0], x, context, image_context, time_projection, cos, sin,
+                        config=cfg, **kw)
 
         table = self.param("scale_shift_table", nn.initializers.normal(dim**-0.5), (1, 2, dim), self.param_dtype)
         shift, scale = (table.astype(jnp.float32) + temb.astype(jnp.float32)[:, None]).transpose(1, 0, 2)

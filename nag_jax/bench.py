@@ -22,6 +22,11 @@ Parts:
   (1 and 4 images, CFG and NAG on), interleaved over repetitions, median.
 - vae-memory: XLA's memory analysis of the Wan2.1 VAE (bfloat16, abstract parameters) decoding
   17, 41 and 81 frames at 480x832 and encoding 81: the working memory is the same at every length.
+- depth: compile time of the Flux and SD3 transformers against depth, blocks under scan and
+  unrolled (nag_jax/bench_depth.py).
+
+XLA's cost analysis counts a loop body once, so the FLOP counts trace the models with their
+scanned blocks unrolled (`models.layers.unrolled_layers`: the same computation).
 
 "NAG reference layout" is what the PyTorch reference computes: every negative-branch attention
 over the full concatenated keys [negative text; image] (image queries, keys and values repeated
@@ -49,14 +54,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.flux import FluxTransformer2DModel
-from models.layers import JointAttentionCore
+from models.layers import JointAttentionCore, unrolled_layers
 from models.sd3 import SD3Transformer
 from models.unet import UNet2DConditionModel
+from nag_jax.bench_depth import DEPTHS, depth_figures
 from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
 
 FAMILIES = ("unet", "flux", "sd3", "wan-1.3b", "wan-14b")
 TIMED_FAMILIES = ("unet", "flux", "sd3")  # with a diffusers timing comparison
-PARTS = ("flops", "timing", "compile", "invariant", "vae-memory")
+PARTS = ("flops", "timing", "compile", "invariant", "vae-memory", "depth")
 
 # Published configurations (diffusers config.json values of the full-size models).
 SDXL_UNET_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
@@ -325,7 +331,8 @@ def flop_counts(family: str, tiny: bool = False, progress=None) -> list[dict]:
     params = abstract_params(family, module, inputs)
     records, baseline = [], None
     for name, (extra, context, rows) in variants(family).items():
-        lowered = jax.jit(step_function(call, module, context)).lower(params, inputs(rows, rows + extra))
+        with unrolled_layers():
+            lowered = jax.jit(step_function(call, module, context)).lower(params, inputs(rows, rows + extra))
         flops = float(lowered.cost_analysis()["flops"])
         baseline = baseline or flops
         records.append(_record("flops", family, name, flops, "GFLOP", baseline, scale=1e-9, tiny=tiny))
@@ -336,7 +343,7 @@ def flop_counts(family: str, tiny: bool = False, progress=None) -> list[dict]:
 
 def _record(part, family, name, value, unit, baseline, scale=1.0, tiny=False):
     ratio = value / baseline
-    target = TARGETS.get((family, name)) if part != "compile" else None
+    target = TARGETS.get((family, name)) if part not in ("compile", "depth") else None
     return dict(part=part, family=family, config="tiny" if tiny else "real", name=name, value=value * scale,
                 unit=unit, ratio=ratio, target=None if target is None else 1 + target,
                 met=None if target is None else bool(ratio <= 1 + target))
@@ -652,7 +659,8 @@ def main(argv: list[str] | None = None) -> int:
         for p in parts for f in families)
         + ("compile" in parts and "unet" in families) * 3 * args.compile_repeats
         + ("invariant" in parts and "unet" in families) * args.repeats
-        + ("vae-memory" in parts) * 4)
+        + ("vae-memory" in parts) * 4
+        + ("depth" in parts) * sum(2 * len(DEPTHS.get(f, ())) for f in families) * args.compile_repeats)
     progress = None
     if not args.no_progress:
         from tqdm.auto import tqdm
@@ -671,6 +679,9 @@ def main(argv: list[str] | None = None) -> int:
             records += batch_invariant_figures(repeats=args.repeats, progress=progress)
         if "vae-memory" in parts:
             records += wan_vae_memory_figures(progress=progress)
+        for family in families:
+            if "depth" in parts and family in DEPTHS:
+                records += depth_figures(family, args.compile_repeats, progress=progress)
     finally:
         if progress:
             progress.close()

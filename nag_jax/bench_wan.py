@@ -27,12 +27,11 @@ REAL_SHAPE = dict(latent=(16, 21, 60, 104), text_tokens=512)  # 480x832, 81 fram
 TINY_SHAPE = dict(latent=(16, 2, 4, 4), text_tokens=8)
 
 
-def build_wan(family: str, tiny: bool, dtype=jnp.float32, unroll_blocks: bool = True):
-    """(module, inputs(rows, text_rows) -> dict of ShapeDtypeStruct, call) as bench.build gives them.
-    The blocks are unrolled by default: XLA's cost analysis counts a scan (while loop) body once."""
+def build_wan(family: str, tiny: bool, dtype=jnp.float32):
+    """(module, inputs(rows, text_rows) -> dict of ShapeDtypeStruct, call) as bench.build gives them."""
     config = WAN_CONFIGS["wan-tiny" if tiny else family]
     shape = TINY_SHAPE if tiny else REAL_SHAPE
-    module = WanTransformer3DModel.from_config(config, dtype=dtype, param_dtype=dtype, unroll_blocks=unroll_blocks)
+    module = WanTransformer3DModel.from_config(config, dtype=dtype, param_dtype=dtype)
     spec = jax.ShapeDtypeStruct
 
     def inputs(rows, text_rows):
@@ -56,7 +55,7 @@ def step_memory(family: str = "wan-14b", context=None) -> dict:
     frames, with the negative text row under `context` (NAG) when given."""
     from nag_jax.bench import step_function
 
-    module, inputs, call = build_wan(family, tiny=False, dtype=jnp.bfloat16, unroll_blocks=False)
+    module, inputs, call = build_wan(family, tiny=False, dtype=jnp.bfloat16)
     x = inputs(1, 2 if context else 1)
     params = jax.eval_shape(lambda: module.init(jax.random.key(0), **jax.tree.map(
         lambda s: jnp.zeros(s.shape, s.dtype), small_init_inputs(inputs(1, 1)))))

@@ -21,7 +21,8 @@ row j are one copy each and the model's own rule "image modulation uses the firs
 temb" gives every copy its conditioning. While that stack runs, a nested interceptor
 post-processes each `JointAttentionCore` call: the outer NAG transform sees equal batches and
 runs plain joint attention, then the nested one writes NAG(first copy, second copy) into both
-copies' image rows. The stack's result keeps the first copies. The model knows nothing of it.
+copies' image rows (the blocks run under scan: both interceptors act on its one traced body,
+so on every layer). The stack's result keeps the first copies. The model knows nothing of it.
 
 Importing this module registers the transform; `guided` imports it for nag_mode="reference".
 """

@@ -7,7 +7,10 @@ through untouched, and nothing changes outside the context. Works under `jax.jit
 
 A transform is `fn(config, module, plain, *args, **kwargs)`: `plain` is the module's own
 method, `module` the bound module (so a transform for a foreign module can call its
-submodules, and PAG can select layers by `module.path`). A transform says which guidance it
+submodules, and PAG can select layers by `layer_paths(module)`). Blocks run under scan
+(`models.layers.ScannedBlock`) trace one body for all their layers: while it is traced, the
+interceptor notes the traced layer index, so a transform inside knows which layers it stands
+for and PAG selects its layers with a traced flag. A transform says which guidance it
 implements by how it is registered: `register_nag` (negative context rows), `register_pag`
 (perturbed-attention guidance: the identity attention map on the perturbed image rows).
 """
@@ -24,27 +27,81 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.layers import CrossAttentionCore, JointAttentionCore, SelfAttentionCore, TextImageCrossAttentionCore
+from models.layers import (CrossAttentionCore, JointAttentionCore, ScannedBlock, SelfAttentionCore,
+                           TextImageCrossAttentionCore)
 from nag_jax.attention import attention, attention_partial, identity_partial, merge_heads, merge_partials
 from nag_jax.guidance import nag
 
 # (module type, method) -> (transform, the guidance it implements: "nag", "pag")
 _TRANSFORMS: dict[tuple[type, str], tuple[Callable, frozenset]] = {}
 NAG_MODES = ("shared-image", "reference")
+# (module path, block, traced layer index) of each scanned block whose body is being traced, innermost last
+_SCANNED_BODIES: list[tuple[tuple[str, ...], ScannedBlock, Any]] = []
+
+
+def track_layers(interceptor):
+    """`interceptor` wrapped to note each scanned block body's layer index while it is traced
+    (what `layer_paths` reads); every interceptor that names layers must be wrapped."""
+
+    def tracking(next_fun, args, kwargs, context):
+        module = context.module
+        if not (isinstance(module, ScannedBlock) and module.layers and context.method_name == "__call__"):
+            return interceptor(next_fun, args, kwargs, context)
+        _SCANNED_BODIES.append((module.path, module, args[1]))
+        try:
+            return interceptor(next_fun, args, kwargs, context)
+        finally:
+            _SCANNED_BODIES.pop()
+
+    return tracking
+
+
+def layer_paths(module) -> dict[str, Any]:
+    """The module path ("/"-joined, as in an unrolled model) of each layer this call of `module`
+    stands for -> its global layer index: one path and None outside scanned blocks; inside one,
+    a path per layer of the stack (`models.layers.ScannedBlock`)."""
+    path = tuple(module.path)
+    for block_path, block, _ in reversed(_SCANNED_BODIES):
+        if path[: len(block_path)] == block_path:
+            parent, rest = block_path[:-1], path[len(block_path) :]
+            return {"/".join((*parent, f"{block.layer_name}_{index}", *rest)): index for index in block.layers}
+    return {"/".join(path): None}
+
+
+def _traced_layer(module):
+    """The traced global layer index of the innermost scanned block body holding `module`."""
+    path = tuple(module.path)
+    return next(layer for block_path, _, layer in reversed(_SCANNED_BODIES) if path[: len(block_path)] == block_path)
 
 
 @dataclasses.dataclass(frozen=True)
 class PAGConfig:
     """Perturbed-attention guidance, decided before tracing: the attention cores that get the
-    identity map (module paths, names joined by "/") and how many equal row groups the image
-    batch has; the first group holds the perturbed rows (the sampler's layout)."""
+    identity map (module paths of the unrolled model, `layer_paths`) and how many equal row
+    groups the image batch has; the first group holds the perturbed rows (the sampler's layout)."""
 
     layers: frozenset = frozenset()
     row_groups: int = 1
 
-    def perturbed_rows(self, module, rows: int) -> int:
-        """How many leading image rows of this call are perturbed: one group in a PAG layer, else 0."""
-        return rows // self.row_groups if "/".join(module.path) in self.layers else 0
+    def perturbed_rows(self, module, rows: int) -> tuple[int, Any]:
+        """(how many leading image rows of this call PAG perturbs, whether it does in this layer):
+        (0, False) where no layer of the call is a PAG layer; else one row group and True, or,
+        when the call stands for several scanned layers, a traced bool of the layer index."""
+        paths = layer_paths(module)
+        chosen = [index for path, index in paths.items() if path in self.layers]
+        if not chosen:
+            return 0, False
+        if len(chosen) == len(paths):
+            return rows // self.row_groups, True
+        return rows // self.row_groups, jnp.any(_traced_layer(module) == jnp.asarray(chosen))
+
+
+def _in_pag_layer(applies, perturbed, plain):
+    """`perturbed` in a PAG layer, else `plain()` (called only when the layer is decided while
+    running: a traced flag inside scanned blocks); both are pytrees of equal shapes."""
+    if applies is True:
+        return perturbed
+    return jax.tree.map(lambda a, b: jnp.where(applies, a, b), perturbed, plain())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +172,7 @@ def guided(config: NAGConfig):
             return next_fun(*args, **kwargs)
         return transform(config, context.module, next_fun, *args, **kwargs)
 
-    with nn.intercept_methods(interceptor):
+    with nn.intercept_methods(track_layers(interceptor)):
         yield
 
 
@@ -149,20 +206,23 @@ def _text_image_cross_attention_nag(config, module, plain, q, k, v, image_k, ima
 def _self_attention_pag(config, module, plain, q, k, v, bias=None):
     """PAG's identity attention map: a perturbed row's output is its values (each token attends
     only to itself), as diffusers' PAG identity processors compute it."""
-    perturbed = config.pag.perturbed_rows(module, q.shape[0])
+    perturbed, applies = config.pag.perturbed_rows(module, q.shape[0])
     if not perturbed:
         return plain(q, k, v, bias)
-    rest = slice(perturbed, None)
-    return jnp.concatenate([merge_heads(v[:perturbed]), plain(q[rest], k[rest], v[rest], bias)], axis=0)
+    first, rest = slice(None, perturbed), slice(perturbed, None)
+    identity = _in_pag_layer(applies, merge_heads(v[first]), lambda: plain(q[first], k[first], v[first], bias))
+    return jnp.concatenate([identity, plain(q[rest], k[rest], v[rest], bias)], axis=0)
 
 
-def _image_over_image(q, k, v, perturbed: int):
-    """Image-query partials over the image keys; the first `perturbed` rows see only their own key."""
+def _image_over_image(q, k, v, perturbed: int, applies):
+    """Image-query partials over the image keys; in a PAG layer (`applies`) the first
+    `perturbed` rows see only their own key."""
     if not perturbed:
         return attention_partial(q, k, v)
-    rest = slice(perturbed, None)
-    parts = (identity_partial(q[:perturbed], k[:perturbed], v[:perturbed]),
-             attention_partial(q[rest], k[rest], v[rest]))
+    first, rest = slice(None, perturbed), slice(perturbed, None)
+    identity = _in_pag_layer(applies, identity_partial(q[first], k[first], v[first]),
+                             lambda: attention_partial(q[first], k[first], v[first]))
+    parts = (identity, attention_partial(q[rest], k[rest], v[rest]))
     return jax.tree.map(lambda *rows: jnp.concatenate(rows, axis=0), *parts)
 
 
@@ -178,7 +238,7 @@ def _joint_attention(config, module, plain, txt_q, txt_k, txt_v, img_q, img_k, i
     """
     rows = img_q.shape[0]
     extra = txt_q.shape[0] - rows
-    perturbed = config.pag.perturbed_rows(module, rows)
+    perturbed, applies = config.pag.perturbed_rows(module, rows)
     if extra == 0 and not perturbed:
         return plain(txt_q, txt_k, txt_v, img_q, img_k, img_v)
     image_of_text_row = np.concatenate([np.arange(rows), np.arange(rows - extra, rows)])
@@ -189,7 +249,7 @@ def _joint_attention(config, module, plain, txt_q, txt_k, txt_v, img_q, img_k, i
         ],
         dtype=txt_q.dtype,
     )
-    img_over_img = _image_over_image(img_q, img_k, img_v, perturbed)
+    img_over_img = _image_over_image(img_q, img_k, img_v, perturbed, applies)
     z_pos = merge_partials([img_over_img, attention_partial(img_q, txt_k[:rows], txt_v[:rows])], img_q.dtype)
     if extra == 0 or not config.enabled:  # negative text rows still flow, so the text stream keeps its shape
         return merge_heads(txt_out), merge_heads(z_pos)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nag_jax.guidance import nag_step_split
-from nag_jax.intercept import guidance_of
+from nag_jax.intercept import guidance_of, layer_paths, track_layers
 from nag_jax.sampler import Conditioning, GuidancePlan, Sampler, Scales, resolve_parallel
 
 # diffusers pipeline class (model_index.json "_class_name") -> "module:Family"
@@ -50,12 +50,14 @@ class Family:
     own call arguments), and for PAG `pag_layer_names` (regular expressions over our attention
     cores' module paths, "/"-joined, each with the diffusers module name it stands for, so
     `pag_applied_layers` means what it does in diffusers) and `pag_applied_layers` (the default;
-    none: the family has no PAG).
+    none: the family has no PAG), `stacked_params` ('/'-joined paths in `params` of blocks run
+    under scan, stacked along a leading layer axis, which model parallelism never splits).
     """
 
     options: tuple[str, ...] = ()
     pag_layer_names: tuple[tuple[str, str], ...] = ()
     pag_applied_layers: tuple[str, ...] = ()
+    stacked_params: tuple[str, ...] = ()
     option_defaults: dict = {}  # values of the family's own options when the call leaves them out (read-only)
     cfg_argument = "guidance_scale"  # Flux: its own true_cfg_scale (its guidance_scale is distilled guidance)
     video = False  # outputs are videos: `decode` gives [B, F, H, W, 3] and the output's `frames` holds them
@@ -234,23 +236,24 @@ class NAGPipeline:
 
     def __init__(self, family: Family, model_parallel: int = 1):
         self.family = family
-        self.sampler = Sampler(family.denoise, model_parallel)
+        self.sampler = Sampler(family.denoise, model_parallel, family.stacked_params)
         self._guided_layers = None  # {module path: guidance its transform implements}, found on first use
 
     def _layers_with_guidance(self, latents, timestep, conditioning) -> dict[str, frozenset]:
-        """Every module call of the denoiser that has a guidance transform: its path ("/"-joined)
-        and what the transform implements. Found once per pipeline by tracing one row's shapes."""
+        """Every module call of the denoiser that has a guidance transform: its path ("/"-joined;
+        one per layer of scanned blocks, `layer_paths`) and what the transform implements. Found
+        once per pipeline by tracing one row's shapes."""
         if self._guided_layers is None:
             seen = {}
 
             def record(next_fun, args, kwargs, context):
                 guidance = guidance_of(type(context.module), context.method_name)
                 if guidance:
-                    seen["/".join(context.module.path)] = guidance
+                    seen.update(dict.fromkeys(layer_paths(context.module), guidance))
                 return next_fun(*args, **kwargs)
 
             one_row = jax.tree.map(lambda leaf: leaf[:1], conditioning)
-            with nn.intercept_methods(record):
+            with nn.intercept_methods(track_layers(record)):
                 jax.eval_shape(lambda p, x, c: self.family.denoise(p, x, timestep, c), self.family.params, latents,
                                one_row)
             self._guided_layers = seen

@@ -259,9 +259,10 @@ class Sampler:
     The caller pads the batch to a multiple of `batch_multiple(parallel)`.
     """
 
-    def __init__(self, denoise: Callable, model_parallel: int = 1):
+    def __init__(self, denoise: Callable, model_parallel: int = 1, stacked_params=()):
         self.denoise = denoise
         self.model_parallel = model_parallel
+        self.stacked_params = stacked_params  # param subtrees with a leading layer axis: not split
         self._compiled: dict = {}
         self._placement: tuple = (None, None, None, None)
 
@@ -317,7 +318,7 @@ class Sampler:
             by_row = lambda leaf: NamedSharding(mesh, PartitionSpec("data"))  # noqa: E731
             latents, groups, image_keys = _to_global((latents, groups, image_keys), by_row)
             params = self._placed(params, ("sharded", self.model_parallel), lambda p: jax.tree.map(
-                lambda leaf, sharding: _to_global(leaf, lambda _: sharding), p, param_shardings(p, mesh)))
+                lambda leaf, sharding: _to_global(leaf, lambda _: sharding), p, param_shardings(p, mesh, stacked=self.stacked_params)))
         elif parallel == "none":
             params = self._placed(params, "none", jax.device_put)
         elif parallel == "pmap":

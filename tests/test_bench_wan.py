@@ -1,10 +1,13 @@
 """Wan FLOP counts (nag_jax/bench_wan.py) on the tiny config: ordered as they must be, and the
-unrolled blocks the count traces compute what the scanned ones do."""
+unrolled blocks the count traces (models.layers.unrolled_layers) compute what the scanned ones do."""
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.layers import unrolled_layers
 from nag_jax.bench import flop_counts
 from nag_jax.bench_wan import build_wan, small_init_inputs
 
@@ -17,12 +20,17 @@ def test_wan_flop_counts_are_ordered():
 
 
 def test_unrolled_blocks_equal_scanned_and_are_all_counted():
-    scanned, inputs, call = build_wan("wan-14b", tiny=True, unroll_blocks=False)
-    unrolled, _, _ = build_wan("wan-14b", tiny=True)
+    module, inputs, call = build_wan("wan-14b", tiny=True)
     x = jax.tree.map(lambda s: jax.random.normal(jax.random.key(1), s.shape, s.dtype), inputs(1, 1))
-    params = scanned.init(jax.random.key(0), **jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                                            small_init_inputs(inputs(1, 1))))
-    np.testing.assert_allclose(call(unrolled, params, x), call(scanned, params, x), rtol=1e-5, atol=1e-5)
-    flops = [float(jax.jit(lambda p, x, m=m: call(m, p, x)).lower(params, x).cost_analysis()["flops"])
-             for m in (scanned, unrolled)]
-    assert flops[1] > 1.5 * flops[0]  # two blocks counted, not the loop body once
+    params = module.init(jax.random.key(0), **jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                           small_init_inputs(inputs(1, 1))))
+
+    def lowered(unrolled: bool):
+        step = jax.jit(lambda p, x: call(module, p, x))
+        with unrolled_layers() if unrolled else contextlib.nullcontext():
+            return step.lower(params, x)
+
+    scanned, unrolled = lowered(False), lowered(True)
+    np.testing.assert_allclose(unrolled.compile()(params, x), scanned.compile()(params, x), rtol=1e-5, atol=1e-5)
+    flops = [float(program.cost_analysis()["flops"]) for program in (scanned, unrolled)]
+    assert flops[1] > 1.5 * flops[0]  # both blocks counted, not the loop body once

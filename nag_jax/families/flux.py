@@ -97,6 +97,7 @@ class FluxFamily(Family):
     def __init__(self, transformer, vae, clip, t5, tokenizers, params, scheduler_config, sample_size, dtype):
         self.transformer, self.vae, self.tokenizers = transformer, vae, tokenizers
         self.params = params["transformer"]
+        self.stacked_params = tuple(stack.path for stack in transformer.layer_stacks)
         self.clip_params, self.t5_params, self.vae_params = params["clip"], params["t5"], params["vae"]
         self.scheduler_config, self.dtype = scheduler_config, dtype
         self.has_guidance = transformer.guidance_embeds

@@ -60,6 +60,7 @@ class SD3Family(Family):
     def __init__(self, transformer, vae, clips, t5, tokenizers, params, scheduler_config, dtype):
         self.transformer, self.vae, self.clips, self.t5, self.tokenizers = transformer, vae, clips, t5, tokenizers
         self.params = params["transformer"]
+        self.stacked_params = tuple(stack.path for stack in transformer.layer_stacks)
         self.clip_params, self.t5_params, self.vae_params = params["clips"], params["t5"], params["vae"]
         self.scheduler_config, self.dtype = scheduler_config, dtype
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -103,6 +103,7 @@ class WanFamily(Family):
         self.image_to_video = transformer.config.image_dim is not None
         self.name = "Wan I2V" if self.image_to_video else "Wan T2V"
         self.size_multiple = VAE_SPATIAL * transformer.config.patch_size[1]
+        self.stacked_params = tuple(stack.path for stack in transformer.layer_stacks)
         self._text = jax.jit(lambda p, ids, mask: t5.apply({"params": p}, ids, mask))
         shape = (1, vae_config["z_dim"], 1, 1, 1)
         self.latents_mean, self.latents_std = (np.asarray(vae_config[k], np.float32).reshape(shape)
