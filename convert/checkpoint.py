@@ -250,3 +250,10 @@ def open_checkpoint(path, *, allow_pickle: bool = False) -> Checkpoint:
         raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors or a pickle with opt-in)")
     return Checkpoint(_dequantized_fp8(tensors, str(path)), str(path))
 
+
+def safetensors_metadata(path) -> dict[str, str]:
+    """The free-form `__metadata__` strings in the header of a safetensors file that
+    `open_checkpoint` has read (so the header is known to be sound); {} when there are none."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(header_len)).get("__metadata__") or {}

@@ -80,6 +80,19 @@ def in_range(name: str):
     return parse
 
 
+def lora_argument(text: str) -> tuple[Path, float]:
+    """An argparse type: PATH or PATH:SCALE of an existing LoRA file (scale 1 when not given)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        path, scale = (Path(path), float(scale)) if path else (Path(text), 1.0)
+    except ValueError:
+        path, scale = Path(text), 1.0  # a colon inside the path itself
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"must be PATH or PATH:SCALE of a LoRA safetensors file, got {text!r} "
+                                         f"({path} is not a file)")
+    return path, scale
+
+
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="what the image should show")
@@ -93,6 +106,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                                         "Face repo id (from its cache; downloaded unless HF_HUB_OFFLINE=1)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="parameter and activation dtype (default float32)")
+    parser.add_argument("--lora", type=lora_argument, action="append", default=[], metavar="PATH[:SCALE]",
+                        help="merge a LoRA file (diffusers/PEFT, kohya, ComfyUI, XLabs) times SCALE (default 1); "
+                             "repeat to stack several")
     nag = parser.add_argument_group("NAG (normalized attention guidance)")
     nag.add_argument("--nag-negative-prompt", metavar="TEXT",
                      help="what the image should not show; turns NAG on at the model family's default scale")
@@ -250,6 +266,11 @@ def generate(args) -> int:
     if args.image is not None and not Path(args.image).is_file():
         raise ValueError(f"--image {args.image}: no such file")
     pipe = load_pipeline(model, args.dtype)
+    for lora, scale in args.lora:
+        try:
+            pipe.load_lora_weights(lora, scale)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"--lora: {error}") from None
     if video and not pipe.family.video:
         raise ValueError(f"--model {model} makes images: --num-frames, --image and video outputs are for video models")
     if pipe.family.video and not video:
@@ -259,9 +280,10 @@ def generate(args) -> int:
         return write_videos(pipe, settings, paths, args, model)
     images = pipe(**settings, progress=not args.no_progress, check_finite=True).images
     settings.update(height=images[0].height, width=images[0].width)
+    record = dict(settings, loras=[f"{lora}:{scale}" for lora, scale in args.lora]) if args.lora else settings
     for index, (image, path) in enumerate(zip(images, paths)):
         path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path, pnginfo=png_info(settings, str(model), args.dtype, index))
+        image.save(path, pnginfo=png_info(record, str(model), args.dtype, index))
         print(path)
     return 0
 

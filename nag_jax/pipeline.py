@@ -286,7 +286,7 @@ class NAGPipeline:
         return frozenset(selected)
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, revision: str | None = None,
+    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, loras=(), revision: str | None = None,
                         variant: str | None = None, cache_dir=None, local_files_only: bool | None = None,
                         **family_options) -> "NAGPipeline":
         """Load a diffusers-format pipeline: a local folder, an embedded model's name ("sd-shapes",
@@ -295,7 +295,8 @@ class NAGPipeline:
         "float32", "bfloat16" or "float16".
 
         `model_parallel` > 1 splits the denoiser's parameters over that many devices (a model
-        bigger than one device; docs/multi-device.md); the batch is split over the rest."""
+        bigger than one device; docs/multi-device.md); the batch is split over the rest.
+        `loras`: (path, scale) pairs merged in order, as `load_lora_weights` does."""
         from nag_jax.resolve import resolve_model
 
         path = resolve_model(path, revision=revision, variant=variant, cache_dir=cache_dir,
@@ -311,7 +312,23 @@ class NAGPipeline:
             )
         module_name, family_name = FAMILIES[class_name].split(":")
         family_cls = getattr(importlib.import_module(module_name), family_name)
-        return cls(family_cls.load(path, index, dtype=dtype, **family_options), model_parallel)
+        pipeline = cls(family_cls.load(path, index, dtype=dtype, **family_options), model_parallel)
+        for lora_path, scale in loras:
+            pipeline.load_lora_weights(lora_path, scale)
+        return pipeline
+
+    def load_lora_weights(self, path, scale: float = 1.0) -> int:
+        """Merge a LoRA safetensors file (diffusers/PEFT, kohya, ComfyUI or XLabs names; docs/lora.md)
+        into the denoiser and text encoders, times `scale`; calls stack. Returns the layers patched."""
+        from nag_jax.lora import load_lora_weights
+
+        return load_lora_weights(self, path, scale)
+
+    def unload_lora_weights(self) -> None:
+        """Restore the parameters from before the first `load_lora_weights`, bit for bit."""
+        from nag_jax.lora import unload_lora_weights
+
+        unload_lora_weights(self)
 
     def __call__(
         self,
