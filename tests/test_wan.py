@@ -107,3 +107,36 @@ def test_comfyui_scaled_fp8_single_file_equals_the_folder(tmp_path):
     assert folder_flat.keys() == file_flat.keys()
     for key, value in file_flat.items():
         np.testing.assert_array_equal(value, folder_flat[key], err_msg=key)
+
+
+def test_comfyui_scaled_fp8_umt5_file_equals_the_folder(tmp_path):
+    """ComfyUI's `umt5_xxl_fp8_e4m3fn_scaled.safetensors` (transformers' names, fp8 matrices with
+    scale_weight) read with the text_encoder config gives the folder's parameters."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from convert.checkpoint import open_checkpoint
+
+    model = save_tiny_umt5(tmp_path / "built", seed=4)
+    stored = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if key == "encoder.embed_tokens.weight":  # tied to shared.weight
+                continue
+            if key.endswith(".weight") and value.ndim == 2 and "relative_attention_bias" not in key:
+                scale = value.abs().max() / 448.0
+                stored[key] = (value / scale).to(torch.float8_e4m3fn)
+                stored[key.replace(".weight", ".scale_weight")] = scale.reshape(1)
+                value.copy_(stored[key].float() * scale)
+            else:
+                stored[key] = value.clone()
+    save_file(stored, str(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"))
+    model.save_pretrained(str(tmp_path / "text_encoder"))
+    config = json.loads((tmp_path / "text_encoder" / "config.json").read_text())
+    _, folder_params = load_t5(tmp_path / "text_encoder")
+    _, file_params = load_t5(open_checkpoint(tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"), config)
+    folder_flat, file_flat = (traverse_util.flatten_dict(p, sep="/") for p in (folder_params, file_params))
+    assert folder_flat.keys() == file_flat.keys()
+    for key, value in file_flat.items():
+        np.testing.assert_array_equal(value, folder_flat[key], err_msg=key)
