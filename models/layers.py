@@ -59,6 +59,17 @@ def key_mask_bias(mask):
     return jnp.where(mask.astype(bool), 0.0, MASKED)[:, None, None, :]
 
 
+class TextImageCrossAttentionCore(nn.Module):
+    """Video queries over text keys/values plus, separately, over image keys/values, the two
+    results summed (Wan I2V's attn2: the image tokens go through add_k_proj/add_v_proj). The
+    image keys belong to the image stream: one row per query row."""
+
+    @nn.compact
+    def __call__(self, q, k, v, image_k, image_v):
+        _require_same_batch(q.shape[0], k.shape[0], "cross-attention")
+        return merge_heads(attention(q, k, v)) + merge_heads(attention(q, image_k, image_v))
+
+
 class JointAttentionCore(nn.Module):
     """MM-DiT attention: text and image tokens attend over [text; image] (Flux, SD3, Chroma).
 
@@ -229,17 +240,18 @@ class MLPEmbedder(nn.Module):
 
 
 class GELUFeedForward(nn.Module):
-    """Linear(dim -> mult*dim) -> tanh-approximated GELU -> Linear(-> dim)
+    """Linear(dim -> mult*dim, or `hidden`) -> tanh-approximated GELU -> Linear(-> dim)
     (diffusers' `FeedForward(activation_fn="gelu-approximate")`: net.0.proj and net.2)."""
 
     mult: int = 4
+    hidden: int | None = None  # inner width when it is not a multiple of dim (Wan's ffn_dim)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         dim = x.shape[-1]
-        hidden = nn.Dense(self.mult * dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj_in")(x)
+        hidden = nn.Dense(self.hidden or self.mult * dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj_in")(x)
         return nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj_out")(
             nn.gelu(hidden, approximate=True)
         )

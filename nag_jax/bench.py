@@ -67,8 +67,8 @@ from nag_jax.bench_depth import DEPTHS, depth_figures
 from nag_jax.bench_dit import DIT_FAMILIES, build_dit, small_init_inputs
 from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
 
-FAMILIES = ("unet", "flux", "sd3", "kontext", "chroma") + DIT_FAMILIES
-TIMED_FAMILIES = ("unet", "flux", "sd3")  # the others: FLOPs only
+FAMILIES = ("unet", "flux", "sd3", "kontext", "chroma") + DIT_FAMILIES + ("wan-1.3b", "wan-14b")
+TIMED_FAMILIES = ("unet", "flux", "sd3")  # with a diffusers timing comparison; the others: FLOPs only
 PARTS = ("flops", "timing", "compile", "invariant", "vae-memory", "depth", "memory", "gpu")  # "gpu" only when asked for
 
 # Published configurations (diffusers config.json values of the full-size models).
@@ -207,6 +207,8 @@ TARGETS = {  # (family, figure) -> upper bound on the relative extra cost
     ("sd3", "NAG"): 0.20,
     ("pixart", "NAG"): 0.03,
     ("sana", "NAG"): 0.03,
+    ("wan-1.3b", "NAG"): 0.02,
+    ("wan-14b", "NAG"): 0.02,
 }
 
 
@@ -215,6 +217,10 @@ TARGETS = {  # (family, figure) -> upper bound on the relative extra cost
 
 def build(family: str, tiny: bool):
     """(module, inputs(rows, text_rows) -> dict of ShapeDtypeStruct, call(module, params, inputs))."""
+    if family.startswith("wan"):
+        from nag_jax.bench_wan import build_wan
+
+        return build_wan(family, tiny)
     if family in DIT_FAMILIES:
         return build_dit(family, tiny)
     configs = {"unet": TINY_UNET_CONFIG, "flux": TINY_FLUX_CONFIG, "sd3": TINY_SD3_CONFIG, "kontext": TINY_KONTEXT_CONFIG,
@@ -277,6 +283,10 @@ def _small_init_inputs(family: str, inputs):
     x = inputs(1, 1)
     if family in DIT_FAMILIES:
         x = small_init_inputs(family, x)
+    elif family.startswith("wan"):
+        from nag_jax.bench_wan import small_init_inputs as small_wan_inputs
+
+        x = small_wan_inputs(x)
     elif family == "unet":
         x["sample"] = jax.ShapeDtypeStruct(x["sample"].shape[:2] + (8, 8), jnp.float32)
     elif family == "sd3":

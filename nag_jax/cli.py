@@ -2,6 +2,7 @@
 
     nag-jax demo                                  # a NAG / CFG / no-guidance grid on the embedded models
     nag-jax generate --prompt "a circle" --nag-negative-prompt red --output out/
+    nag-jax generate --model WAN --prompt "a cat" --num-frames 33 --output clip.mp4   # [--image first.png]
     nag-jax convert SRC DST [--dtype bfloat16]    # diffusers folder or single file -> fast-loading folder
     nag-jax bench [--efficacy | --clip-score --clip-model CLIP --prompts FILE]
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from nag_jax.resolve import EMBEDDED_MODELS, embedded_model, resolve_model
 
 IMAGE_SUFFIXES = (".png",)
+VIDEO_SUFFIXES = (".mp4", ".webp", ".gif")  # nag_jax.video.export_to_video's formats
 DEMO_PAIRS = (("a circle", "red"), ("a square on a gray background", "blue"), ("a triangle on a black background",
                                                                                  "yellow"))
 DEMO_STEPS = (1, 2, 4)
@@ -72,6 +74,13 @@ def positive_int(text: str) -> int:
     raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
 
 
+def frame_count(text: str) -> int:
+    """An argparse type: a video frame count 4k + 1 (the Wan VAE's temporal compression)."""
+    if text.isdigit() and int(text) % 4 == 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be a frame count of the form 4k + 1 (1, 5, ..., 33, ..., 81), got {text!r}")
+
+
 def in_range(name: str):
     """An argparse type: a number in the pipeline's allowed range for the call argument `name`."""
     def parse(text: str) -> float:
@@ -113,8 +122,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="pipeline folder (diffusers layout or converted), an embedded model ("
                                         f"{', '.join(EMBEDDED_MODELS)}; default {EMBEDDED_MODELS[0]}) or a Hugging "
                                         "Face repo id (from its cache; downloaded unless HF_HUB_OFFLINE=1)")
+    parser.add_argument("--image", metavar="PATH",
+                        help="an input image: the image to edit (Flux Kontext) or the first frame (image-to-video)")
     kontext = parser.add_argument_group("Flux Kontext (image editing)")
-    kontext.add_argument("--image", metavar="PATH", help="the image to edit")
     kontext.add_argument("--max-area", type=positive_int, metavar="PIXELS",
                          help="output pixels: --height x --width refitted to this area (default 1024*1024)")
     kontext.add_argument("--no-auto-resize", action="store_true",
@@ -166,27 +176,33 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                           help="make each image alone (bit-identical whatever --num-images and the device count, see "
                                "docs/reproducibility.md; slower)")
     sampling.add_argument("--no-progress", action="store_true", help="no progress bar")
+    video = parser.add_argument_group("video (Wan)")
+    video.add_argument("--num-frames", type=frame_count, metavar="F", help="frames, 4k + 1 (model default: 81)")
+    video.add_argument("--fps", type=positive_int, default=16, help="frames per second of the file (default 16)")
     batch = parser.add_argument_group("batch jobs (--prompts)")
     batch.add_argument("--batch-size", type=positive_int, metavar="B",
                        help="images per compiled sampling call (default 4 per device)")
     batch.add_argument("--overwrite", action="store_true",
                        help="remake finished images whose settings changed instead of stopping with an error")
     parser.add_argument("--output", default="nag-jax-output",
-                        help="a .png file, or a folder (created) for one PNG per image; a .png with several "
-                             "images becomes NAME-0.png, NAME-1.png, ... (default: nag-jax-output/)")
+                        help="a .png file (video models: .mp4, .webp or .gif), or a folder (created) for one file "
+                             "per image or video; with several, NAME.png becomes NAME-0.png, NAME-1.png, ... "
+                             "(default: nag-jax-output/)")
 
 
-def output_paths(output: str, count: int) -> list[Path]:
-    """The output rule: a path without an image suffix is a folder with one PNG per image; a
-    .png path takes one image, or gets numbered files for several."""
+def output_paths(output: str, count: int, video: bool = False) -> list[Path]:
+    """The output rule: a path without a file suffix is a folder with one PNG (MP4) per image
+    (video); a .png (.mp4/.webp/.gif) path takes one, or gets numbered files for several."""
     path = Path(output)
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if path.suffix.lower() in (VIDEO_SUFFIXES if video else IMAGE_SUFFIXES):
         if count == 1:
             return [path]
         return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
     if path.suffix:
-        raise ValueError(f"--output {output}: images are written as PNG; give a .png file or a folder")
-    return [path / f"image-{k}.png" for k in range(count)]
+        wanted = "videos are written as MP4, WebP or GIF; give a .mp4, .webp or .gif file" if video else (
+            "images are written as PNG; give a .png file")
+        raise ValueError(f"--output {output}: {wanted} or a folder")
+    return [path / (f"video-{k}.mp4" if video else f"image-{k}.png") for k in range(count)]
 
 
 def check_writable(output: str, paths: list[Path]) -> None:
@@ -225,6 +241,7 @@ def resolve_settings(args, defaults: dict) -> dict:
         "seed": args.seed,
         "num_images_per_prompt": args.num_images,
         "batch_invariant": args.batch_invariant,
+        **{name: value for name, value in (("num_frames", args.num_frames), ("image", args.image)) if value is not None},
     }
 
 
@@ -298,17 +315,39 @@ def generate(args) -> int:
     if args.prompts is not None:
         return generate_batch(args)
     model = model_folder(args.model)
-    paths = output_paths(args.output, args.num_images)  # checked before the slow part
+    video = args.num_frames is not None or Path(args.output).suffix.lower() in VIDEO_SUFFIXES
+    paths = output_paths(args.output, args.num_images, video)  # checked before the slow part
     check_writable(args.output, paths)
-    image = {} if args.image is None else {"image": open_image(args.image)}
+    image = {} if args.image is None else {"image": open_image(args.image)}  # read before the slow part
     pipe = load_pipeline(model, args.dtype, args.lora, args.attention_backend)
-    settings = resolve_settings(args, pipe.family.defaults)
-    images = pipe(**settings, **image, progress=not args.no_progress, check_finite=True).images
-    settings.update(height=images[0].height, width=images[0].width, **({"image": args.image} if image else {}))
+    if video and not pipe.family.video:
+        raise ValueError(f"--model {model} makes images: --num-frames and video outputs are for video models")
+    if pipe.family.video and not video:
+        paths = output_paths(args.output, args.num_images, video=True)  # a folder: one MP4 per video
+    settings = resolve_settings(args, pipe.family.defaults)  # "image" stays the path, for the records
+    if pipe.family.video:
+        return write_videos(pipe, settings, image, paths, args, model)
+    images = pipe(**{**settings, **image}, progress=not args.no_progress, check_finite=True).images
+    settings.update(height=images[0].height, width=images[0].width)
     record = dict(settings, loras=[f"{lora}:{scale}" for lora, scale in args.lora]) if args.lora else settings
     for index, (image, path) in enumerate(zip(images, paths)):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, pnginfo=png_info(record, str(model), args.dtype, index))
+        print(path)
+    return 0
+
+
+def write_videos(pipe, settings: dict, image: dict, paths: list[Path], args, model: Path) -> int:
+    """Generate with a video family (`image`: the opened --image, if any) and write each video with
+    its parameters in the file's metadata."""
+    from nag_jax.video import export_to_video
+
+    frames = pipe(**{**settings, **image}, output_type="np", progress=not args.no_progress, check_finite=True).frames
+    settings.update(num_frames=frames.shape[1], height=frames.shape[2], width=frames.shape[3])
+    for index, (video, path) in enumerate(zip(frames, paths)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_to_video(video, path, fps=args.fps,
+                        metadata=dict(settings, model=str(model), dtype=args.dtype, video_index=index))
         print(path)
     return 0
 

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.layers import CrossAttentionCore, JointAttentionCore, ScannedBlock, SelfAttentionCore, key_mask_bias
+from models.layers import (CrossAttentionCore, JointAttentionCore, ScannedBlock, SelfAttentionCore,
+                           TextImageCrossAttentionCore, key_mask_bias)
 from nag_jax.attention import attention, attention_partial, identity_partial, merge_heads, merge_partials
 from nag_jax.guidance import check_nag_norm, nag
 
@@ -195,6 +196,14 @@ def _cross_attention_nag(config, module, plain, q, k, v, bias=None):
         return z_pos
     z_neg = merge_heads(attention(q[rows - extra :], k[rows:], v[rows:], rows_of(rows, None)))
     return apply_to_last_rows(config, z_pos, z_neg)
+
+
+@register_nag(TextImageCrossAttentionCore)
+def _text_image_cross_attention_nag(config, module, plain, q, k, v, image_k, image_v):
+    """Wan I2V: NAG on the text part only; the image-token attention (positive rows, one per
+    query row) is added after the combination (nag-semantics.md section 2)."""
+    text = _cross_attention_nag(config, module, lambda *qkv: merge_heads(attention(*qkv)), q, k, v)
+    return text + merge_heads(attention(q, image_k, image_v))
 
 
 @register_pag(SelfAttentionCore)

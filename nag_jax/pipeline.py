@@ -39,6 +39,8 @@ FAMILIES = {
     "PixArtSigmaPipeline": "nag_jax.families.pixart:PixArtSigmaFamily",
     "SanaPipeline": "nag_jax.families.sana:SanaFamily",
     "SanaSprintPipeline": "nag_jax.families.sana:SanaSprintFamily",
+    "WanPipeline": "nag_jax.families.wan:WanFamily",
+    "WanImageToVideoPipeline": "nag_jax.families.wan:WanFamily",
 }
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -64,6 +66,7 @@ class Family:
     stacked_params: tuple[str, ...] = ()
     option_defaults: dict = {}  # values of the family's own options when the call leaves them out (read-only)
     cfg_argument = "guidance_scale"  # Flux: its own true_cfg_scale (its guidance_scale is distilled guidance)
+    video = False  # outputs are videos: `decode` gives [B, F, H, W, 3] and the output's `frames` holds them
     name: str
     defaults: dict
     height: int
@@ -99,6 +102,10 @@ class Family:
         """One image's latents in the diffusers pipeline's layout."""
         raise NotImplementedError
 
+    def latent_shape_of_call(self, height: int, width: int, options: dict) -> tuple[int, ...]:
+        """`latent_shape` for this call's options (video families read num_frames there)."""
+        return self.latent_shape(height, width)
+
     def denoise(self, params, model_input, timestep, conditioning: Conditioning):
         """Pure: the model's output for model_input at the scalar `timestep` (traced)."""
         raise NotImplementedError
@@ -111,6 +118,7 @@ class Family:
 @dataclasses.dataclass
 class PipelineOutput:
     images: Any  # list of PIL images, or float32 [B, H, W, 3] for "np", or latents for "latent"
+    frames: Any = None  # video families instead: lists of PIL frames, float32 [B, F, H, W, 3], or latents
 
 
 def read_json(path: Path) -> dict:
@@ -460,7 +468,7 @@ class NAGPipeline:
         # Each image's randomness depends on (seed, image index) only, never on the device layout.
         image_keys = image_keys_of(seed, image_seeds, images, rows)
         start_keys, step_keys = jax.vmap(jax.random.split, out_axes=1)(image_keys)
-        latent_shape = family.latent_shape(height, width)
+        latent_shape = family.latent_shape_of_call(height, width, options)
         if latents is None:
             start = jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(start_keys)
         else:
@@ -503,15 +511,17 @@ class NAGPipeline:
             if progress:
                 bar.close()
         final = final[:images]
+        output = (lambda value: PipelineOutput(None, value)) if family.video else PipelineOutput
         if output_type == "latent":
-            return PipelineOutput(np.asarray(final, np.float32))
+            return output(np.asarray(final, np.float32))
         pixels = np.asarray(one_at_a_time(lambda batch: family.decode(batch, height, width), final, batch_invariant))
         if check_finite and not np.isfinite(pixels).all():
             raise FloatingPointError(
                 "the generated images contain NaN or Inf (try dtype='float32', or lower nag_scale/guidance_scale)"
             )
         if output_type == "np":
-            return PipelineOutput(pixels)
+            return output(pixels)
         from PIL import Image
 
-        return PipelineOutput([Image.fromarray(np.round(np.clip(p, 0, 1) * 255).astype(np.uint8)) for p in pixels])
+        to_pil = lambda p: Image.fromarray(np.round(np.clip(p, 0, 1) * 255).astype(np.uint8))  # noqa: E731
+        return output([[to_pil(f) for f in p] if family.video else to_pil(p) for p in pixels])

@@ -28,6 +28,7 @@ SCHEDULER_CLASSES = {
     "lcm": "LCMScheduler",
     "tcd": "TCDScheduler",
     "flow_euler": "FlowMatchEulerDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
 }
 
 # The diffusers defaults of the options each scheduler reads; keys a config has beyond these are
@@ -724,13 +725,13 @@ def make_schedule(scheduler_config: dict, num_inference_steps, *, timesteps=None
     timesteps: custom descending timesteps (Euler, DPM-Solver++, LCM, flow Euler), e.g. DMD2's
       [999, 749, 499, 249] for LCM.
     mu: the shift exponent for flow matching with `use_dynamic_shifting` (see `flux_mu`).
-    sigmas: custom sigmas before shifting, flow Euler only; the Flux pipelines pass
+    sigmas: custom sigmas before shifting, flow Euler and UniPC only; the Flux pipelines pass
       `flux_sigmas(num_inference_steps)`, SD3 passes none.
     eta: TCD only (the diffusers pipelines' `eta`), in [0, 1]: 0 (the default) is deterministic,
       larger values re-noise more at each step (Hyper-SD suggests up to 1 for one step).
     """
     cls_name = scheduler_config.get("_class_name") if name is None else SCHEDULER_CLASSES.get(name, name)
-    if cls_name not in _DEFAULTS:
+    if cls_name not in _DEFAULTS and cls_name != "UniPCMultistepScheduler":
         which = "name" if name is not None else "scheduler_config['_class_name']"
         value = name if name is not None else scheduler_config.get("_class_name")
         allowed = sorted(SCHEDULER_CLASSES) + sorted(SCHEDULER_CLASSES.values())
@@ -748,6 +749,13 @@ def make_schedule(scheduler_config: dict, num_inference_steps, *, timesteps=None
     if num_inference_steps is None or int(num_inference_steps) <= 0:
         raise ValueError(f"num_inference_steps = {num_inference_steps!r} must be a positive integer")
     num_steps = int(num_inference_steps)
+    if cls_name == "UniPCMultistepScheduler":  # flow sigmas only (Wan); in its own module
+        from nag_jax.unipc import UNIPC_DEFAULTS, unipc_flow
+
+        if timesteps is not None:
+            raise ValueError(f"timesteps is not supported for {cls_name}; pass sigmas")
+        cfg = {**UNIPC_DEFAULTS, **{k: v for k, v in scheduler_config.items() if k in UNIPC_DEFAULTS}}
+        return unipc_flow(cfg, cls_name, num_steps, sigmas, mu)
     flow = cls_name == "FlowMatchEulerDiscreteScheduler"
     if sigmas is not None and not flow:
         raise ValueError(f"sigmas is only supported for FlowMatchEulerDiscreteScheduler, not {cls_name}")
