@@ -5,6 +5,12 @@ JSON table of dtype/shape/offsets), so bfloat16 works without torch and a tensor
 only when asked for: converting never holds the whole checkpoint twice. Pickle formats can
 run code when loaded and are refused unless the caller opts in; then torch's weights-only
 loader reads them.
+
+fp8 tensors (safetensors `F8_E4M3` / `F8_E5M2`, torch float8) read as ml_dtypes' float8 types
+and upcast when cast. "Scaled" fp8 files (ComfyUI's `*_fp8_e4m3fn_scaled.safetensors`) store
+`X.weight` in fp8 next to a float `X.scale_weight`: such a weight reads as float32
+`weight * scale_weight`, and the scales, the `X.scale_input` activation scales (for fp8
+matmuls, meaningless once upcast) and the `scaled_fp8` marker tensor are not listed as tensors.
 """
 
 from __future__ import annotations
@@ -38,7 +44,10 @@ _SAFETENSORS_DTYPES = {
     "I8": np.dtype(np.int8),
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
+SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's marker tensor, possibly under a prefix
 
 
 class CheckpointError(ValueError):
@@ -169,14 +178,43 @@ def _pickle_tensors(path: Path) -> dict[str, tuple]:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    # numpy has no bfloat16 / float8: reinterpret those tensors' bytes as the ml_dtypes types.
+    reinterpret = {torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+                   torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+                   torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2)}
     tensors = {}
     for key, value in state.items():
         if isinstance(value, torch.Tensor):
-            array = value.float().numpy() if value.dtype == torch.bfloat16 else value.numpy()
-            if value.dtype == torch.bfloat16:
-                array = array.astype(ml_dtypes.bfloat16)
+            if value.dtype in reinterpret:
+                storage, dtype = reinterpret[value.dtype]
+                array = value.contiguous().view(storage).numpy().view(dtype)
+            else:
+                array = value.numpy()
             tensors[key] = (lambda a=array: a, tuple(array.shape))
     return tensors
+
+
+def _dequantized_fp8(tensors: dict[str, tuple], description: str) -> dict[str, tuple]:
+    """Fold each `X.scale_weight` into `X.weight` (read as float32 weight * scale); drop the
+    scales, their `X.scale_input` partners and the `scaled_fp8` marker."""
+    out = dict(tensors)
+    for key in tensors:
+        if key == SCALED_FP8_MARKER or key.endswith("." + SCALED_FP8_MARKER):
+            del out[key]
+        if not key.endswith(".scale_weight"):
+            continue
+        stem = key[: -len("scale_weight")]
+        if stem + "weight" not in tensors:
+            raise CheckpointError(f"{description}: {key!r} has no {stem + 'weight'!r} to scale")
+        load_scale, _ = out.pop(key)
+        out.pop(stem + "scale_input", None)
+        load_weight, shape = tensors[stem + "weight"]
+
+        def load(load_weight=load_weight, load_scale=load_scale):
+            return load_weight().astype(np.float32) * load_scale().astype(np.float32)
+
+        out[stem + "weight"] = (load, shape)
+    return out
 
 
 def open_checkpoint(path, *, allow_pickle: bool = False) -> Checkpoint:
@@ -196,15 +234,26 @@ def open_checkpoint(path, *, allow_pickle: bool = False) -> Checkpoint:
         raise CheckpointError(f"{path}: no such checkpoint file")
     name = path.name
     if name.endswith(".safetensors.index.json"):
-        return Checkpoint(_sharded_tensors(path), str(path))
-    if name.endswith(".safetensors"):
-        return Checkpoint(_safetensors_tensors(path), str(path), flax_paths=name == FLAX_PARAMS_FILE)
-    if name.endswith(PICKLE_SUFFIXES):
+        tensors = _sharded_tensors(path)
+    elif name.endswith(".safetensors"):
+        if name == FLAX_PARAMS_FILE:
+            return Checkpoint(_safetensors_tensors(path), str(path), flax_paths=True)
+        tensors = _safetensors_tensors(path)
+    elif name.endswith(PICKLE_SUFFIXES):
         if not allow_pickle:
             raise CheckpointError(
                 f"{path}: pickle checkpoints ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded; "
                 "pass allow_pickle=True (CLI: --allow-pickle) to read it with torch's weights-only loader"
             )
-        return Checkpoint(_pickle_tensors(path), str(path))
-    raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors or a pickle with opt-in)")
+        tensors = _pickle_tensors(path)
+    else:
+        raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors or a pickle with opt-in)")
+    return Checkpoint(_dequantized_fp8(tensors, str(path)), str(path))
 
+
+def safetensors_metadata(path) -> dict[str, str]:
+    """The free-form `__metadata__` strings in the header of a safetensors file that
+    `open_checkpoint` has read (so the header is known to be sound); {} when there are none."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(header_len)).get("__metadata__") or {}

@@ -29,8 +29,8 @@ def _linear(w):
 
 
 def _conv(w):
-    """torch Conv2d [out, in, h, w] -> Flax Conv kernel [h, w, in, out]."""
-    return w.transpose(2, 3, 1, 0)
+    """torch ConvNd [out, in, *window] -> Flax Conv kernel [*window, in, out] (2D: [h, w, in, out])."""
+    return w.transpose(*range(2, w.ndim), 1, 0)
 
 
 def _as_is(w):
@@ -43,9 +43,10 @@ def _split_thirds(w):
 
 
 def _swap_halves(w):
-    """[shift; scale] along the output axis (BFL / Stability final adaLN) -> diffusers' [scale; shift]."""
-    first, second = np.split(w, 2, axis=0)
-    return np.concatenate([second, first], axis=0)
+    """[shift; scale] along the output axis (BFL / Stability final adaLN) -> diffusers' [scale; shift].
+    Indexing rather than concatenation, so it also rearranges traced arrays (LoRA merging)."""
+    half = w.shape[0] // 2
+    return w[np.r_[half : w.shape[0], 0:half]]
 
 
 # name -> tensor rearrangement; families add their own (e.g. fused-qkv splits) here.
@@ -53,6 +54,7 @@ LAYOUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "linear": _linear,
     "conv": _conv,
     "as_is": _as_is,
+    "flatten": np.ravel,  # per-channel vectors stored with broadcast axes, e.g. Wan's RMS gamma [C, 1, 1, 1]
     "fused_qkv_linear": lambda w: tuple(_linear(part) for part in _split_thirds(w)),
     "fused_qkv_bias": _split_thirds,
     "swap_halves_linear": lambda w: _linear(_swap_halves(w)),
@@ -140,17 +142,24 @@ def param_location(key: str, rules, stacks=()) -> tuple[str, int | None]:
     """Where checkpoint tensor `key` lands: (Flax parameter path, its index along the leading
     layer axis of a stacked parameter, or None for an unstacked one). For code that edits
     converted parameters in place (LoRA). Raises ValueError for a key no rule maps to one tensor."""
-    rule, targets = _route(rules, key)
+    rule, targets = route(rules, key)
     if rule is None or len(targets) != 1:
         raise ValueError(f"{key!r} is not a checkpoint key that maps to one parameter")
-    found = _stacked_part(targets[0], stacks)
+    return stacked_location(targets[0], stacks)
+
+
+def stacked_location(path: str, stacks=()) -> tuple[str, int | None]:
+    """An unrolled per-layer parameter `path` (as the rules name it) -> (the stacked parameter's
+    path, the layer's index along its leading axis), or (path, None) when not stacked."""
+    found = _stacked_part(path, stacks)
     if found is None:
-        return targets[0], None
+        return path, None
     stack, index, rest = found
     return f"{stack.path}/{rest}", stack.layers.index(index)
 
 
-def _route(rules, key):
+def route(rules, key):
+    """(the first rule whose pattern matches `key`, its expanded target paths), or (None, ())."""
     for rule in rules:
         match = re.fullmatch(rule.pattern, key)
         if match:
@@ -179,7 +188,7 @@ def map_checkpoint(checkpoint: Checkpoint, rules, shapes: dict, dtype="float32",
     shapes = unstack_layers(shapes, stacks, lambda shape, _: shape[1:])
     routes, unexpected = {}, []
     for key in checkpoint.keys():
-        rule, targets = _route(rules, key)
+        rule, targets = route(rules, key)
         if rule is None or not all(t in shapes for t in targets):
             unexpected.append(key)
         else:

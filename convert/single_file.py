@@ -84,7 +84,7 @@ def unet_layers_per_block(ldm_keys) -> int:
     return min(ops) - 1
 
 
-def _unet_renamer(layers_per_block: int):
+def unet_renamer(layers_per_block: int):
     per_block = layers_per_block + 1  # LDM slots per down/up block
 
     def rename(key):
@@ -210,7 +210,7 @@ def split_single_file(path_or_checkpoint, *, allow_pickle: bool = False) -> dict
     components = {}
     unet_keys = _keys_under(checkpoint, UNET_PREFIX)
     if unet_keys:
-        rename = _unet_renamer(unet_layers_per_block(unet_keys))
+        rename = unet_renamer(unet_layers_per_block(unet_keys))
         components["unet"] = _component(checkpoint, UNET_PREFIX, rename, "unet")
     vae_keys = _keys_under(checkpoint, VAE_PREFIX)
     if vae_keys:

@@ -1,15 +1,14 @@
-"""Quickstart: NAG on the embedded shapes model, then on any diffusers-format pipeline folder.
+"""Quickstart: NAG on the embedded shapes model, then on any diffusers-format pipeline.
 
-    python examples/quickstart.py [PIPELINE_FOLDER]
+    python examples/quickstart.py [PIPELINE_FOLDER | EMBEDDED_NAME | HUB_REPO_ID]
 """
 
 import sys
 
 from nag_jax import NAGPipeline
-from nag_jax.cli import embedded_model
 
-folder = sys.argv[1] if len(sys.argv) > 1 else embedded_model()
-pipe = NAGPipeline.from_pretrained(folder)  # dtype="bfloat16" for large models on an accelerator
+model = sys.argv[1] if len(sys.argv) > 1 else "sd-shapes"
+pipe = NAGPipeline.from_pretrained(model)  # dtype="bfloat16" for large models on an accelerator
 
 # The prompt leaves the colour open; NAG keeps the colour named by the negative prompt away.
 # nag_scale follows the reference convention (paper phi + 1); NAG is on when it is > 1.

@@ -88,7 +88,7 @@ from convert.checkpoint import open_checkpoint  # noqa: E402
 from convert.clip import CLIP_RULES, load_clip  # noqa: E402
 from convert.flux import DIFFUSERS_RULES as FLUX_RULES  # noqa: E402
 from convert.flux import load_flux_transformer  # noqa: E402
-from convert.mapping import _route, unstack_layers  # noqa: E402
+from convert.mapping import route, unstack_layers  # noqa: E402
 from convert.t5 import T5_RULES, load_t5  # noqa: E402
 from convert.unet import UNET_RULES, load_unet  # noqa: E402
 from convert.vae import VAE_RULES, load_vae  # noqa: E402
@@ -289,12 +289,12 @@ def export_params(reference_file: Path, rules, params) -> dict[str, np.ndarray]:
     flat = unstack_layers(traverse_util.flatten_dict(jax.device_get(params), sep="/"), layer_stacks(reference_file))
     tensors = {}
     for key in reference.keys():
-        rule, targets = _route(rules, key)
+        rule, targets = route(rules, key)
         if rule is None or len(targets) != 1 or targets[0] not in flat:
             raise KeyError(f"{reference_file}: no parameter for {key}")
         array = INVERSE_LAYOUTS[rule.layout](np.asarray(flat[targets[0]], np.float32))
         tensors[key] = np.ascontiguousarray(array.reshape(reference.shape(key)))
-    used = {t for key in tensors for t in _route(rules, key)[1]}
+    used = {t for key in tensors for t in route(rules, key)[1]}
     if used != set(flat):
         raise KeyError(f"{reference_file}: parameters not exported: {sorted(set(flat) - used)}")
     return tensors

@@ -1,4 +1,4 @@
-"""CLIP text encoder (transformers' CLIPTextModel / CLIPTextModelWithProjection).
+"""CLIP text and vision towers (transformers' CLIPTextModel[WithProjection], CLIPVisionModel[WithProjection]).
 
 Token + position embeddings, pre-LayerNorm transformer layers with a causal mask, a final
 LayerNorm, the pooled state at the end-of-text token and, optionally, a bias-free text
@@ -6,6 +6,10 @@ projection of it. Every layer's output is returned (un-normalized), so pipelines
 they need: SDXL reads the penultimate layer `hidden_states[-2]`, SD1.5 with `clip_skip=k`
 reads `hidden_states[-(k + 1)]` and applies `final_layer_norm` itself (`CLIPTextEncoder.
 final_norm`). Unused layers cost nothing under jit: XLA drops them.
+
+The vision tower shares the encoder layer: a patch-embedding convolution, a class token and
+learned positions, a LayerNorm before the layers (`pre_layrnorm`, transformers' spelling), a
+LayerNorm on the class token after them, and optionally the bias-free visual projection.
 """
 
 from __future__ import annotations
@@ -47,16 +51,45 @@ class CLIPTextConfig:
 
         `projection` defaults to whether the architecture is ...WithProjection.
         """
-        config = config.get("text_config", config)
-        if projection is None:
-            projection = any("WithProjection" in name for name in config.get("architectures") or ())
-        if config.get("hidden_act", "quick_gelu") not in ACTIVATIONS:
-            raise ValueError(
-                f"CLIP config: hidden_act={config['hidden_act']!r} is not supported; use one of {', '.join(ACTIVATIONS)}"
-            )
-        names = {f.name for f in dataclasses.fields(cls)} - {"projection_dim"}
-        values = {k: v for k, v in config.items() if k in names}
-        return cls(**values, projection_dim=config.get("projection_dim", 512) if projection else None)
+        return cls(**_tower_values(cls, config, "text_config", projection))
+
+
+def _tower_values(cls, config: dict, sub_config: str, projection: bool | None) -> dict:
+    """The fields of `cls` from a tower's config.json, or from a full CLIPConfig's `sub_config`
+    (whose projection_dim lives at the top level)."""
+    tower = config.get(sub_config, config)
+    if projection is None:
+        projection = any("WithProjection" in name for name in tower.get("architectures") or ())
+    if tower.get("hidden_act", "quick_gelu") not in ACTIVATIONS:
+        raise ValueError(
+            f"CLIP config: hidden_act={tower['hidden_act']!r} is not supported; use one of {', '.join(ACTIVATIONS)}"
+        )
+    names = {f.name for f in dataclasses.fields(cls)} - {"projection_dim"}
+    values = {k: v for k, v in tower.items() if k in names}
+    projection_dim = config.get("projection_dim", tower.get("projection_dim", 512))
+    return {**values, "projection_dim": projection_dim if projection else None}
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None  # set: CLIPVisionModelWithProjection (visual_projection)
+
+    @classmethod
+    def from_dict(cls, config: dict, projection: bool | None = None) -> "CLIPVisionConfig":
+        """From transformers' config.json (a CLIPVisionConfig, or a CLIPConfig's `vision_config`).
+
+        `projection` defaults to whether the architecture is ...WithProjection.
+        """
+        return cls(**_tower_values(cls, config, "vision_config", projection))
 
 
 @flax.struct.dataclass
@@ -67,13 +100,23 @@ class CLIPTextOutput:
     text_embeds: jax.Array | None = None  # [B, projection_dim], text_projection(pooled), with projection only
 
 
+@flax.struct.dataclass
+class CLIPVisionOutput:
+    last_hidden_state: jax.Array  # [B, 1 + patches, D], the last layer's output (no final norm)
+    pooled: jax.Array  # [B, D], post_layernorm of the class token
+    hidden_states: tuple  # num_hidden_layers + 1 arrays: pre_layrnorm(embeddings), then each layer's output
+    image_embeds: jax.Array | None = None  # [B, projection_dim], visual_projection(pooled), with projection only
+
+
 class CLIPEncoderLayer(nn.Module):
-    config: CLIPTextConfig
+    """Pre-LayerNorm self-attention + MLP layer of both towers (the text tower passes a causal bias)."""
+
+    config: CLIPTextConfig | CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, causal_bias):
+    def __call__(self, x, bias=None):
         cfg = self.config
         dense = lambda features, name: nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
         norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa: E731
@@ -83,7 +126,7 @@ class CLIPEncoderLayer(nn.Module):
 
         h = norm("layer_norm1")(x)
         q, k, v = (split(dense(cfg.hidden_size, f"self_attn.{n}")(h)) for n in ("q_proj", "k_proj", "v_proj"))
-        attended = SelfAttentionCore(name="self_attn.core")(q, k, v, causal_bias)
+        attended = SelfAttentionCore(name="self_attn.core")(q, k, v, bias)
         x = x + dense(cfg.hidden_size, "self_attn.out_proj")(attended)
 
         h = norm("layer_norm2")(x)
@@ -147,3 +190,50 @@ class CLIPTextEncoder(nn.Module):
         pooled = jnp.take_along_axis(last, eos_position[:, None, None], axis=1)[:, 0]
         text_embeds = self.text_projection(pooled) if cfg.projection_dim is not None else None
         return CLIPTextOutput(last, pooled, tuple(hidden_states), text_embeds)
+
+
+class CLIPVisionModel(nn.Module):
+    """pixel_values [B, C, H, W] (NCHW, normalised as CLIP's image processor does) -> CLIPVisionOutput.
+
+    Wan I2V reads the penultimate layer `hidden_states[-2]`; CLIP score reads `image_embeds`.
+    """
+
+    config: CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @classmethod
+    def from_config(cls, config: dict, dtype=jnp.float32, param_dtype=jnp.float32, projection: bool | None = None):
+        return cls(CLIPVisionConfig.from_dict(config, projection), dtype=dtype, param_dtype=param_dtype)
+
+    @nn.compact
+    def __call__(self, pixel_values) -> CLIPVisionOutput:
+        cfg = self.config
+        size, patch = cfg.image_size, cfg.patch_size
+        if pixel_values.shape[1:] != (cfg.num_channels, size, size):
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; this CLIP vision tower takes "
+                f"[B, {cfg.num_channels}, {size}, {size}]"
+            )
+        norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa: E731
+                                         use_fast_variance=False, name=name)
+        x = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.dtype)
+        patches = nn.Conv(cfg.hidden_size, (patch, patch), strides=(patch, patch), padding="VALID", use_bias=False,
+                          dtype=self.dtype, param_dtype=self.param_dtype, name="embeddings.patch_embedding")(x)
+        patches = patches.reshape(patches.shape[0], -1, cfg.hidden_size)  # row-major grid, as torch's flatten(2)
+        class_token = self.param("embeddings.class_embedding", nn.initializers.normal(1.0), (cfg.hidden_size,),
+                                 self.param_dtype).astype(self.dtype)
+        x = jnp.concatenate([jnp.broadcast_to(class_token, (x.shape[0], 1, cfg.hidden_size)), patches], axis=1)
+        positions = nn.Embed(x.shape[1], cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="embeddings.position_embedding")(jnp.arange(x.shape[1]))
+        x = norm("pre_layrnorm")(x + positions[None])
+        hidden_states = [x]
+        for i in range(cfg.num_hidden_layers):
+            x = CLIPEncoderLayer(cfg, self.dtype, self.param_dtype, name=f"encoder.layers.{i}")(x)
+            hidden_states.append(x)
+        pooled = norm("post_layernorm")(x[:, 0])
+        image_embeds = None
+        if cfg.projection_dim is not None:
+            image_embeds = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                                    name="visual_projection")(pooled)
+        return CLIPVisionOutput(x, pooled, tuple(hidden_states), image_embeds)

@@ -19,10 +19,11 @@ _LAZY = {
     "register_nag": "nag_jax.intercept",
     "register_pag": "nag_jax.intercept",
     "NAGPipeline": "nag_jax.pipeline",
+    "export_to_video": "nag_jax.video",
 }
 
-__all__ = ["NAGConfig", "NAGPipeline", "PAGConfig", "cfg", "guided", "nag", "nag_step_split", "nasa", "register_nag",
-           "register_pag"]
+__all__ = ["NAGConfig", "NAGPipeline", "PAGConfig", "cfg", "export_to_video", "guided", "nag", "nag_step_split", "nasa",
+           "register_nag", "register_pag"]
 
 
 def __getattr__(name):

@@ -20,6 +20,8 @@ Parts:
   call of a fresh pipeline, interleaved over repetitions, median.
 - invariant: seconds per compiled call of that pipeline with `batch_invariant` off and on
   (1 and 4 images, CFG and NAG on), interleaved over repetitions, median.
+- vae-memory: XLA's memory analysis of the Wan2.1 VAE (bfloat16, abstract parameters) decoding
+  17, 41 and 81 frames at 480x832 and encoding 81: the working memory is the same at every length.
 - depth: compile time of the Flux and SD3 transformers against depth, blocks under scan and
   unrolled (nag_jax/bench_depth.py).
 
@@ -59,7 +61,7 @@ from nag_jax.bench_depth import DEPTHS, depth_figures
 from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
 
 FAMILIES = ("unet", "flux", "sd3")
-PARTS = ("flops", "timing", "compile", "invariant", "depth")
+PARTS = ("flops", "timing", "compile", "invariant", "vae-memory", "depth")
 
 # Published configurations (diffusers config.json values of the full-size models).
 SDXL_UNET_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
@@ -554,6 +556,38 @@ def batch_invariant_figures(pipeline=None, image_counts=(1, 4), steps: int = 4, 
                     medians[n, invariant], "s", medians[n, False], tiny=True) for n, invariant in variants]
 
 
+# -- part 5: Wan VAE memory ------------------------------------------------------------------
+
+
+def wan_vae_memory_figures(frame_counts=(17, 41, 81), height: int = 480, width: int = 832,
+                           progress=None) -> list[dict]:
+    """XLA's memory analysis of the compiled Wan2.1 VAE (published config, bfloat16 parameters
+    from jax.eval_shape, float32 latents as the sampler holds them): temporary (working) memory
+    of decoding each frame count, and of encoding the longest. Ratios are against the first."""
+    from models.wan_vae import AutoencoderKLWan, WanVAEConfig, decode_video, encode_video
+
+    module = AutoencoderKLWan(WanVAEConfig(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    params = jax.eval_shape(module.init, jax.random.key(0), module.init_input())["params"]
+    z_dim, spatial, temporal = module.config.z_dim, module.config.spatial_factor, module.config.temporal_factor
+
+    def temp_bytes(function, shape):
+        compiled = jax.jit(function).lower(params, jax.ShapeDtypeStruct(shape, jnp.float32)).compile()
+        if progress:
+            progress.update(1)
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    size = f"{height}x{width}"
+    decode = {frames: temp_bytes(lambda p, z: decode_video(module, p, z),
+                                 (1, z_dim, 1 + (frames - 1) // temporal, height // spatial, width // spatial))
+              for frames in frame_counts}
+    baseline = decode[frame_counts[0]]
+    records = [_record("vae-memory", "wan", f"decode {frames} frames {size} temp", value, "GB", baseline, 1e-9)
+               for frames, value in decode.items()]
+    longest = frame_counts[-1]
+    encode = temp_bytes(lambda p, x: encode_video(module, p, x), (1, 3, longest, height, width))
+    return records + [_record("vae-memory", "wan", f"encode {longest} frames {size} temp", encode, "GB", encode, 1e-9)]
+
+
 # -- the command line ----------------------------------------------------------------------
 
 
@@ -613,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         len(variants(f)) if p == "flops" else args.repeats if p == "timing" else 0 for p in parts for f in families)
         + ("compile" in parts and "unet" in families) * 3 * args.compile_repeats
         + ("invariant" in parts and "unet" in families) * args.repeats
+        + ("vae-memory" in parts) * 4
         + ("depth" in parts) * sum(2 * len(DEPTHS.get(f, ())) for f in families) * args.compile_repeats)
     progress = None
     if not args.no_progress:
@@ -630,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
             records += compile_figures(repeats=args.compile_repeats, progress=progress)
         if "invariant" in parts and "unet" in families:
             records += batch_invariant_figures(repeats=args.repeats, progress=progress)
+        if "vae-memory" in parts:
+            records += wan_vae_memory_figures(progress=progress)
         for family in families:
             if "depth" in parts and family in DEPTHS:
                 records += depth_figures(family, args.compile_repeats, progress=progress)

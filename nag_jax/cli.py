@@ -3,7 +3,7 @@
     nag-jax demo                                  # a NAG / CFG / no-guidance grid on the embedded models
     nag-jax generate --prompt "a circle" --nag-negative-prompt red --output out/
     nag-jax convert SRC DST [--dtype bfloat16]    # diffusers folder or single file -> fast-loading folder
-    nag-jax bench [--efficacy]
+    nag-jax bench [--efficacy | --clip-score --clip-model CLIP --prompts FILE]
 
 Errors the user can fix (a bad value, a missing file, a checkpoint that does not fit) are
 printed as one line `nag-jax: error: ...` with exit status 2, without a traceback. Values that
@@ -13,35 +13,25 @@ need no model (ranges, counts, the output path) are checked before the model is 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
+
+from nag_jax.resolve import EMBEDDED_MODELS, embedded_model, resolve_model
 
 IMAGE_SUFFIXES = (".png",)
 DEMO_PAIRS = (("a circle", "red"), ("a square on a gray background", "blue"), ("a triangle on a black background",
                                                                                  "yellow"))
 DEMO_STEPS = (1, 2, 4)
-EMBEDDED_MODELS = ("sd-shapes", "flux-shapes")  # folders under nag_jax/embedded/, trained by examples/train_tiny.py
-
-
-def embedded_model(name: str = "sd-shapes") -> Path:
-    """The folder of an embedded default model shipped inside the package."""
-    folder = Path(__file__).parent / "embedded" / name
-    if not (folder / "model_index.json").exists():
-        raise FileNotFoundError(f"the embedded model {name} is missing from {folder.parent}; pass --model PATH, "
-                                "or rebuild it with examples/train_tiny.py")
-    return folder
 
 
 def model_folder(model: str | None) -> Path:
-    """--model: a pipeline folder, or the name of an embedded model (an existing folder of that
-    name wins, as a local folder does over a Hub id in diffusers); None: the embedded sd-shapes."""
-    if model is None:
-        return embedded_model()
-    if model in EMBEDDED_MODELS and not Path(model).exists():
-        return embedded_model(model)
-    return Path(model)
+    """--model: a pipeline folder, an embedded model's name or a Hugging Face repo id (None: the
+    embedded sd-shapes), errors naming --model."""
+    try:
+        return resolve_model(model)
+    except OSError as error:
+        raise ValueError(f"--model: {error}") from None
 
 
 # ----------------------------------------------------------------------------- generate
@@ -81,12 +71,35 @@ def in_range(name: str):
     return parse
 
 
+def lora_argument(text: str) -> tuple[Path, float]:
+    """An argparse type: PATH or PATH:SCALE of an existing LoRA file (scale 1 when not given)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        path, scale = (Path(path), float(scale)) if path else (Path(text), 1.0)
+    except ValueError:
+        path, scale = Path(text), 1.0  # a colon inside the path itself
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"must be PATH or PATH:SCALE of a LoRA safetensors file, got {text!r} "
+                                         f"({path} is not a file)")
+    return path, scale
+
+
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", required=True, help="what the image should show")
-    parser.add_argument("--model", help="pipeline folder (diffusers layout or converted), or an embedded model: "
-                                        f"{', '.join(EMBEDDED_MODELS)} (default {EMBEDDED_MODELS[0]})")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="what the image should show")
+    source.add_argument("--prompts", metavar="FILE",
+                        help="a batch job into the --output folder: a .txt file (one prompt per line; line i gets seed "
+                             "--seed + i) or a .jsonl file (per line \"prompt\" and optionally negative_prompt, "
+                             "nag_negative_prompt, seed, num_images and the NAG/CFG/PAG settings by their Python "
+                             "names); resumable: rerun the same command after a crash (docs/batch-jobs.md)")
+    parser.add_argument("--model", help="pipeline folder (diffusers layout or converted), an embedded model ("
+                                        f"{', '.join(EMBEDDED_MODELS)}; default {EMBEDDED_MODELS[0]}) or a Hugging "
+                                        "Face repo id (from its cache; downloaded unless HF_HUB_OFFLINE=1)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="parameter and activation dtype (default float32)")
+    parser.add_argument("--lora", type=lora_argument, action="append", default=[], metavar="PATH[:SCALE]",
+                        help="merge a LoRA file (diffusers/PEFT, kohya, ComfyUI, XLabs) times SCALE (default 1); "
+                             "repeat to stack several")
     nag = parser.add_argument_group("NAG (normalized attention guidance)")
     nag.add_argument("--nag-negative-prompt", metavar="TEXT",
                      help="what the image should not show; turns NAG on at the model family's default scale")
@@ -124,6 +137,11 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                           help="make each image alone (bit-identical whatever --num-images and the device count, see "
                                "docs/reproducibility.md; slower)")
     sampling.add_argument("--no-progress", action="store_true", help="no progress bar")
+    batch = parser.add_argument_group("batch jobs (--prompts)")
+    batch.add_argument("--batch-size", type=positive_int, metavar="B",
+                       help="images per compiled sampling call (default 4 per device)")
+    batch.add_argument("--overwrite", action="store_true",
+                       help="remake finished images whose settings changed instead of stopping with an error")
     parser.add_argument("--output", default="nag-jax-output",
                         help="a .png file, or a folder (created) for one PNG per image; a .png with several "
                              "images becomes NAME-0.png, NAME-1.png, ... (default: nag-jax-output/)")
@@ -180,14 +198,9 @@ def resolve_settings(args, defaults: dict) -> dict:
 
 def png_info(settings: dict, model: str, dtype: str, index: int):
     """PNG text chunks: every generation parameter, and one JSON chunk that reproduces the image."""
-    from PIL.PngImagePlugin import PngInfo
+    from nag_jax.batch import png_info as record_png_info
 
-    record = dict(settings, model=model, dtype=dtype, image_index=index)
-    info = PngInfo()
-    for key, value in record.items():
-        info.add_text(key, "" if value is None else str(value))
-    info.add_text("nag-jax", json.dumps(record))
-    return info
+    return record_png_info(dict(settings, model=model, dtype=dtype, image_index=index))
 
 
 def load_pipeline(model: Path, dtype: str = "float32"):
@@ -201,17 +214,50 @@ def load_pipeline(model: Path, dtype: str = "float32"):
         raise ValueError(f"--model: {error}") from None
 
 
+# JSONL keys of a batch job line -> the generate options they replace
+LINE_OPTIONS = {"num_images": "num_images", "num_inference_steps": "steps"}
+
+
+def generate_batch(args) -> int:
+    """--prompts: each line's settings are the command's with the line's own keys replacing them."""
+    from nag_jax.batch import read_prompts_file, run_batch_job
+
+    lines = read_prompts_file(args.prompts)
+    model = model_folder(args.model)
+    if Path(args.output).suffix:
+        raise ValueError(f"--output {args.output}: a batch job writes into a folder; give a folder name")
+    check_writable(args.output, [Path(args.output) / "manifest.jsonl"])
+    pipe = load_pipeline(model, args.dtype)
+    calls = []
+    for index, line in enumerate(lines):
+        options = {LINE_OPTIONS.get(key, key): value for key, value in line.items()}
+        options.setdefault("seed", args.seed + index)
+        calls.append(resolve_settings(argparse.Namespace(**{**vars(args), **options}), pipe.family.defaults))
+    result = run_batch_job(pipe, calls, args.output, args.batch_size, args.overwrite, progress=not args.no_progress,
+                           job={"model": str(model), "dtype": args.dtype})
+    print(f"{result.summary}; manifest: {Path(args.output) / 'manifest.jsonl'}")
+    return 0
+
+
 def generate(args) -> int:
+    if args.prompts is not None:
+        return generate_batch(args)
     model = model_folder(args.model)
     paths = output_paths(args.output, args.num_images)  # checked before the slow part
     check_writable(args.output, paths)
     pipe = load_pipeline(model, args.dtype)
+    for lora, scale in args.lora:
+        try:
+            pipe.load_lora_weights(lora, scale)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"--lora: {error}") from None
     settings = resolve_settings(args, pipe.family.defaults)
     images = pipe(**settings, progress=not args.no_progress, check_finite=True).images
     settings.update(height=images[0].height, width=images[0].width)
+    record = dict(settings, loras=[f"{lora}:{scale}" for lora, scale in args.lora]) if args.lora else settings
     for index, (image, path) in enumerate(zip(images, paths)):
         path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path, pnginfo=png_info(settings, str(model), args.dtype, index))
+        image.save(path, pnginfo=png_info(record, str(model), args.dtype, index))
         print(path)
     return 0
 
@@ -294,6 +340,10 @@ def convert(args) -> int:
 
 
 def bench(args, rest: list[str]) -> int:
+    if args.clip_score:
+        from nag_jax.clip_score import main as clip_score_main
+
+        return clip_score_main(rest)
     if args.efficacy:
         from nag_jax.efficacy import main as efficacy_main
 
@@ -343,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Benchmarks; the remaining options go to the chosen benchmark.")
     ben.add_argument("--efficacy", action="store_true",
                      help="measure how often the negative colour appears without guidance, with NAG and with CFG")
+    ben.add_argument("--clip-score", action="store_true",
+                     help="the paper's Table 1 CLIP column: mean CLIP score of baseline and NAG images "
+                          "(--clip-model, --prompts, --negative; see nag-jax bench --clip-score --help)")
     return parser
 
 

@@ -255,9 +255,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from nag_jax.pipeline import NAGPipeline
 
-    from nag_jax.cli import model_folder
-
-    pipe = NAGPipeline.from_pretrained(model_folder(args.model))
+    pipe = NAGPipeline.from_pretrained(args.model or "sd-shapes")
     accuracy = prompt_accuracy(pipe, seeds=args.accuracy_seeds, steps=args.steps) if args.accuracy_seeds else []
     rows = run_efficacy(pipe, seeds=args.seeds, steps=args.steps, negatives=args.negatives, batch=args.batch,
                         nag_scales=args.nag_scales, cfg_scale=args.cfg_scale)

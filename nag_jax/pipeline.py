@@ -204,6 +204,25 @@ def with_scheduler(scheduler_config: dict, scheduler: str | None) -> dict:
     return dict(scheduler_config, _class_name=class_name)
 
 
+def image_keys_of(seed: int, image_seeds, images: int, rows: int):
+    """One PRNG key per row: fold_in(key(seed), i) for row i, or from `image_seeds` (one (seed,
+    index) pair per image); padding rows repeat the last image's key."""
+    if image_seeds is None:
+        return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(rows))
+    pairs = list(image_seeds)
+    if len(pairs) != images or not all(isinstance(s, int) and isinstance(i, int) for s, i in pairs):
+        raise ValueError(f"image_seeds must hold {images} (seed, index) pairs of integers, one per image, "
+                         f"got {image_seeds!r}")
+    pairs += pairs[-1:] * (rows - images)
+    order, keys = [], []
+    for base in dict.fromkeys(s for s, _ in pairs):  # one vectorised fold per distinct seed
+        where = [r for r, (s, _) in enumerate(pairs) if s == base]
+        indices = jnp.array([pairs[r][1] for r in where])
+        keys.append(jax.vmap(lambda i, base=base: jax.random.fold_in(jax.random.key(base), i))(indices))
+        order += where
+    return jnp.concatenate(keys)[np.argsort(order)]
+
+
 class NAGPipeline:
     """Text-to-image sampling with NAG (and CFG) for any supported family."""
 
@@ -259,12 +278,21 @@ class NAGPipeline:
         return frozenset(selected)
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, **family_options) -> "NAGPipeline":
-        """Load a diffusers-format folder; `dtype` is "float32", "bfloat16" or "float16".
+    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, loras=(), revision: str | None = None,
+                        variant: str | None = None, cache_dir=None, local_files_only: bool | None = None,
+                        **family_options) -> "NAGPipeline":
+        """Load a diffusers-format pipeline: a local folder, an embedded model's name ("sd-shapes",
+        "flux-shapes") or a Hugging Face repo id at `revision`, from the Hugging Face cache or
+        downloaded (`variant`, `cache_dir`, `local_files_only`: nag_jax/resolve.py). `dtype` is
+        "float32", "bfloat16" or "float16".
 
         `model_parallel` > 1 splits the denoiser's parameters over that many devices (a model
-        bigger than one device; docs/multi-device.md); the batch is split over the rest."""
-        path = Path(path)
+        bigger than one device; docs/multi-device.md); the batch is split over the rest.
+        `loras`: (path, scale) pairs merged in order, as `load_lora_weights` does."""
+        from nag_jax.resolve import resolve_model
+
+        path = resolve_model(path, revision=revision, variant=variant, cache_dir=cache_dir,
+                             local_files_only=local_files_only)
         index_path = path / "model_index.json"
         if not index_path.exists():
             raise FileNotFoundError(f"{path}: no model_index.json; expected a diffusers-format pipeline folder")
@@ -276,7 +304,23 @@ class NAGPipeline:
             )
         module_name, family_name = FAMILIES[class_name].split(":")
         family_cls = getattr(importlib.import_module(module_name), family_name)
-        return cls(family_cls.load(path, index, dtype=dtype, **family_options), model_parallel)
+        pipeline = cls(family_cls.load(path, index, dtype=dtype, **family_options), model_parallel)
+        for lora_path, scale in loras:
+            pipeline.load_lora_weights(lora_path, scale)
+        return pipeline
+
+    def load_lora_weights(self, path, scale: float = 1.0) -> int:
+        """Merge a LoRA safetensors file (diffusers/PEFT, kohya, ComfyUI or XLabs names; docs/lora.md)
+        into the denoiser and text encoders, times `scale`; calls stack. Returns the layers patched."""
+        from nag_jax.lora import load_lora_weights
+
+        return load_lora_weights(self, path, scale)
+
+    def unload_lora_weights(self) -> None:
+        """Restore the parameters from before the first `load_lora_weights`, bit for bit."""
+        from nag_jax.lora import unload_lora_weights
+
+        unload_lora_weights(self)
 
     def __call__(
         self,
@@ -303,6 +347,7 @@ class NAGPipeline:
         pag_adaptive_scale: float = 0.0,
         pag_applied_layers=None,
         batch_invariant: bool = False,
+        image_seeds=None,
         **options,
     ) -> PipelineOutput:
         """Generate images. NAG is on when nag_scale > 1 (reference convention: paper phi + 1).
@@ -318,7 +363,9 @@ class NAGPipeline:
         and pag_adaptive_scale > 0 lowers the scale by that much per unit of (1000 - t).
         `batch_invariant` encodes, denoises and decodes one image at a time, so each image is
         bit-identical whatever the rest of the batch and the device count (slower;
-        docs/reproducibility.md). Family options: see the family (e.g. nag_mode and
+        docs/reproducibility.md). `image_seeds`, one (seed, index) pair per image, replaces
+        (seed, image index): images of different calls batched together (nag_jax.batch) each
+        draw the noise of their own call. Family options: see the family (e.g. nag_mode and
         true_cfg_scale for Flux, max_sequence_length).
         """
         family = self.family
@@ -391,7 +438,7 @@ class NAGPipeline:
 
         schedule = family.make_schedule(steps, height, width, options)
         # Each image's randomness depends on (seed, image index) only, never on the device layout.
-        image_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(rows))
+        image_keys = image_keys_of(seed, image_seeds, images, rows)
         start_keys, step_keys = jax.vmap(jax.random.split, out_axes=1)(image_keys)
         latent_shape = family.latent_shape(height, width)
         if latents is None:

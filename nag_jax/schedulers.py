@@ -26,6 +26,7 @@ SCHEDULER_CLASSES = {
     "ddim": "DDIMScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
     "flow_euler": "FlowMatchEulerDiscreteScheduler",
 }
 
@@ -91,6 +92,14 @@ _DEFAULTS = {
         "clip_sample_range": 1.0,
         "set_alpha_to_one": True,
         "timestep_scaling": 10.0,
+    },
+    "TCDScheduler": {
+        **_DISCRETE_DEFAULTS,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "original_inference_steps": 50,
+        "set_alpha_to_one": True,
     },
     "FlowMatchEulerDiscreteScheduler": {
         "num_train_timesteps": 1000,
@@ -259,6 +268,25 @@ class LCMSchedule(DiscreteSchedule):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class TCDSchedule(DiscreteSchedule):
+    """Trajectory consistency distillation (Hyper-SD's sampler): jump to the earlier timestep
+    s = floor((1 - eta) * next timestep) along the predicted trajectory, then re-noise from s to the
+    next timestep with fresh noise (not on the last step). Every term is linear in the sample and
+    the model output, so a step is prev = sample_coef * x + output_coef * m + noise_coef * noise."""
+
+    sample_coef: np.ndarray
+    output_coef: np.ndarray
+    noise_coef: np.ndarray
+
+    def step(self, state, step, model_output, sample, noise):
+        x, m = _float32(sample, model_output)
+        prev = _at(self.sample_coef, step) * x + _at(self.output_coef, step) * m
+        if self.needs_noise:
+            prev = prev + _at(self.noise_coef, step) * noise.astype(jnp.float32)
+        return prev.astype(sample.dtype), state
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class FlowEulerSchedule(Schedule):
     """Flow matching Euler: x <- x + (sigma_next - sigma) * velocity."""
 
@@ -341,6 +369,15 @@ def _x0_coefs(prediction_type, alpha, sigma, cls_name, allowed=("epsilon", "v_pr
     if prediction_type == "v_prediction":
         return alpha, -sigma
     return np.zeros_like(alpha), np.ones_like(alpha)
+
+
+def _eps_coefs(prediction_type, alpha_bar):
+    """(c, d) with predicted noise = c * sample + d * output (prediction_type checked by _x0_coefs)."""
+    return {
+        "epsilon": (np.zeros_like(alpha_bar), np.ones_like(alpha_bar)),
+        "sample": (1 / (1 - alpha_bar) ** 0.5, -(alpha_bar**0.5) / (1 - alpha_bar) ** 0.5),
+        "v_prediction": ((1 - alpha_bar) ** 0.5, alpha_bar**0.5),
+    }[prediction_type]
 
 
 def _f32(x) -> np.ndarray:
@@ -428,11 +465,7 @@ def _ddim(cfg, cls_name, num_steps, timesteps):
     a = alphas_cumprod[ts]
     a_prev = np.where(prev_ts >= 0, alphas_cumprod[np.maximum(prev_ts, 0)], final)
     x0_a, x0_b = _x0_coefs(cfg["prediction_type"], a**0.5, (1 - a) ** 0.5, cls_name)
-    eps_a, eps_b = {
-        "epsilon": (np.zeros_like(a), np.ones_like(a)),
-        "sample": (1 / (1 - a) ** 0.5, -(a**0.5) / (1 - a) ** 0.5),
-        "v_prediction": ((1 - a) ** 0.5, a**0.5),
-    }[cfg["prediction_type"]]
+    eps_a, eps_b = _eps_coefs(cfg["prediction_type"], a)
     return DDIMSchedule(
         **_discrete_fields(ts, x0_a, x0_b),
         eps_from_sample=_f32(eps_a),
@@ -527,7 +560,9 @@ def _dpmpp_2m(cfg, cls_name, num_steps, timesteps):
     )
 
 
-def _lcm(cfg, cls_name, num_steps, timesteps):
+def _distilled_timesteps(cfg, cls_name, num_steps, timesteps) -> np.ndarray:
+    """LCM's and TCD's int64 timesteps: custom ones checked, or evenly spaced indices into every
+    k-th training timestep of the distillation schedule (original_inference_steps of them)."""
     for key in ("thresholding", "rescale_betas_zero_snr"):
         _check(cfg, cls_name, key, [False])
     n_train = cfg["num_train_timesteps"]
@@ -547,6 +582,11 @@ def _lcm(cfg, cls_name, num_steps, timesteps):
         k = n_train // original_steps
         origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
         ts = origin[np.floor(np.linspace(0, original_steps, num_steps, endpoint=False)).astype(np.int64)]
+    return ts
+
+
+def _lcm(cfg, cls_name, num_steps, timesteps):
+    ts = _distilled_timesteps(cfg, cls_name, num_steps, timesteps)
     alphas_cumprod = _alphas_cumprod(cfg, cls_name).astype(np.float64)
     final = 1.0 if cfg["set_alpha_to_one"] else alphas_cumprod[0]
     a = alphas_cumprod[ts]
@@ -564,6 +604,27 @@ def _lcm(cfg, cls_name, num_steps, timesteps):
         denoised_coef=_f32(denoised_coef),
         noise_coef=_f32(noise_coef),
         clip_range=float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None,
+    )
+
+
+def _tcd(cfg, cls_name, num_steps, timesteps, eta):
+    eta = 0.0 if eta is None else eta  # diffusers' pipelines pass eta=0.0 unless asked
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta = {eta!r} must be in [0, 1] for {cls_name}")
+    ts = _distilled_timesteps(cfg, cls_name, num_steps, timesteps)
+    alphas_cumprod = _alphas_cumprod(cfg, cls_name).astype(np.float64)
+    prev_ts = np.concatenate([ts[1:], [0]])  # the last step aims at timestep 0
+    s_ts = np.floor((1 - eta) * prev_ts).astype(np.int64)
+    a, a_prev, a_s = alphas_cumprod[ts], alphas_cumprod[prev_ts], alphas_cumprod[s_ts]
+    x0_a, x0_b = _x0_coefs(cfg["prediction_type"], a**0.5, (1 - a) ** 0.5, cls_name)
+    eps_a, eps_b = _eps_coefs(cfg["prediction_type"], a)
+    renoise = (np.arange(len(ts)) < len(ts) - 1) & (eta > 0)
+    jump = np.where(renoise, (a_prev / a_s) ** 0.5, 1.0)  # the noised prediction at s, carried to prev
+    return TCDSchedule(
+        **_discrete_fields(ts, x0_a, x0_b, needs_noise=bool(renoise.any())),
+        sample_coef=_f32(jump * (a_s**0.5 * x0_a + (1 - a_s) ** 0.5 * eps_a)),
+        output_coef=_f32(jump * (a_s**0.5 * x0_b + (1 - a_s) ** 0.5 * eps_b)),
+        noise_coef=_f32(np.where(renoise, np.sqrt(np.maximum(1 - a_prev / a_s, 0)), 0.0)),
     )
 
 
@@ -627,7 +688,8 @@ def _flow_euler(cfg, cls_name, num_steps, timesteps, sigmas, mu):
     )
 
 
-def make_schedule(scheduler_config: dict, num_inference_steps, *, timesteps=None, mu=None, name=None, sigmas=None):
+def make_schedule(scheduler_config: dict, num_inference_steps, *, timesteps=None, mu=None, name=None, sigmas=None,
+                  eta=None):
     """Build the `Schedule` diffusers' scheduler would follow after `set_timesteps`.
 
     scheduler_config: the dict of a diffusers `scheduler_config.json`; its `_class_name` picks
@@ -639,6 +701,8 @@ def make_schedule(scheduler_config: dict, num_inference_steps, *, timesteps=None
     mu: the shift exponent for flow matching with `use_dynamic_shifting` (see `flux_mu`).
     sigmas: custom sigmas before shifting, flow Euler only; the Flux pipelines pass
       `flux_sigmas(num_inference_steps)`, SD3 passes none.
+    eta: TCD only (the diffusers pipelines' `eta`), in [0, 1]: 0 (the default) is deterministic,
+      larger values re-noise more at each step (Hyper-SD suggests up to 1 for one step).
     """
     cls_name = scheduler_config.get("_class_name") if name is None else SCHEDULER_CLASSES.get(name, name)
     if cls_name not in _DEFAULTS:
@@ -664,6 +728,8 @@ def make_schedule(scheduler_config: dict, num_inference_steps, *, timesteps=None
         raise ValueError(f"sigmas is only supported for FlowMatchEulerDiscreteScheduler, not {cls_name}")
     if mu is not None and not flow:
         raise ValueError(f"mu is only supported for FlowMatchEulerDiscreteScheduler, not {cls_name}")
+    if eta is not None and cls_name != "TCDScheduler":
+        raise ValueError(f"eta is only supported for TCDScheduler, not {cls_name}")
     defaults = _DEFAULTS[cls_name]
     cfg = {**defaults, **{k: v for k, v in scheduler_config.items() if k in defaults}}
 
@@ -677,4 +743,6 @@ def make_schedule(scheduler_config: dict, num_inference_steps, *, timesteps=None
         return _dpmpp_2m(cfg, cls_name, num_steps, timesteps)
     if cls_name == "LCMScheduler":
         return _lcm(cfg, cls_name, num_steps, timesteps)
+    if cls_name == "TCDScheduler":
+        return _tcd(cfg, cls_name, num_steps, timesteps, eta)
     return _flow_euler(cfg, cls_name, num_steps, timesteps, sigmas, mu)

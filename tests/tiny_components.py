@@ -98,16 +98,22 @@ def save_tiny_clip(folder, projection: bool = False, seed: int = 0, hidden_size:
                             hidden_act=hidden_act, bos_token_id=vocab_size - 2, eos_token_id=eos_token_id,
                             pad_token_id=1)
     model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+    _save_clip_tower(model, folder, "text_model.", published_naming, sharded, dtype)
+    return model
+
+
+def _save_clip_tower(model, folder, prefix: str, published_naming: bool, sharded: bool = False, dtype=None):
+    """config.json + weights of a CLIP tower; the tower's keys with `prefix` (published) or bare
+    (transformers 5), its projection's key bare either way."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]
     model.config.to_json_file(str(folder / "config.json"))
     state = {}
     for key, tensor in _state_dict(model, dtype).items():
-        bare = key.removeprefix("text_model.")
-        state[bare if key.startswith("text_projection") or not published_naming else "text_model." + bare] = tensor
+        bare = key.removeprefix(prefix)
+        state[bare if key.endswith("projection.weight") or not published_naming else prefix + bare] = tensor
     _save_weights(state, folder, "model", sharded)
-    return model
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -137,6 +143,55 @@ def save_tiny_clip_tokenizer(folder, pad_token: str = "<|endoftext|>", model_max
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "do_lower_case": True,
               "errors": "replace", "add_prefix_space": False, **specials}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                   patch_size=8)
+
+
+def save_tiny_clip_vision(folder, projection: bool = True, seed: int = 0, published_naming: bool = True,
+                          projection_dim: int = 24, hidden_act: str = "quick_gelu"):
+    """CLIPVisionModel (or ...WithProjection) in `folder`: config.json + model.safetensors, keys with the
+    `vision_model.` prefix as published (Wan's image_encoder, IP-Adapter encoders) or, without
+    `published_naming`, transformers 5's bare CLIPVisionModel keys. Returns the float32 PyTorch module."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(**TINY_VISION, projection_dim=projection_dim, hidden_act=hidden_act)
+    model = (CLIPVisionModelWithProjection if projection else CLIPVisionModel)(config).eval()
+    _save_clip_tower(model, folder, "vision_model.", published_naming)
+    return model
+
+
+def save_tiny_clip_model(folder, seed: int = 0, projection_dim: int = 24):
+    """A full CLIPModel (both towers, as openai/clip-vit-large-patch14 is published) in `folder`:
+    config.json, model.safetensors, the tiny CLIP tokenizer and a preprocessor_config.json with
+    CLIP's mean/std for the tiny image size. Returns the float32 PyTorch CLIPModel."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=CLIP_VOCAB_SIZE - 2, eos_token_id=2,
+                pad_token_id=1)
+    vision = dict(TINY_VISION, num_hidden_layers=2)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)).eval()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = ["CLIPModel"]
+    model.config.to_json_file(str(folder / "config.json"))
+    _save_weights(_state_dict(model), folder, "model", sharded=False)
+    save_tiny_clip_tokenizer(folder)
+    save_clip_preprocessor_config(folder, vision["image_size"])
+    return model
+
+
+def save_clip_preprocessor_config(folder, size: int, shortest_edge: int | None = None):
+    """preprocessor_config.json as published CLIP repositories write it (OpenAI's mean/std), for `size` pixels."""
+    config = {"crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_convert_rgb": True,
+              "do_normalize": True, "do_rescale": True, "do_resize": True, "image_processor_type": "CLIPImageProcessor",
+              "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+              "resample": 3, "rescale_factor": 1 / 255, "size": {"shortest_edge": shortest_edge or size}}
+    Path(folder, "preprocessor_config.json").write_text(json.dumps(config, indent=2))
 
 
 # ----------------------------------------------------------------------------- T5

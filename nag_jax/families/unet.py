@@ -35,7 +35,7 @@ SDXL_DEFAULTS = {"guidance_scale": 5.0, "num_inference_steps": 50, "nag_scale": 
 class StableDiffusionFamily(Family):
     """SD1.5 / SD2.x (one CLIP encoder) and SDXL (two) UNet pipelines."""
 
-    options = ("clip_skip", "timesteps")
+    options = ("clip_skip", "timesteps", "eta")  # eta: TCDScheduler's (diffusers' pipelines pass it on)
     # PAG perturbs the self-attention (attn1) of the transformer blocks; diffusers' PAG default "mid".
     pag_layer_names = (
         (r"(down|up)_blocks_(\d+)_attentions_(\d+)/transformer_blocks_(\d+)/attn1/core",
@@ -121,7 +121,8 @@ class StableDiffusionFamily(Family):
 
     # -- sampling -------------------------------------------------------------------------
     def make_schedule(self, num_inference_steps, height, width, options):
-        return make_schedule(self.scheduler_config, num_inference_steps, timesteps=options.get("timesteps"))
+        return make_schedule(self.scheduler_config, num_inference_steps, timesteps=options.get("timesteps"),
+                             eta=options.get("eta"))
 
     def latent_shape(self, height, width):
         return (self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
