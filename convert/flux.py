@@ -185,14 +185,11 @@ def flux_param_location(name: str, model: FluxTransformer2DModel) -> tuple[str, 
     return param_location(name, DIFFUSERS_RULES, model.layer_stacks)
 
 
-def load_flux_transformer(path, dtype="float32", config: dict | None = None):
-    """(module, params) from a diffusers repository, its `transformer/` folder, or a BFL single file.
-
-    A folder must hold `config.json` (or `transformer/config.json`); `config` entries override it.
-    A BFL single file is configured from its shapes (`infer_bfl_config`), completed or
-    overridden by `config`; a single file in diffusers' naming needs `config`. The module
-    computes and keeps its parameters in `dtype`.
-    """
+def open_transformer(path, config: dict | None, infer_single_file, model_name: str):
+    """(checkpoint, config) of a diffusers repository, its `transformer/` folder (config.json,
+    `config` entries overriding) or a single file in Black Forest Labs' naming (config read off
+    its shapes by `infer_single_file`, completed or overridden by `config`; `model_name` says
+    whose head size fixes the rotary axes). The config is None for a single file in another naming."""
     path = Path(path)
     if path.is_dir() and (path / "transformer").is_dir():
         path = path / "transformer"
@@ -201,17 +198,31 @@ def load_flux_transformer(path, dtype="float32", config: dict | None = None):
         config_path = path / "config.json"
         if not config_path.exists():
             raise ValueError(f"{path}: a diffusers transformer folder needs config.json")
-        full_config = {**json.loads(config_path.read_text()), **(config or {})}
-    elif is_bfl_checkpoint(checkpoint):
-        full_config = {**infer_bfl_config(strip_bfl_prefix(checkpoint)), **(config or {})}
-        if "axes_dims_rope" not in full_config:
-            raise ValueError(
-                f"{path}: heads of size {full_config['attention_head_dim']} are not FLUX.1's; pass "
-                "config={'axes_dims_rope': [...]} (rotary dimensions per position axis, summing to the head size)"
-            )
-    elif config is None:
-        raise ValueError(f"{path}: a single file in diffusers' naming needs config= (its transformer/config.json as a dict)")
-    else:
+        return checkpoint, {**json.loads(config_path.read_text()), **(config or {})}
+    if not is_bfl_checkpoint(checkpoint):
+        return checkpoint, None
+    full_config = {**infer_single_file(strip_bfl_prefix(checkpoint)), **(config or {})}
+    if "axes_dims_rope" not in full_config:
+        raise ValueError(
+            f"{path}: heads of size {full_config['attention_head_dim']} are not {model_name}'s; pass "
+            "config={'axes_dims_rope': [...]} (rotary dimensions per position axis, summing to the head size)"
+        )
+    return checkpoint, full_config
+
+
+def load_flux_transformer(path, dtype="float32", config: dict | None = None):
+    """(module, params) from a diffusers repository, its `transformer/` folder, or a BFL single file.
+
+    A folder must hold `config.json` (or `transformer/config.json`); `config` entries override it.
+    A BFL single file is configured from its shapes (`infer_bfl_config`), completed or
+    overridden by `config`; a single file in diffusers' naming needs `config`. The module
+    computes and keeps its parameters in `dtype`.
+    """
+    checkpoint, full_config = open_transformer(path, config, infer_bfl_config, "FLUX.1")
+    if full_config is None:
+        if config is None:
+            raise ValueError(f"{path}: a single file in diffusers' naming needs config= (its transformer/config.json "
+                             "as a dict)")
         full_config = config
     jnp_dtype = parse_dtype(dtype)
     model = FluxTransformer2DModel.from_config(full_config, dtype=jnp_dtype, param_dtype=jnp_dtype)

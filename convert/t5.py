@@ -1,4 +1,4 @@
-"""T5 encoder checkpoints (transformers' T5EncoderModel) -> Flax params.
+"""T5 and UMT5 encoder checkpoints (transformers' T5EncoderModel, UMT5EncoderModel) -> Flax params.
 
 Keys: `shared.weight`, `encoder.block.N.layer.M...`, `encoder.final_layer_norm.weight`.
 Some files also hold `encoder.embed_tokens.weight`, tied to `shared.weight` (it is dropped),
@@ -19,7 +19,8 @@ _BLOCK = r"(encoder\.block\.\d+)\."
 
 T5_RULES = [
     Rule(r"shared\.weight", "shared/embedding"),
-    Rule(r"(encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias)\.weight", r"\1/embedding"),
+    # T5: block 0 only; UMT5: every block
+    Rule(_BLOCK + r"(layer\.0\.SelfAttention\.relative_attention_bias)\.weight", r"\1.\2/embedding"),
     Rule(_BLOCK + r"(layer\.0\.SelfAttention\.[qkvo]|layer\.1\.DenseReluDense\.(?:wi_0|wi_1|wi|wo))\.weight",
          r"\1/\2/kernel", "linear"),
     Rule(_BLOCK + r"(layer\.[01]\.layer_norm)\.weight", r"\1/\2/weight"),

@@ -84,18 +84,24 @@ class _FluxBlock(ScannedBlock):
 class FluxDoubleBlock(_FluxBlock):
     """Double-stream block: own modulation, projections and MLP per stream, joint attention."""
 
+    def modulations(self, temb, layer, image_rows):
+        """(image, text) adaLN vectors (shift, scale, gate, shift_mlp, scale_mlp, gate_mlp) of this
+        layer, from each stream's own Dense of temb (Chroma's blocks read them from a table instead)."""
+        dim, kw = self.heads * self.head_dim, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return (AdaLNModulation(dim, 6, name="norm1", **kw)(temb[:image_rows]),
+                AdaLNModulation(dim, 6, name="norm1_context", **kw)(temb))
+
     @nn.compact
-    def __call__(self, carry, layer, temb, txt_rope, img_rope):
+    def __call__(self, carry, layer, temb, txt_rope, img_rope, txt_mask=None):
         txt, img = carry
         dim = self.heads * self.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        img_mod = AdaLNModulation(dim, 6, name="norm1", **kw)(temb[: img.shape[0]])
-        txt_mod = AdaLNModulation(dim, 6, name="norm1_context", **kw)(temb)
+        img_mod, txt_mod = self.modulations(temb, layer, img.shape[0])
         attention_inputs = []
         for x, (shift, scale, *_), rope, name in ((txt, txt_mod, txt_rope, "attn_context"), (img, img_mod, img_rope, "attn")):
             projection = QKVProjection(self.heads, self.head_dim, name=name, **kw)
             attention_inputs += _rotated_qkv(projection, modulate(layer_norm(x), shift, scale), rope)
-        txt_attn, img_attn = JointAttentionCore(name="core")(*attention_inputs)
+        txt_attn, img_attn = JointAttentionCore(name="core")(*attention_inputs, txt_mask=txt_mask)
         img = _gated_attention_and_mlp(img, img_attn, img_mod, nn.Dense(dim, name="to_out", **kw), GELUFeedForward(name="ff", **kw))
         txt = _gated_attention_and_mlp(
             txt, txt_attn, txt_mod, nn.Dense(dim, name="to_add_out", **kw), GELUFeedForward(name="ff_context", **kw)
@@ -118,23 +124,29 @@ class FluxSingleBlock(_FluxBlock):
     """Single-stream block: attention and MLP in parallel from one modulated input, with weights
     shared by both streams (applied to text and image separately)."""
 
+    def modulations(self, temb, layer, image_rows):
+        """(text, image) adaLN vectors (shift, scale, gate) of this layer: one Dense of temb shared
+        by both streams (Chroma's blocks read them from a table instead)."""
+        modulation = AdaLNModulation(self.heads * self.head_dim, 3, name="norm", dtype=self.dtype,
+                                     param_dtype=self.param_dtype)
+        return modulation(temb), modulation(temb[:image_rows])
+
     @nn.compact
-    def __call__(self, carry, layer, temb, txt_rope, img_rope):
+    def __call__(self, carry, layer, temb, txt_rope, img_rope, txt_mask=None):
         txt, img = carry
         dim = self.heads * self.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        modulation = AdaLNModulation(dim, 3, name="norm", **kw)
+        txt_mod, img_mod = self.modulations(temb, layer, img.shape[0])
         qkv = QKVProjection(self.heads, self.head_dim, name="attn", **kw)
         proj_mlp = nn.Dense(MLP_RATIO * dim, name="proj_mlp", **kw)
         proj_out = nn.Dense(dim, name="proj_out", **kw)
 
         streams = []
-        for x, emb, rope in ((txt, temb, txt_rope), (img, temb[: img.shape[0]], img_rope)):
-            shift, scale, gate = modulation(emb)
+        for x, (shift, scale, gate), rope in ((txt, txt_mod, txt_rope), (img, img_mod, img_rope)):
             normed = modulate(layer_norm(x), shift, scale)
             streams.append((x, gate, _rotated_qkv(qkv, normed, rope), nn.gelu(proj_mlp(normed), approximate=True)))
         (txt, txt_gate, txt_qkv, txt_mlp), (img, img_gate, img_qkv, img_mlp) = streams
-        txt_attn, img_attn = JointAttentionCore(name="core")(*txt_qkv, *img_qkv)
+        txt_attn, img_attn = JointAttentionCore(name="core")(*txt_qkv, *img_qkv, txt_mask=txt_mask)
         txt = txt + txt_gate[:, None, :] * proj_out(jnp.concatenate([txt_attn, txt_mlp], axis=-1))
         img = img + img_gate[:, None, :] * proj_out(jnp.concatenate([img_attn, img_mlp], axis=-1))
         return (_clip_float16(txt), _clip_float16(img)), None
@@ -150,12 +162,13 @@ class FluxSingleStreamBlocks(nn.Module):
     head_dim: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    block: type = FluxSingleBlock  # Chroma's subclass (models/chroma.py) reads its modulation from a table
 
     @nn.compact
-    def __call__(self, txt, img, temb, txt_rope, img_rope):
+    def __call__(self, txt, img, temb, txt_rope, img_rope, txt_mask=None):
         block = dict(heads=self.heads, head_dim=self.head_dim, dtype=self.dtype, param_dtype=self.param_dtype)
-        return scan_blocks(FluxSingleBlock, single_blocks_stack(self.num_layers), (txt, img), temb, txt_rope, img_rope,
-                           **block)
+        return scan_blocks(self.block, single_blocks_stack(self.num_layers), (txt, img), temb, txt_rope, img_rope,
+                           txt_mask, **block)
 
 
 class FluxTimeTextEmbedding(nn.Module):

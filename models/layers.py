@@ -33,33 +33,58 @@ def _require_same_batch(image_rows: int, context_rows: int, what: str) -> None:
 
 
 class SelfAttentionCore(nn.Module):
-    """Attention of a stream over itself (UNet attn1, text encoders)."""
+    """Attention of a stream over itself (UNet attn1, text encoders; Gemma-2 with its own scale
+    and logit soft-capping)."""
 
     @nn.compact
-    def __call__(self, q, k, v, bias=None):
-        return merge_heads(attention(q, k, v, bias))
+    def __call__(self, q, k, v, bias=None, scale=None, softcap=None):
+        return merge_heads(attention(q, k, v, bias, scale, softcap))
 
 
 class CrossAttentionCore(nn.Module):
-    """Image queries over context keys/values (UNet attn2, PixArt, SANA, Wan)."""
+    """Image queries over context keys/values (UNet attn2, PixArt, SANA, Wan). `bias`: None or
+    one additive row per context row, [B, 1, 1, Nk] (the text mask of PixArt and SANA)."""
 
     @nn.compact
-    def __call__(self, q, k, v):
+    def __call__(self, q, k, v, bias=None):
         _require_same_batch(q.shape[0], k.shape[0], "cross-attention")
-        return merge_heads(attention(q, k, v))
+        return merge_heads(attention(q, k, v, bias))
+
+
+MASKED = -1e9  # score bias of a masked key: finite, so a fully masked block still merges to weight 0
+
+
+def key_mask_bias(mask):
+    """A key mask [B, Nk] (true or 1: attend) -> score bias [B, 1, 1, Nk] for `attention`."""
+    return jnp.where(mask.astype(bool), 0.0, MASKED)[:, None, None, :]
+
+
+class TextImageCrossAttentionCore(nn.Module):
+    """Video queries over text keys/values plus, separately, over image keys/values, the two
+    results summed (Wan I2V's attn2: the image tokens go through add_k_proj/add_v_proj). The
+    image keys belong to the image stream: one row per query row."""
+
+    @nn.compact
+    def __call__(self, q, k, v, image_k, image_v):
+        _require_same_batch(q.shape[0], k.shape[0], "cross-attention")
+        return merge_heads(attention(q, k, v)) + merge_heads(attention(q, image_k, image_v))
 
 
 class JointAttentionCore(nn.Module):
-    """MM-DiT attention: text and image tokens attend over [text; image] (Flux, SD3).
+    """MM-DiT attention: text and image tokens attend over [text; image] (Flux, SD3, Chroma).
 
-    Returns (text_out, image_out), each with heads merged.
+    `txt_mask` [B, T] (Chroma's text padding mask) hides masked text tokens as keys from every
+    query; image tokens are never masked. Returns (text_out, image_out), each with heads merged.
     """
 
     @nn.compact
-    def __call__(self, txt_q, txt_k, txt_v, img_q, img_k, img_v):
+    def __call__(self, txt_q, txt_k, txt_v, img_q, img_k, img_v, txt_mask=None):
         _require_same_batch(img_q.shape[0], txt_q.shape[0], "joint attention")
         joined = [jnp.concatenate([t, i], axis=1) for t, i in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v))]
-        out = merge_heads(attention(*joined))
+        bias = None
+        if txt_mask is not None:
+            bias = key_mask_bias(jnp.concatenate([txt_mask, jnp.ones(img_k.shape[:2], txt_mask.dtype)], axis=1))
+        out = merge_heads(attention(*joined, bias))
         text_tokens = txt_q.shape[1]
         return out[:, :text_tokens], out[:, text_tokens:]
 
@@ -148,6 +173,12 @@ def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = False, freq_
     return emb
 
 
+def rms_normalized(x, eps: float):
+    """x / sqrt(mean(x^2) + eps) over the last axis, in float32."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * scale over the last axis, computed in float32 (QK-norm of Flux and SD3.5)."""
 
@@ -157,8 +188,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        normed = rms_normalized(x, self.eps)
         if self.use_scale:
             normed = normed * self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         return normed.astype(x.dtype)
@@ -210,17 +240,18 @@ class MLPEmbedder(nn.Module):
 
 
 class GELUFeedForward(nn.Module):
-    """Linear(dim -> mult*dim) -> tanh-approximated GELU -> Linear(-> dim)
+    """Linear(dim -> mult*dim, or `hidden`) -> tanh-approximated GELU -> Linear(-> dim)
     (diffusers' `FeedForward(activation_fn="gelu-approximate")`: net.0.proj and net.2)."""
 
     mult: int = 4
+    hidden: int | None = None  # inner width when it is not a multiple of dim (Wan's ffn_dim)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         dim = x.shape[-1]
-        hidden = nn.Dense(self.mult * dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj_in")(x)
+        hidden = nn.Dense(self.hidden or self.mult * dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj_in")(x)
         return nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj_out")(
             nn.gelu(hidden, approximate=True)
         )

@@ -1,9 +1,11 @@
-"""T5 (v1.1) encoder, as transformers' T5EncoderModel (the text encoder of Flux and SD3).
+"""T5 (v1.1) encoder, as transformers' T5EncoderModel (the text encoder of Flux and SD3), and
+UMT5 (transformers' UMT5EncoderModel, Wan's text encoder) as an option of the same module.
 
 Differences from a textbook transformer, all from T5 itself: RMS LayerNorm without mean or
 bias, no 1/sqrt(d) attention scaling (it is folded into the initialization), no biases in
 any projection, and one learned relative-position bias (bucketed, bidirectional) computed by
 block 0 and added to the scores of every block. The FFN is gated (v1.1): act(wi_0 x) * wi_1 x.
+UMT5 differs only there: every block owns its relative-position table (`bias_per_layer`).
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
     activation: str = "gelu_new"
     gated: bool = True
+    bias_per_layer: bool = False  # UMT5: each block has its own relative_attention_bias
+
 
     @classmethod
     def from_dict(cls, config: dict) -> "T5Config":
         """From transformers' config.json. `feed_forward_proj` is "gated-gelu" (v1.1, gelu_new)
-        or a plain activation name (original T5: "relu")."""
+        or a plain activation name (original T5: "relu"); model_type "umt5" is UMT5."""
         projection = config.get("feed_forward_proj", "gated-gelu")
         gated = projection.startswith("gated-")
         activation = projection.removeprefix("gated-")
@@ -57,9 +61,9 @@ class T5Config:
                 f"T5 config: feed_forward_proj={projection!r} uses activation {activation!r}; "
                 f"supported: {', '.join(ACTIVATIONS)}"
             )
-        names = {f.name for f in dataclasses.fields(cls)} - {"activation", "gated"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"activation", "gated", "bias_per_layer"}
         values = {k: v for k, v in config.items() if k in names}
-        return cls(**values, activation=activation, gated=gated)
+        return cls(**values, activation=activation, gated=gated, bias_per_layer=config.get("model_type") == "umt5")
 
 
 def relative_position_buckets(query_len: int, key_len: int, num_buckets: int, max_distance: int):
@@ -149,12 +153,15 @@ class T5Encoder(nn.Module):
         tokens = input_ids.shape[1]
         buckets = relative_position_buckets(tokens, tokens, cfg.relative_attention_num_buckets,
                                             cfg.relative_attention_max_distance)
-        # Block 0 owns the table; every block adds the same bias.
-        table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads, param_dtype=self.param_dtype,
-                         name="encoder.block.0.layer.0.SelfAttention.relative_attention_bias")
-        position_bias = jnp.transpose(table(buckets).astype(jnp.float32), (2, 0, 1))[None]  # [1, H, N, N]
-        if attention_mask is not None:
-            position_bias = position_bias + jnp.where(attention_mask[:, None, None, :] > 0, 0.0, MASKED)
+        mask_bias = 0.0 if attention_mask is None else jnp.where(attention_mask[:, None, None, :] > 0, 0.0, MASKED)
+
+        def position_bias(block: int):
+            table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads, param_dtype=self.param_dtype,
+                             name=f"encoder.block.{block}.layer.0.SelfAttention.relative_attention_bias")
+            return jnp.transpose(table(buckets).astype(jnp.float32), (2, 0, 1))[None] + mask_bias  # [1|B, H, N, N]
+
+        shared_bias = None if cfg.bias_per_layer else position_bias(0)  # T5: block 0's table serves every block
         for i in range(cfg.num_layers):
-            x = T5Block(cfg, self.dtype, self.param_dtype, name=f"encoder.block.{i}")(x, position_bias)
+            bias = position_bias(i) if cfg.bias_per_layer else shared_bias
+            x = T5Block(cfg, self.dtype, self.param_dtype, name=f"encoder.block.{i}")(x, bias)
         return T5LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name="encoder.final_layer_norm")(x)

@@ -20,6 +20,11 @@ Parts:
   call of a fresh pipeline, interleaved over repetitions, median.
 - invariant: seconds per compiled call of that pipeline with `batch_invariant` off and on
   (1 and 4 images, CFG and NAG on), interleaved over repetitions, median.
+- memory: temporary memory of one attention call and of a Flux-dev step with NAG from XLA's
+  memory analysis, before and after blockwise attention (nag_jax/bench_memory.py).
+- gpu (only with `--only gpu`): per-step latency at the published configurations on the
+  accelerator, per attention backend, beside the paper's Table 4 (nag_jax/bench_gpu.py);
+  `--tiny` runs it on the small configurations on any device.
 - vae-memory: XLA's memory analysis of the Wan2.1 VAE (bfloat16, abstract parameters) decoding
   17, 41 and 81 frames at 480x832 and encoding 81: the working memory is the same at every length.
 - depth: compile time of the Flux and SD3 transformers against depth, blocks under scan and
@@ -53,15 +58,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.chroma import ChromaTransformer2DModel
 from models.flux import FluxTransformer2DModel
 from models.layers import JointAttentionCore, unrolled_layers
 from models.sd3 import SD3Transformer
 from models.unet import UNet2DConditionModel
 from nag_jax.bench_depth import DEPTHS, depth_figures
+from nag_jax.bench_dit import DIT_FAMILIES, build_dit, small_init_inputs
 from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
 
-FAMILIES = ("unet", "flux", "sd3")
-PARTS = ("flops", "timing", "compile", "invariant", "vae-memory", "depth")
+FAMILIES = ("unet", "flux", "sd3", "kontext", "chroma") + DIT_FAMILIES + ("wan-1.3b", "wan-14b")
+TIMED_FAMILIES = ("unet", "flux", "sd3")  # with a diffusers timing comparison; the others: FLOPs only
+PARTS = ("flops", "timing", "compile", "invariant", "vae-memory", "depth", "memory", "gpu")  # "gpu" only when asked for
 
 # Published configurations (diffusers config.json values of the full-size models).
 SDXL_UNET_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
@@ -111,6 +119,12 @@ FLUX_SCHNELL_CONFIG = {  # black-forest-labs/FLUX.1-schnell, transformer/config.
     "patch_size": 1,
     "pooled_projection_dim": 768,
 }
+KONTEXT_CONFIG = {**FLUX_SCHNELL_CONFIG, "guidance_embeds": True}  # FLUX.1-Kontext-dev: FLUX.1-dev's config
+CHROMA_CONFIG = {  # lodestones/Chroma1-HD, transformer/config.json
+    **{k: FLUX_SCHNELL_CONFIG[k] for k in ("attention_head_dim", "axes_dims_rope", "in_channels", "joint_attention_dim",
+                                           "num_attention_heads", "num_layers", "num_single_layers", "patch_size")},
+    "approximator_hidden_dim": 5120, "approximator_layers": 5, "approximator_num_channels": 64,
+}
 SD35_LARGE_CONFIG = {  # stabilityai/stable-diffusion-3.5-large, transformer/config.json
     "attention_head_dim": 64,
     "caption_projection_dim": 2432,
@@ -132,6 +146,8 @@ REAL_SHAPES = {
     "unet": dict(latent=(4, 128, 128), text_tokens=77),
     "flux": dict(image_tokens=4096, text_tokens=512),
     "sd3": dict(latent=(16, 128, 128), text_tokens=333),
+    "kontext": dict(image_tokens=8192, text_tokens=512),  # 4096 generated + 4096 of a 1024x1024 input image
+    "chroma": dict(image_tokens=4096, text_tokens=512),
 }
 
 # Small configurations for timing on a CPU (and for the fast FLOP count of --tiny).
@@ -173,9 +189,14 @@ TINY_SD3_CONFIG = {
     "qk_norm": "rms_norm",
     "sample_size": 32,
 }
+TINY_KONTEXT_CONFIG = {**TINY_FLUX_CONFIG, "guidance_embeds": True}
+TINY_CHROMA_CONFIG = {**{k: v for k, v in TINY_FLUX_CONFIG.items() if k in CHROMA_CONFIG},
+                      "approximator_hidden_dim": 64, "approximator_layers": 2, "approximator_num_channels": 16}
 TINY_SHAPES = {
     "unet": dict(latent=(4, 32, 32), text_tokens=77),
     "flux": dict(image_tokens=256, text_tokens=64),
+    "kontext": dict(image_tokens=512, text_tokens=64),
+    "chroma": dict(image_tokens=256, text_tokens=64),
     "sd3": dict(latent=(16, 32, 32), text_tokens=64),
 }
 NAG = NAGConfig(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25)
@@ -184,6 +205,10 @@ TARGETS = {  # (family, figure) -> upper bound on the relative extra cost
     ("flux", "NAG shared-image"): 0.20,
     ("flux", "NAG reference"): 0.80,
     ("sd3", "NAG"): 0.20,
+    ("pixart", "NAG"): 0.03,
+    ("sana", "NAG"): 0.03,
+    ("wan-1.3b", "NAG"): 0.02,
+    ("wan-14b", "NAG"): 0.02,
 }
 
 
@@ -192,8 +217,16 @@ TARGETS = {  # (family, figure) -> upper bound on the relative extra cost
 
 def build(family: str, tiny: bool):
     """(module, inputs(rows, text_rows) -> dict of ShapeDtypeStruct, call(module, params, inputs))."""
-    configs = {"unet": TINY_UNET_CONFIG, "flux": TINY_FLUX_CONFIG, "sd3": TINY_SD3_CONFIG} if tiny else {
-        "unet": SDXL_UNET_CONFIG, "flux": FLUX_SCHNELL_CONFIG, "sd3": SD35_LARGE_CONFIG}
+    if family.startswith("wan"):
+        from nag_jax.bench_wan import build_wan
+
+        return build_wan(family, tiny)
+    if family in DIT_FAMILIES:
+        return build_dit(family, tiny)
+    configs = {"unet": TINY_UNET_CONFIG, "flux": TINY_FLUX_CONFIG, "sd3": TINY_SD3_CONFIG, "kontext": TINY_KONTEXT_CONFIG,
+               "chroma": TINY_CHROMA_CONFIG} if tiny else {
+        "unet": SDXL_UNET_CONFIG, "flux": FLUX_SCHNELL_CONFIG, "sd3": SD35_LARGE_CONFIG, "kontext": KONTEXT_CONFIG,
+        "chroma": CHROMA_CONFIG}
     shapes = (TINY_SHAPES if tiny else REAL_SHAPES)[family]
     config = configs[family]
     f32 = jnp.float32
@@ -213,15 +246,19 @@ def build(family: str, tiny: bool):
         def call(module, params, x):
             return module.apply(params, x["sample"], x["timesteps"], x["encoder_hidden_states"],
                                 added_cond_kwargs=x.get("added_cond_kwargs"))
-    elif family == "flux":
-        module = FluxTransformer2DModel.from_config(config)
+    elif family in ("flux", "kontext", "chroma"):
+        chroma = family == "chroma"
+        module = (ChromaTransformer2DModel if chroma else FluxTransformer2DModel).from_config(config)
         n, t = shapes["image_tokens"], shapes["text_tokens"]
 
         def inputs(rows, text_rows):
-            return dict(hidden_states=spec((rows, n, config["in_channels"]), f32),
-                        encoder_hidden_states=spec((text_rows, t, config["joint_attention_dim"]), f32),
-                        pooled_projections=spec((text_rows, config["pooled_projection_dim"]), f32),
-                        timestep=spec((rows,), f32), img_ids=spec((n, 3), f32), txt_ids=spec((t, 3), f32))
+            out = dict(hidden_states=spec((rows, n, config["in_channels"]), f32),
+                       encoder_hidden_states=spec((text_rows, t, config["joint_attention_dim"]), f32),
+                       timestep=spec((rows,), f32), img_ids=spec((n, 3), f32), txt_ids=spec((t, 3), f32))
+            if chroma:
+                return dict(out, attention_mask=spec((text_rows, t), f32))
+            out["pooled_projections"] = spec((text_rows, config["pooled_projection_dim"]), f32)
+            return dict(out, guidance=spec((rows,), f32)) if config["guidance_embeds"] else out
 
         def call(module, params, x):
             return module.apply(params, **x)
@@ -244,7 +281,13 @@ def build(family: str, tiny: bool):
 def _small_init_inputs(family: str, inputs):
     """Concrete zero inputs of a small spatial size: parameter shapes do not depend on it."""
     x = inputs(1, 1)
-    if family == "unet":
+    if family in DIT_FAMILIES:
+        x = small_init_inputs(family, x)
+    elif family.startswith("wan"):
+        from nag_jax.bench_wan import small_init_inputs as small_wan_inputs
+
+        x = small_wan_inputs(x)
+    elif family == "unet":
         x["sample"] = jax.ShapeDtypeStruct(x["sample"].shape[:2] + (8, 8), jnp.float32)
     elif family == "sd3":
         x["hidden_states"] = jax.ShapeDtypeStruct(x["hidden_states"].shape[:2] + (4, 4), jnp.float32)
@@ -285,7 +328,7 @@ def variants(family: str) -> dict:
     The step is one image row without CFG; "CFG" doubles the rows (context only for scale)."""
     plain = contextlib.nullcontext
     out = {"no NAG": (0, plain, 1), "CFG": (0, plain, 2)}
-    if family == "flux":
+    if family in ("flux", "kontext"):
         out["NAG shared-image"] = (1, lambda: guided(NAG), 1)
         reference = NAGConfig(NAG.nag_scale, NAG.nag_tau, NAG.nag_alpha, "reference")
         out["NAG reference"] = (1, lambda: guided(reference), 1)
@@ -616,8 +659,10 @@ def format_table(records: list[dict]) -> str:
         ratio = f"{r['ratio']:.3f}x"
         if "vs_pytorch_eager" in r:
             ratio += f" (vs PyTorch {r['vs_pytorch_eager']:.3f}x)"
+        if "before" in r:  # memory: the figure of the one-block attention
+            ratio += f" of {r['before']:.4g} {r['unit']} before"
         status = "-" if r["met"] is None else ("met" if r["met"] else "MISSED")
-        target = "-" if r["target"] is None else f"<= {r['target']:.2f}x"
+        target = "-" if r["target"] is None else f"<= {r['target']:.2f}" + (" " + r["unit"] if "before" in r else "x")
         rows.append((r["part"], r["family"], r["config"], r["name"], f"{r['value']:.4g} {r['unit']}", ratio, target,
                      status))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -631,24 +676,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=PARTS, action="append", help="run only this part (repeatable)")
     parser.add_argument("--family", choices=FAMILIES, action="append", help="only this family (repeatable)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--tiny", action="store_true", help="count FLOPs on the small timing configs (fast)")
+    parser.add_argument("--tiny", action="store_true", help="flops and gpu parts on the small timing configs (fast)")
     parser.add_argument("--repeats", type=int, default=7, help="timing repetitions per variant (median)")
     parser.add_argument("--compile-repeats", type=int, default=3, help="compile-time repetitions (median)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    parts = args.only or list(PARTS)
+    from nag_jax import bench_gpu, bench_memory  # they import this module
+    parts = args.only or [p for p in PARTS if p != "gpu"]
     families = args.family or list(FAMILIES)
+    if "gpu" in parts and jax.default_backend() == "cpu" and not args.tiny:
+        parser.error("--only gpu needs an accelerator at the published sizes; add --tiny to run it on the CPU")
 
     missing = _torch_available() if "timing" in parts else None
     if missing:
         print(f"skipping the timing part: {missing}", file=sys.stderr)
         parts = [p for p in parts if p != "timing"]
     total = (len(parts) and sum(
-        len(variants(f)) if p == "flops" else args.repeats if p == "timing" else 0 for p in parts for f in families)
+        len(variants(f)) if p == "flops" else args.repeats * (f in TIMED_FAMILIES) if p == "timing" else 0
+        for p in parts for f in families)
         + ("compile" in parts and "unet" in families) * 3 * args.compile_repeats
         + ("invariant" in parts and "unet" in families) * args.repeats
         + ("vae-memory" in parts) * 4
-        + ("depth" in parts) * sum(2 * len(DEPTHS.get(f, ())) for f in families) * args.compile_repeats)
+        + ("depth" in parts) * sum(2 * len(DEPTHS.get(f, ())) for f in families) * args.compile_repeats
+        + ("memory" in parts) * (len(bench_memory.ATTENTION_SIZES) + 2)
+        + ("gpu" in parts) * sum(bench_gpu.task_count(f) for f in families))
     progress = None
     if not args.no_progress:
         from tqdm.auto import tqdm
@@ -659,8 +710,10 @@ def main(argv: list[str] | None = None) -> int:
         for family in families:
             if "flops" in parts:
                 records += flop_counts(family, tiny=args.tiny, progress=progress)
-            if "timing" in parts:
+            if "timing" in parts and family in TIMED_FAMILIES:
                 records += timing_figures(family, args.repeats, progress)
+            if "gpu" in parts:
+                records += bench_gpu.gpu_figures(family, tiny=args.tiny, repeats=args.repeats, progress=progress)
         if "compile" in parts and "unet" in families:
             records += compile_figures(repeats=args.compile_repeats, progress=progress)
         if "invariant" in parts and "unet" in families:
@@ -670,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
         for family in families:
             if "depth" in parts and family in DEPTHS:
                 records += depth_figures(family, args.compile_repeats, progress=progress)
+        if "memory" in parts:
+            records += bench_memory.memory_figures(progress=progress)
     finally:
         if progress:
             progress.close()

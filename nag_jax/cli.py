@@ -2,6 +2,7 @@
 
     nag-jax demo                                  # a NAG / CFG / no-guidance grid on the embedded models
     nag-jax generate --prompt "a circle" --nag-negative-prompt red --output out/
+    nag-jax generate --model WAN --prompt "a cat" --num-frames 33 --output clip.mp4   # [--image first.png]
     nag-jax convert SRC DST [--dtype bfloat16]    # diffusers folder or single file -> fast-loading folder
     nag-jax bench [--efficacy | --clip-score --clip-model CLIP --prompts FILE]
 
@@ -20,9 +21,28 @@ from pathlib import Path
 from nag_jax.resolve import EMBEDDED_MODELS, embedded_model, resolve_model
 
 IMAGE_SUFFIXES = (".png",)
+VIDEO_SUFFIXES = (".mp4", ".webp", ".gif")  # nag_jax.video.export_to_video's formats
 DEMO_PAIRS = (("a circle", "red"), ("a square on a gray background", "blue"), ("a triangle on a black background",
                                                                                  "yellow"))
 DEMO_STEPS = (1, 2, 4)
+ATTENTION_BACKENDS = ("auto", "xla", "blockwise", "cudnn", "splash")  # attention.BACKENDS, without importing jax
+CACHE_VARIABLE = "NAG_JAX_COMPILATION_CACHE"  # the cache folder; empty: no cache
+
+
+def compilation_cache_folder() -> Path | None:
+    """$NAG_JAX_COMPILATION_CACHE, else $XDG_CACHE_HOME/nag-jax/jax (default ~/.cache/nag-jax/jax)."""
+    if CACHE_VARIABLE in os.environ:
+        return Path(os.environ[CACHE_VARIABLE]) if os.environ[CACHE_VARIABLE] else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nag-jax" / "jax"
+
+
+def use_compilation_cache(folder: Path) -> None:
+    """JAX's persistent compilation cache in `folder`: a later process with the same model and shapes loads the
+    compiled programs instead of compiling (every program is cached, however fast it compiled)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def model_folder(model: str | None) -> Path:
@@ -52,6 +72,13 @@ def positive_int(text: str) -> int:
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+
+
+def frame_count(text: str) -> int:
+    """An argparse type: a video frame count 4k + 1 (the Wan VAE's temporal compression)."""
+    if text.isdigit() and int(text) % 4 == 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be a frame count of the form 4k + 1 (1, 5, ..., 33, ..., 81), got {text!r}")
 
 
 def in_range(name: str):
@@ -95,11 +122,21 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="pipeline folder (diffusers layout or converted), an embedded model ("
                                         f"{', '.join(EMBEDDED_MODELS)}; default {EMBEDDED_MODELS[0]}) or a Hugging "
                                         "Face repo id (from its cache; downloaded unless HF_HUB_OFFLINE=1)")
+    parser.add_argument("--image", metavar="PATH",
+                        help="an input image: the image to edit (Flux Kontext) or the first frame (image-to-video)")
+    kontext = parser.add_argument_group("Flux Kontext (image editing)")
+    kontext.add_argument("--max-area", type=positive_int, metavar="PIXELS",
+                         help="output pixels: --height x --width refitted to this area (default 1024*1024)")
+    kontext.add_argument("--no-auto-resize", action="store_true",
+                         help="keep the input image's size instead of the nearest preferred Kontext resolution")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="parameter and activation dtype (default float32)")
     parser.add_argument("--lora", type=lora_argument, action="append", default=[], metavar="PATH[:SCALE]",
                         help="merge a LoRA file (diffusers/PEFT, kohya, ComfyUI, XLabs) times SCALE (default 1); "
                              "repeat to stack several")
+    parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                        help="the denoiser's attention implementation, see docs/attention.md (default auto)")
+    add_cache_argument(parser)
     nag = parser.add_argument_group("NAG (normalized attention guidance)")
     nag.add_argument("--nag-negative-prompt", metavar="TEXT",
                      help="what the image should not show; turns NAG on at the model family's default scale")
@@ -109,8 +146,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                      help="normalization threshold (family default)")
     nag.add_argument("--nag-alpha", type=in_range("nag_alpha"), metavar="A",
                      help="blend with the positive branch (family default)")
-    nag.add_argument("--nag-end", type=in_range("nag_end"), default=1.0, metavar="E",
-                     help="fraction of the denoising run that gets NAG (default 1.0)")
+    nag.add_argument("--nag-end", type=in_range("nag_end"), metavar="E",
+                     help="fraction of the denoising run that gets NAG (family default: 1.0, Flux Kontext 0.25)")
+    nag.add_argument("--nag-norm", choices=("l1", "l2"), default="l1",  # guidance.NAG_NORMS, without importing jax
+                     help="norm of NAG's ratio: l1 (the paper, default) or l2 (the reference's Flux processors)")
     pag = parser.add_argument_group("PAG (perturbed-attention guidance; UNet and SD3 families)")
     pag.add_argument("--pag-scale", type=in_range("pag_scale"), default=0.0, metavar="S",
                      help="PAG strength, on when > 0 (default 0)")
@@ -137,27 +176,33 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                           help="make each image alone (bit-identical whatever --num-images and the device count, see "
                                "docs/reproducibility.md; slower)")
     sampling.add_argument("--no-progress", action="store_true", help="no progress bar")
+    video = parser.add_argument_group("video (Wan)")
+    video.add_argument("--num-frames", type=frame_count, metavar="F", help="frames, 4k + 1 (model default: 81)")
+    video.add_argument("--fps", type=positive_int, default=16, help="frames per second of the file (default 16)")
     batch = parser.add_argument_group("batch jobs (--prompts)")
     batch.add_argument("--batch-size", type=positive_int, metavar="B",
                        help="images per compiled sampling call (default 4 per device)")
     batch.add_argument("--overwrite", action="store_true",
                        help="remake finished images whose settings changed instead of stopping with an error")
     parser.add_argument("--output", default="nag-jax-output",
-                        help="a .png file, or a folder (created) for one PNG per image; a .png with several "
-                             "images becomes NAME-0.png, NAME-1.png, ... (default: nag-jax-output/)")
+                        help="a .png file (video models: .mp4, .webp or .gif), or a folder (created) for one file "
+                             "per image or video; with several, NAME.png becomes NAME-0.png, NAME-1.png, ... "
+                             "(default: nag-jax-output/)")
 
 
-def output_paths(output: str, count: int) -> list[Path]:
-    """The output rule: a path without an image suffix is a folder with one PNG per image; a
-    .png path takes one image, or gets numbered files for several."""
+def output_paths(output: str, count: int, video: bool = False) -> list[Path]:
+    """The output rule: a path without a file suffix is a folder with one PNG (MP4) per image
+    (video); a .png (.mp4/.webp/.gif) path takes one, or gets numbered files for several."""
     path = Path(output)
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if path.suffix.lower() in (VIDEO_SUFFIXES if video else IMAGE_SUFFIXES):
         if count == 1:
             return [path]
         return [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(count)]
     if path.suffix:
-        raise ValueError(f"--output {output}: images are written as PNG; give a .png file or a folder")
-    return [path / f"image-{k}.png" for k in range(count)]
+        wanted = "videos are written as MP4, WebP or GIF; give a .mp4, .webp or .gif file" if video else (
+            "images are written as PNG; give a .png file")
+        raise ValueError(f"--output {output}: {wanted} or a folder")
+    return [path / (f"video-{k}.mp4" if video else f"image-{k}.png") for k in range(count)]
 
 
 def check_writable(output: str, paths: list[Path]) -> None:
@@ -180,19 +225,23 @@ def resolve_settings(args, defaults: dict) -> dict:
         "nag_scale": nag_scale,
         "nag_tau": defaults["nag_tau"] if args.nag_tau is None else args.nag_tau,
         "nag_alpha": defaults["nag_alpha"] if args.nag_alpha is None else args.nag_alpha,
-        "nag_end": args.nag_end,
+        "nag_end": defaults.get("nag_end", 1.0) if args.nag_end is None else args.nag_end,
+        "nag_norm": args.nag_norm,
         "pag_scale": args.pag_scale,
         "pag_adaptive_scale": args.pag_adaptive_scale,
         "pag_applied_layers": args.pag_applied_layers,
         "negative_prompt": args.negative_prompt,
         "guidance_scale": defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
         **({} if args.true_cfg_scale is None else {"true_cfg_scale": args.true_cfg_scale}),  # a Flux option
+        **({} if args.max_area is None else {"max_area": args.max_area}),  # Kontext options
+        **({"auto_resize": False} if args.no_auto_resize else {}),
         "num_inference_steps": defaults["num_inference_steps"] if args.steps is None else args.steps,
         "height": args.height,
         "width": args.width,
         "seed": args.seed,
         "num_images_per_prompt": args.num_images,
         "batch_invariant": args.batch_invariant,
+        **{name: value for name, value in (("num_frames", args.num_frames), ("image", args.image)) if value is not None},
     }
 
 
@@ -203,15 +252,27 @@ def png_info(settings: dict, model: str, dtype: str, index: int):
     return record_png_info(dict(settings, model=model, dtype=dtype, image_index=index))
 
 
-def load_pipeline(model: Path, dtype: str = "float32"):
-    """NAGPipeline.from_pretrained, its errors (missing files, damaged or mismatched weights)
-    naming --model."""
+def add_cache_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-compilation-cache", action="store_true",
+                        help=f"do not keep compiled programs between runs (default: kept in ${CACHE_VARIABLE}, else "
+                             "$XDG_CACHE_HOME/nag-jax/jax or ~/.cache/nag-jax/jax)")
+
+
+def load_pipeline(model: Path, dtype: str = "float32", loras=(), attention_backend: str = "auto"):
+    """NAGPipeline.from_pretrained with the --lora files merged, its errors (missing files,
+    damaged or mismatched weights) naming the flag."""
     from nag_jax.pipeline import NAGPipeline
 
     try:
-        return NAGPipeline.from_pretrained(model, dtype=dtype)
+        pipe = NAGPipeline.from_pretrained(model, dtype=dtype, attention_backend=attention_backend)
     except (ValueError, OSError) as error:
         raise ValueError(f"--model: {error}") from None
+    for lora, scale in loras:
+        try:
+            pipe.load_lora_weights(lora, scale)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"--lora: {error}") from None
+    return pipe
 
 
 # JSONL keys of a batch job line -> the generate options they replace
@@ -227,37 +288,66 @@ def generate_batch(args) -> int:
     if Path(args.output).suffix:
         raise ValueError(f"--output {args.output}: a batch job writes into a folder; give a folder name")
     check_writable(args.output, [Path(args.output) / "manifest.jsonl"])
-    pipe = load_pipeline(model, args.dtype)
+    pipe = load_pipeline(model, args.dtype, args.lora, args.attention_backend)
     calls = []
     for index, line in enumerate(lines):
         options = {LINE_OPTIONS.get(key, key): value for key, value in line.items()}
         options.setdefault("seed", args.seed + index)
         calls.append(resolve_settings(argparse.Namespace(**{**vars(args), **options}), pipe.family.defaults))
     result = run_batch_job(pipe, calls, args.output, args.batch_size, args.overwrite, progress=not args.no_progress,
-                           job={"model": str(model), "dtype": args.dtype})
+                           job={"model": str(model), "dtype": args.dtype,
+                                **({"loras": [f"{lora}:{scale}" for lora, scale in args.lora]} if args.lora else {})})
     print(f"{result.summary}; manifest: {Path(args.output) / 'manifest.jsonl'}")
     return 0
+
+
+def open_image(path: str):
+    """--image as an RGB PIL image, or an error naming the flag."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path).convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"--image {path}: cannot read it as an image ({error})") from None
 
 
 def generate(args) -> int:
     if args.prompts is not None:
         return generate_batch(args)
     model = model_folder(args.model)
-    paths = output_paths(args.output, args.num_images)  # checked before the slow part
+    video = args.num_frames is not None or Path(args.output).suffix.lower() in VIDEO_SUFFIXES
+    paths = output_paths(args.output, args.num_images, video)  # checked before the slow part
     check_writable(args.output, paths)
-    pipe = load_pipeline(model, args.dtype)
-    for lora, scale in args.lora:
-        try:
-            pipe.load_lora_weights(lora, scale)
-        except (ValueError, OSError) as error:
-            raise ValueError(f"--lora: {error}") from None
-    settings = resolve_settings(args, pipe.family.defaults)
-    images = pipe(**settings, progress=not args.no_progress, check_finite=True).images
+    image = {} if args.image is None else {"image": open_image(args.image)}  # read before the slow part
+    pipe = load_pipeline(model, args.dtype, args.lora, args.attention_backend)
+    if video and not pipe.family.video:
+        raise ValueError(f"--model {model} makes images: --num-frames and video outputs are for video models")
+    if pipe.family.video and not video:
+        paths = output_paths(args.output, args.num_images, video=True)  # a folder: one MP4 per video
+    settings = resolve_settings(args, pipe.family.defaults)  # "image" stays the path, for the records
+    if pipe.family.video:
+        return write_videos(pipe, settings, image, paths, args, model)
+    images = pipe(**{**settings, **image}, progress=not args.no_progress, check_finite=True).images
     settings.update(height=images[0].height, width=images[0].width)
     record = dict(settings, loras=[f"{lora}:{scale}" for lora, scale in args.lora]) if args.lora else settings
     for index, (image, path) in enumerate(zip(images, paths)):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, pnginfo=png_info(record, str(model), args.dtype, index))
+        print(path)
+    return 0
+
+
+def write_videos(pipe, settings: dict, image: dict, paths: list[Path], args, model: Path) -> int:
+    """Generate with a video family (`image`: the opened --image, if any) and write each video with
+    its parameters in the file's metadata."""
+    from nag_jax.video import export_to_video
+
+    frames = pipe(**{**settings, **image}, output_type="np", progress=not args.no_progress, check_finite=True).frames
+    settings.update(num_frames=frames.shape[1], height=frames.shape[2], width=frames.shape[3])
+    for index, (video, path) in enumerate(zip(frames, paths)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_to_video(video, path, fps=args.fps,
+                        metadata=dict(settings, model=str(model), dtype=args.dtype, video_index=index))
         print(path)
     return 0
 
@@ -376,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "prompt) at 1, 2 and 4 steps and save a labelled grid PNG.")
     dem.add_argument("--output-dir", default=".", help="folder for nag-demo.png (default: current folder)")
     dem.add_argument("--model", help="one pipeline folder or embedded model name instead of both embedded models")
+    add_cache_argument(dem)
 
     con = commands.add_parser("convert", help="checkpoint -> fast-loading nag-jax folder",
                               description="Convert a diffusers pipeline folder or a single checkpoint file into a "
@@ -404,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    cache = compilation_cache_folder()
+    if args.command in ("generate", "demo") and not args.no_compilation_cache and cache is not None:
+        use_compilation_cache(cache)
     try:
         if args.command == "generate":
             return generate(args)

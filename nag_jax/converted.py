@@ -69,6 +69,24 @@ def _load_sd3(folder, dtype):
     return load_sd3_transformer(folder, dtype)
 
 
+def _load_wan(folder, dtype):
+    from convert.wan import load_wan_transformer
+
+    return load_wan_transformer(folder, dtype)
+
+
+def _load_wan_vae(folder, dtype):
+    from convert.wan_vae import load_wan_vae
+
+    return load_wan_vae(folder, dtype)
+
+
+def _load_clip_vision(folder, dtype):
+    from convert.clip import load_clip_vision
+
+    return load_clip_vision(folder, dtype)
+
+
 # model_index.json class name -> loader(folder, dtype) -> (module, params)
 COMPONENT_LOADERS = {
     "UNet2DConditionModel": _load_unet,
@@ -78,6 +96,10 @@ COMPONENT_LOADERS = {
     "T5EncoderModel": _load_t5,
     "FluxTransformer2DModel": _load_flux,
     "SD3Transformer2DModel": _load_sd3,
+    "WanTransformer3DModel": _load_wan,
+    "UMT5EncoderModel": _load_t5,
+    "AutoencoderKLWan": _load_wan_vae,
+    "CLIPVisionModelWithProjection": _load_clip_vision,
 }
 # Library objects without weights (tokenizers, schedulers, image processors): copied as they are.
 _COPIED_LIBRARIES = ("transformers", "diffusers")

@@ -38,11 +38,11 @@ from nag_jax.intercept import register_nag
 
 
 @register_nag(FluxSingleStreamBlocks)
-def _single_stream_reference_nag(config, module, plain, txt, img, temb, txt_rope, img_rope):
+def _single_stream_reference_nag(config, module, plain, txt, img, temb, txt_rope, img_rope, txt_mask=None):
     rows = img.shape[0]
     extra = txt.shape[0] - rows
     if config.nag_mode == "shared-image" or extra == 0 or not config.enabled:
-        return plain(txt, img, temb, txt_rope, img_rope)
+        return plain(txt, img, temb, txt_rope, img_rope, txt_mask)
     guided_rows = slice(rows - extra, rows)  # image rows that have a negative prompt
 
     def combine_image_copies(next_fun, args, kwargs, context):
@@ -53,5 +53,6 @@ def _single_stream_reference_nag(config, module, plain, txt, img, temb, txt_rope
         return txt_out, jnp.concatenate([img_out[: rows - extra], combined, combined], axis=0)
 
     with nn.intercept_methods(combine_image_copies):
-        txt_out, img_out = plain(txt, jnp.concatenate([img, img[guided_rows]], axis=0), temb, txt_rope, img_rope)
+        txt_out, img_out = plain(txt, jnp.concatenate([img, img[guided_rows]], axis=0), temb, txt_rope, img_rope,
+                                 txt_mask)
     return txt_out, img_out[:rows]

@@ -1,7 +1,8 @@
 """Guidance math as pure, jit-able functions of arrays (no Flax, no state).
 
 `nag` is Normalized Attention Guidance (paper Sec. 4.1) in the reference's convention:
-`nag_scale` is the paper's phi + 1. `cfg` and `nasa` are the output-space and unnormalized
+`nag_scale` is the paper's phi + 1; `nag_norm` picks the norm of its ratio ("l1": the paper and
+the reference's SDXL/SD3/Wan processors; "l2": the reference's Flux and Flux Kontext processors). `cfg` and `nasa` are the output-space and unnormalized
 attention-space baselines; the paper's ablations fall out of the parameters
 (`nag_tau=inf`: no normalization, `nag_alpha=1`: no refinement).
 """
@@ -13,6 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+NAG_NORMS = ("l1", "l2")
 
 
 def _exact_token_scale(*arrays):
@@ -27,28 +30,41 @@ def _exact_token_scale(*arrays):
     return jnp.where(peak > 0, jnp.ldexp(jnp.ones_like(peak), exponent), 1.0)
 
 
-def nag(z_pos, z_neg, nag_scale, nag_tau, nag_alpha):
+def check_nag_norm(nag_norm: str) -> str:
+    if nag_norm not in NAG_NORMS:
+        raise ValueError(f"nag_norm must be one of {', '.join(NAG_NORMS)}, got {nag_norm!r}")
+    return nag_norm
+
+
+def nag(z_pos, z_neg, nag_scale, nag_tau, nag_alpha, nag_norm: str = "l1"):
     """Combine positive and negative attention outputs, per token over the last axis.
 
-    z_tilde = s z_pos - (s - 1) z_neg; r = |z_tilde|_1 / |z_pos|_1;
+    z_tilde = s z_pos - (s - 1) z_neg; r = |z_tilde| / |z_pos| (L1 or, nag_norm="l2", L2);
     z_hat = z_tilde min(r, tau) / r; result = alpha z_hat + (1 - alpha) z_pos.
 
     Computed in float32 and returned in `z_pos.dtype`. The shrink is written without dividing
-    by |z_pos|_1, so a zero-norm token gives a finite result: z_hat is 0 when z_pos is 0 (the
-    limit, since |z_hat|_1 <= tau |z_pos|_1), and z_tilde when both are 0.
+    by |z_pos|, so a zero-norm token gives a finite result: z_hat is 0 when z_pos is 0 (the
+    limit, since |z_hat| <= tau |z_pos|), and z_tilde when both are 0.
     """
+    check_nag_norm(nag_norm)
     out_dtype = z_pos.dtype
     pos = z_pos.astype(jnp.float32)
     neg = z_neg.astype(jnp.float32)
     token_scale = _exact_token_scale(pos, neg)
     pos, neg = pos / token_scale, neg / token_scale
     guided = nag_scale * pos - (nag_scale - 1.0) * neg
-    # L1 norms as products with ones: XLA fuses a sum into its neighbours differently in a
+    # Norms from products with ones: XLA fuses a sum into its neighbours differently in a
     # one-device and a multi-device program (their roundings then differ); it never fuses a dot
-    # that way, which keeps batch_invariant images equal across device counts.
+    # that way, which keeps batch_invariant images equal across device counts. The token scale
+    # keeps the squares of "l2" in range too.
     ones = jnp.ones((pos.shape[-1], 1), jnp.float32)
-    norm_pos = jnp.matmul(jnp.abs(pos), ones, precision=jax.lax.Precision.HIGHEST)
-    norm_guided = jnp.matmul(jnp.abs(guided), ones, precision=jax.lax.Precision.HIGHEST)
+
+    def norm(x):
+        if nag_norm == "l1":
+            return jnp.matmul(jnp.abs(x), ones, precision=jax.lax.Precision.HIGHEST)
+        return jnp.sqrt(jnp.matmul(x * x, ones, precision=jax.lax.Precision.HIGHEST))
+
+    norm_pos, norm_guided = norm(pos), norm(guided)
     clipped = norm_guided > nag_tau * norm_pos  # r > tau, with no division
     shrink = jnp.where(clipped, nag_tau * norm_pos / jnp.where(clipped, norm_guided, 1.0), 1.0)
     refined = nag_alpha * (guided * shrink) + (1.0 - nag_alpha) * pos

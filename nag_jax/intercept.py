@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.layers import CrossAttentionCore, JointAttentionCore, ScannedBlock, SelfAttentionCore
+from models.layers import (CrossAttentionCore, JointAttentionCore, ScannedBlock, SelfAttentionCore,
+                           TextImageCrossAttentionCore, key_mask_bias)
 from nag_jax.attention import attention, attention_partial, identity_partial, merge_heads, merge_partials
-from nag_jax.guidance import nag
+from nag_jax.guidance import check_nag_norm, nag
 
 # (module type, method) -> (transform, the guidance it implements: "nag", "pag")
 _TRANSFORMS: dict[tuple[type, str], tuple[Callable, frozenset]] = {}
@@ -117,6 +118,7 @@ class NAGConfig:
     # "reference" (Flux) reproduces the reference's two image copies in the single-stream
     # blocks; "shared-image" keeps one image stream (nag-semantics.md section 2).
     nag_mode: str = "shared-image"
+    nag_norm: str = "l1"  # the norm of NAG's ratio: "l1" (paper) or "l2" (the reference's Flux processors)
     pag: PAGConfig = PAGConfig()  # no layers: PAG off
 
     @property
@@ -129,9 +131,10 @@ class NAGConfig:
     def __post_init__(self):
         if self.nag_mode not in NAG_MODES:
             raise ValueError(f"nag_mode must be one of {', '.join(NAG_MODES)}, got {self.nag_mode!r}")
+        check_nag_norm(self.nag_norm)
 
     def combine(self, z_pos, z_neg):
-        return nag(z_pos, z_neg, self.nag_scale, self.nag_tau, self.nag_alpha)
+        return nag(z_pos, z_neg, self.nag_scale, self.nag_tau, self.nag_alpha, self.nag_norm)
 
 
 def _register(guidance: str, module_type: type, method: str):
@@ -183,14 +186,24 @@ def apply_to_last_rows(config: NAGConfig, z_pos, z_neg):
 
 
 @register_nag(CrossAttentionCore)
-def _cross_attention_nag(config, module, plain, q, k, v):
+def _cross_attention_nag(config, module, plain, q, k, v, bias=None):
+    """Each context row keeps its own mask row (`bias`), the negative rows included."""
     rows = q.shape[0]
     extra = k.shape[0] - rows
-    z_pos = plain(q, k[:rows], v[:rows])
+    rows_of = lambda start, stop: None if bias is None else bias[start:stop]  # noqa: E731
+    z_pos = plain(q, k[:rows], v[:rows], rows_of(0, rows))
     if extra == 0 or not config.enabled:
         return z_pos
-    z_neg = merge_heads(attention(q[rows - extra :], k[rows:], v[rows:]))
+    z_neg = merge_heads(attention(q[rows - extra :], k[rows:], v[rows:], rows_of(rows, None)))
     return apply_to_last_rows(config, z_pos, z_neg)
+
+
+@register_nag(TextImageCrossAttentionCore)
+def _text_image_cross_attention_nag(config, module, plain, q, k, v, image_k, image_v):
+    """Wan I2V: NAG on the text part only; the image-token attention (positive rows, one per
+    query row) is added after the combination (nag-semantics.md section 2)."""
+    text = _cross_attention_nag(config, module, lambda *qkv: merge_heads(attention(*qkv)), q, k, v)
+    return text + merge_heads(attention(q, image_k, image_v))
 
 
 @register_pag(SelfAttentionCore)
@@ -219,34 +232,38 @@ def _image_over_image(q, k, v, perturbed: int, applies):
 
 @register_pag(JointAttentionCore)
 @register_nag(JointAttentionCore)
-def _joint_attention(config, module, plain, txt_q, txt_k, txt_v, img_q, img_k, img_v):
+def _joint_attention(config, module, plain, txt_q, txt_k, txt_v, img_q, img_k, img_v, txt_mask=None):
     """Every text row attends over [its text; its image]; image rows get NAG.
 
     Image keys are shared by the positive and negative branches, so image-query scores
     against them are computed once and merged with each branch's text-key scores. In a PAG
     layer the perturbed rows' image queries see their own image token and all their text
-    tokens (diffusers' PAG joint processors); their text queries attend as usual.
+    tokens (diffusers' PAG joint processors); their text queries attend as usual. A text mask
+    (Chroma) has a row per text row: each branch's text keys are masked by their own row.
     """
     rows = img_q.shape[0]
     extra = txt_q.shape[0] - rows
     perturbed, applies = config.pag.perturbed_rows(module, rows)
     if extra == 0 and not perturbed:
-        return plain(txt_q, txt_k, txt_v, img_q, img_k, img_v)
+        return plain(txt_q, txt_k, txt_v, img_q, img_k, img_v, txt_mask=txt_mask)
+    text_bias = (lambda r: None) if txt_mask is None else (lambda r: key_mask_bias(txt_mask[r]))  # noqa: E731
     image_of_text_row = np.concatenate([np.arange(rows), np.arange(rows - extra, rows)])
     txt_out = merge_partials(
         [
-            attention_partial(txt_q, txt_k, txt_v),
+            attention_partial(txt_q, txt_k, txt_v, text_bias(slice(None))),
             attention_partial(txt_q, img_k[image_of_text_row], img_v[image_of_text_row]),
         ],
         dtype=txt_q.dtype,
     )
     img_over_img = _image_over_image(img_q, img_k, img_v, perturbed, applies)
-    z_pos = merge_partials([img_over_img, attention_partial(img_q, txt_k[:rows], txt_v[:rows])], img_q.dtype)
+    z_pos = merge_partials([img_over_img, attention_partial(img_q, txt_k[:rows], txt_v[:rows], text_bias(slice(rows)))],
+                           img_q.dtype)
     if extra == 0 or not config.enabled:  # negative text rows still flow, so the text stream keeps its shape
         return merge_heads(txt_out), merge_heads(z_pos)
     negative_rows = slice(rows - extra, rows)
     z_neg = merge_partials(
-        [img_over_img.rows(negative_rows), attention_partial(img_q[negative_rows], txt_k[rows:], txt_v[rows:])],
+        [img_over_img.rows(negative_rows), attention_partial(img_q[negative_rows], txt_k[rows:], txt_v[rows:],
+                                                                      text_bias(slice(rows, None)))],
         img_q.dtype,
     )
     return merge_heads(txt_out), apply_to_last_rows(config, merge_heads(z_pos), merge_heads(z_neg))

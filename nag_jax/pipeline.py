@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nag_jax.guidance import nag_step_split
+from nag_jax.attention import check_backend, with_attention_backend
+from nag_jax.guidance import check_nag_norm, nag_step_split
 from nag_jax.intercept import guidance_of, layer_paths, track_layers
 from nag_jax.sampler import Conditioning, GuidancePlan, Sampler, Scales, resolve_parallel
 
@@ -32,7 +33,14 @@ FAMILIES = {
     "StableDiffusionPipeline": "nag_jax.families.unet:StableDiffusionFamily",
     "StableDiffusionXLPipeline": "nag_jax.families.unet:StableDiffusionFamily",
     "FluxPipeline": "nag_jax.families.flux:FluxFamily",
+    "FluxKontextPipeline": "nag_jax.families.flux_kontext:FluxKontextFamily",
+    "ChromaPipeline": "nag_jax.families.chroma:ChromaFamily",
     "StableDiffusion3Pipeline": "nag_jax.families.sd3:SD3Family",
+    "PixArtSigmaPipeline": "nag_jax.families.pixart:PixArtSigmaFamily",
+    "SanaPipeline": "nag_jax.families.sana:SanaFamily",
+    "SanaSprintPipeline": "nag_jax.families.sana:SanaSprintFamily",
+    "WanPipeline": "nag_jax.families.wan:WanFamily",
+    "WanImageToVideoPipeline": "nag_jax.families.wan:WanFamily",
 }
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -58,6 +66,7 @@ class Family:
     stacked_params: tuple[str, ...] = ()
     option_defaults: dict = {}  # values of the family's own options when the call leaves them out (read-only)
     cfg_argument = "guidance_scale"  # Flux: its own true_cfg_scale (its guidance_scale is distilled guidance)
+    video = False  # outputs are videos: `decode` gives [B, F, H, W, 3] and the output's `frames` holds them
     name: str
     defaults: dict
     height: int
@@ -85,9 +94,17 @@ class Family:
     def make_schedule(self, num_inference_steps: int, height: int, width: int, options: dict):
         raise NotImplementedError
 
+    def output_size(self, height: int, width: int, options: dict) -> tuple[int, int]:
+        """The size actually generated for the asked one (Flux Kontext fits it to max_area)."""
+        return height, width
+
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         """One image's latents in the diffusers pipeline's layout."""
         raise NotImplementedError
+
+    def latent_shape_of_call(self, height: int, width: int, options: dict) -> tuple[int, ...]:
+        """`latent_shape` for this call's options (video families read num_frames there)."""
+        return self.latent_shape(height, width)
 
     def denoise(self, params, model_input, timestep, conditioning: Conditioning):
         """Pure: the model's output for model_input at the scalar `timestep` (traced)."""
@@ -101,6 +118,7 @@ class Family:
 @dataclasses.dataclass
 class PipelineOutput:
     images: Any  # list of PIL images, or float32 [B, H, W, 3] for "np", or latents for "latent"
+    frames: Any = None  # video families instead: lists of PIL frames, float32 [B, F, H, W, 3], or latents
 
 
 def read_json(path: Path) -> dict:
@@ -226,9 +244,10 @@ def image_keys_of(seed: int, image_seeds, images: int, rows: int):
 class NAGPipeline:
     """Text-to-image sampling with NAG (and CFG) for any supported family."""
 
-    def __init__(self, family: Family, model_parallel: int = 1):
+    def __init__(self, family: Family, model_parallel: int = 1, attention_backend: str = "auto"):
         self.family = family
-        self.sampler = Sampler(family.denoise, model_parallel, family.stacked_params)
+        self.sampler = Sampler(with_attention_backend(family.denoise, attention_backend), model_parallel,
+                               family.stacked_params)
         self._guided_layers = None  # {module path: guidance its transform implements}, found on first use
 
     def _layers_with_guidance(self, latents, timestep, conditioning) -> dict[str, frozenset]:
@@ -278,7 +297,8 @@ class NAGPipeline:
         return frozenset(selected)
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, loras=(), revision: str | None = None,
+    def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, attention_backend: str = "auto",
+                        loras=(), revision: str | None = None,
                         variant: str | None = None, cache_dir=None, local_files_only: bool | None = None,
                         **family_options) -> "NAGPipeline":
         """Load a diffusers-format pipeline: a local folder, an embedded model's name ("sd-shapes",
@@ -288,6 +308,7 @@ class NAGPipeline:
 
         `model_parallel` > 1 splits the denoiser's parameters over that many devices (a model
         bigger than one device; docs/multi-device.md); the batch is split over the rest.
+        `attention_backend` picks the denoiser's attention implementation (docs/attention.md).
         `loras`: (path, scale) pairs merged in order, as `load_lora_weights` does."""
         from nag_jax.resolve import resolve_model
 
@@ -304,7 +325,9 @@ class NAGPipeline:
             )
         module_name, family_name = FAMILIES[class_name].split(":")
         family_cls = getattr(importlib.import_module(module_name), family_name)
-        pipeline = cls(family_cls.load(path, index, dtype=dtype, **family_options), model_parallel)
+        check_backend(attention_backend)  # before the slow part
+        pipeline = cls(family_cls.load(path, index, dtype=dtype, **family_options), model_parallel,
+                       attention_backend)
         for lora_path, scale in loras:
             pipeline.load_lora_weights(lora_path, scale)
         return pipeline
@@ -329,7 +352,8 @@ class NAGPipeline:
         nag_scale: float = 1.0,
         nag_tau: float | None = None,
         nag_alpha: float | None = None,
-        nag_end: float = 1.0,
+        nag_end: float | None = None,
+        nag_norm: str = "l1",
         negative_prompt=None,
         guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
@@ -350,7 +374,8 @@ class NAGPipeline:
         image_seeds=None,
         **options,
     ) -> PipelineOutput:
-        """Generate images. NAG is on when nag_scale > 1 (reference convention: paper phi + 1).
+        """Generate images. NAG is on when nag_scale > 1 (reference convention: paper phi + 1);
+        `nag_norm` is the norm of NAG's ratio, "l1" (the paper) or "l2" (the reference's Flux processors).
 
         nag_negative_prompt defaults to negative_prompt when given, else "". CFG is on per the
         family's rule (guidance_scale > 1 for models trained with it). `latents` takes the
@@ -379,7 +404,8 @@ class NAGPipeline:
         nag_scale = check_argument("nag_scale", nag_scale)
         nag_tau = check_argument("nag_tau", defaults["nag_tau"] if nag_tau is None else nag_tau)
         nag_alpha = check_argument("nag_alpha", defaults["nag_alpha"] if nag_alpha is None else nag_alpha)
-        nag_end = check_argument("nag_end", nag_end)
+        nag_end = check_argument("nag_end", defaults.get("nag_end", 1.0) if nag_end is None else nag_end)
+        nag_norm = check_nag_norm(nag_norm)
         guidance_scale = check_argument("guidance_scale",
                                         defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
         pag_scale, pag_adaptive_scale, pag_applied_layers = check_pag(family, pag_scale, pag_adaptive_scale,
@@ -410,6 +436,8 @@ class NAGPipeline:
         options = dict(family.option_defaults, **options, guidance_scale=guidance_scale, negative_prompt=negatives,
                        height=height, width=width)
         do_cfg = family.uses_cfg(guidance_scale, options)
+        height, width = family.output_size(height, width, options)
+        options.update(height=height, width=width)
         do_nag = nag_scale > 1.0
         if nag_negative_prompt is None:
             nag_negatives = negatives or [""] * len(prompts)
@@ -440,7 +468,7 @@ class NAGPipeline:
         # Each image's randomness depends on (seed, image index) only, never on the device layout.
         image_keys = image_keys_of(seed, image_seeds, images, rows)
         start_keys, step_keys = jax.vmap(jax.random.split, out_axes=1)(image_keys)
-        latent_shape = family.latent_shape(height, width)
+        latent_shape = family.latent_shape_of_call(height, width, options)
         if latents is None:
             start = jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(start_keys)
         else:
@@ -460,6 +488,7 @@ class NAGPipeline:
             nag=do_nag,
             nag_steps=nag_step_split(schedule.timesteps, nag_end, schedule.timestep_kind) if do_nag else 0,
             nag_mode=options.get("nag_mode", "shared-image"),
+            nag_norm=nag_norm,
             pag_layers=self._pag_layers(pag_applied_layers, layers) if do_pag else frozenset(),
             per_image=batch_invariant,
         )
@@ -482,15 +511,17 @@ class NAGPipeline:
             if progress:
                 bar.close()
         final = final[:images]
+        output = (lambda value: PipelineOutput(None, value)) if family.video else PipelineOutput
         if output_type == "latent":
-            return PipelineOutput(np.asarray(final, np.float32))
+            return output(np.asarray(final, np.float32))
         pixels = np.asarray(one_at_a_time(lambda batch: family.decode(batch, height, width), final, batch_invariant))
         if check_finite and not np.isfinite(pixels).all():
             raise FloatingPointError(
                 "the generated images contain NaN or Inf (try dtype='float32', or lower nag_scale/guidance_scale)"
             )
         if output_type == "np":
-            return PipelineOutput(pixels)
+            return output(pixels)
         from PIL import Image
 
-        return PipelineOutput([Image.fromarray(np.round(np.clip(p, 0, 1) * 255).astype(np.uint8)) for p in pixels])
+        to_pil = lambda p: Image.fromarray(np.round(np.clip(p, 0, 1) * 255).astype(np.uint8))  # noqa: E731
+        return output([[to_pil(f) for f in p] if family.video else to_pil(p) for p in pixels])

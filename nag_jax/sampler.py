@@ -63,6 +63,7 @@ class GuidancePlan:
     nag: bool = False
     nag_steps: int = 0  # leading steps that run NAG (nag_step_split)
     nag_mode: str = "shared-image"
+    nag_norm: str = "l1"
     progress: bool = False
     per_image: bool = False  # the denoiser sees one image (its CFG/NAG rows) at a time: batch_invariant
     pag_layers: frozenset = frozenset()  # module paths of the attention cores PAG perturbs; empty: PAG off
@@ -152,7 +153,7 @@ def denoise_loop(denoise: Callable, schedule, plan: GuidancePlan, report: str, p
     if not jax.dtypes.issubdtype(image_keys.dtype, jax.dtypes.prng_key):
         image_keys = jax.random.wrap_key_data(image_keys)
     timesteps = jnp.asarray(schedule.timesteps)
-    nag_config = NAGConfig(scales.nag_scale, scales.nag_tau, scales.nag_alpha, plan.nag_mode,
+    nag_config = NAGConfig(scales.nag_scale, scales.nag_tau, scales.nag_alpha, plan.nag_mode, plan.nag_norm,
                            PAGConfig(plan.pag_layers, plan.row_groups))
 
     def body_for(with_nag: bool):

@@ -28,6 +28,7 @@ SCHEDULER_CLASSES = {
     "lcm": "LCMScheduler",
     "tcd": "TCDScheduler",
     "flow_euler": "FlowMatchEulerDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
 }
 
 # The diffusers defaults of the options each scheduler reads; keys a config has beyond these are
@@ -77,6 +78,7 @@ _DEFAULTS = {
         "use_beta_sigmas": False,
         "use_lu_lambdas": False,
         "use_flow_sigmas": False,
+        "flow_shift": 1.0,
         "final_sigmas_type": "zero",
         "lambda_min_clipped": -math.inf,
         "variance_type": None,
@@ -506,11 +508,12 @@ def _dpmpp_2m(cfg, cls_name, num_steps, timesteps):
         ("use_exponential_sigmas", [False, None]),
         ("use_beta_sigmas", [False, None]),
         ("use_lu_lambdas", [False, None]),
-        ("use_flow_sigmas", [False, None]),
         ("use_dynamic_shifting", [False, None]),
         ("variance_type", [None]),
     ]:
         _check(cfg, cls_name, key, allowed)
+    if cfg["use_flow_sigmas"]:
+        return _dpmpp_2m_flow(cfg, cls_name, num_steps, timesteps)
     karras = bool(cfg["use_karras_sigmas"])
     if timesteps is not None and karras:
         raise ValueError(f"timesteps cannot be combined with use_karras_sigmas in {cls_name}; allowed: None")
@@ -530,10 +533,30 @@ def _dpmpp_2m(cfg, cls_name, num_steps, timesteps):
         sigmas = np.interp(ts, np.arange(len(train_sigmas)), train_sigmas)
     last = train_sigmas[0] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
     sigmas = np.concatenate([sigmas, [last]]).astype(np.float32).astype(np.float64)
-
-    n = len(ts)
     alpha = 1 / (sigmas**2 + 1) ** 0.5
-    sigma_t = sigmas * alpha
+    return _dpm_solver_schedule(cfg, cls_name, ts, alpha, sigmas * alpha)
+
+
+def _dpmpp_2m_flow(cfg, cls_name, num_steps, timesteps):
+    """`use_flow_sigmas` (SANA): shifted flow sigmas on num_steps + 1 points, x = (1 - s) x0 + s noise,
+    timesteps 1000 * sigma truncated to integers as diffusers stores them; "flow" nag_end rule."""
+    if timesteps is not None:
+        raise ValueError(f"timesteps cannot be combined with use_flow_sigmas in {cls_name}; allowed: None")
+    if cfg["final_sigmas_type"] != "zero":
+        _reject(cls_name, "final_sigmas_type", cfg["final_sigmas_type"], ["zero"])
+    n_train, shift = cfg["num_train_timesteps"], cfg["flow_shift"]
+    sigmas = 1.0 - np.linspace(1, 1 / n_train, num_steps + 1)
+    sigmas = np.flip(shift * sigmas / (1 + (shift - 1) * sigmas))[:-1].copy()
+    ts = (sigmas * n_train).astype(np.int64)
+    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
+    schedule = _dpm_solver_schedule(cfg, cls_name, ts, 1.0 - sigmas, sigmas)
+    return dataclasses.replace(schedule, timestep_kind="flow")
+
+
+def _dpm_solver_schedule(cfg, cls_name, ts, alpha, sigma_t):
+    """DPM-Solver++ (order <= 2) coefficients for sample x = alpha * x0 + sigma_t * noise at each
+    step's sigma and one past the last step."""
+    n = len(ts)
     with np.errstate(divide="ignore"):  # the final sigma may be 0: lambda = inf, exp(-h) = 0
         lam = np.log(alpha) - np.log(sigma_t)
     h = lam[1:] - lam[:-1]
@@ -551,7 +574,10 @@ def _dpmpp_2m(cfg, cls_name, num_steps, timesteps):
         diff[i] = -0.5 * phi[i] / r0
     else:
         diff[i] = alpha[i + 1] * ((np.exp(-h[i]) - 1.0) / h[i] + 1.0) / r0
-    x0_a, x0_b = _x0_coefs(cfg["prediction_type"], alpha[:-1], sigma_t[:-1], cls_name)
+    if cfg["prediction_type"] == "flow_prediction":  # x0 = x - sigma * velocity
+        x0_a, x0_b = np.ones(n), -sigma_t[:-1]
+    else:
+        x0_a, x0_b = _x0_coefs(cfg["prediction_type"], alpha[:-1], sigma_t[:-1], cls_name)
     return DPMSolverSchedule(
         **_discrete_fields(ts, x0_a, x0_b),
         sample_coef=_f32(sigma_t[1:] / sigma_t[:-1]),
@@ -699,13 +725,13 @@ def make_schedule(scheduler_config: dict, num_inference_steps, *, timesteps=None
     timesteps: custom descending timesteps (Euler, DPM-Solver++, LCM, flow Euler), e.g. DMD2's
       [999, 749, 499, 249] for LCM.
     mu: the shift exponent for flow matching with `use_dynamic_shifting` (see `flux_mu`).
-    sigmas: custom sigmas before shifting, flow Euler only; the Flux pipelines pass
+    sigmas: custom sigmas before shifting, flow Euler and UniPC only; the Flux pipelines pass
       `flux_sigmas(num_inference_steps)`, SD3 passes none.
     eta: TCD only (the diffusers pipelines' `eta`), in [0, 1]: 0 (the default) is deterministic,
       larger values re-noise more at each step (Hyper-SD suggests up to 1 for one step).
     """
     cls_name = scheduler_config.get("_class_name") if name is None else SCHEDULER_CLASSES.get(name, name)
-    if cls_name not in _DEFAULTS:
+    if cls_name not in _DEFAULTS and cls_name != "UniPCMultistepScheduler":
         which = "name" if name is not None else "scheduler_config['_class_name']"
         value = name if name is not None else scheduler_config.get("_class_name")
         allowed = sorted(SCHEDULER_CLASSES) + sorted(SCHEDULER_CLASSES.values())
@@ -723,6 +749,13 @@ def make_schedule(scheduler_config: dict, num_inference_steps, *, timesteps=None
     if num_inference_steps is None or int(num_inference_steps) <= 0:
         raise ValueError(f"num_inference_steps = {num_inference_steps!r} must be a positive integer")
     num_steps = int(num_inference_steps)
+    if cls_name == "UniPCMultistepScheduler":  # flow sigmas only (Wan); in its own module
+        from nag_jax.unipc import UNIPC_DEFAULTS, unipc_flow
+
+        if timesteps is not None:
+            raise ValueError(f"timesteps is not supported for {cls_name}; pass sigmas")
+        cfg = {**UNIPC_DEFAULTS, **{k: v for k, v in scheduler_config.items() if k in UNIPC_DEFAULTS}}
+        return unipc_flow(cfg, cls_name, num_steps, sigmas, mu)
     flow = cls_name == "FlowMatchEulerDiscreteScheduler"
     if sigmas is not None and not flow:
         raise ValueError(f"sigmas is only supported for FlowMatchEulerDiscreteScheduler, not {cls_name}")

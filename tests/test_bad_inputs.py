@@ -55,6 +55,7 @@ BAD_CALLS = [
     (dict(nag_alpha=1.5), "nag_alpha", "1.5"),
     (dict(nag_end=0.0), "nag_end", "0.0"),
     (dict(nag_end=1.2), "nag_end", "1.2"),
+    (dict(nag_norm="L1"), "nag_norm", "'L1'"),
     (dict(num_inference_steps=0), "num_inference_steps", "0"),
     (dict(num_inference_steps=-3), "num_inference_steps", "-3"),
     (dict(num_inference_steps=2.5), "num_inference_steps", "2.5"),
@@ -215,7 +216,8 @@ def test_pickle_needs_opt_in_and_then_holds_only_tensors(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_half_precision_nag_keeps_zero_norm_tokens_finite(dtype):
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_half_precision_nag_keeps_zero_norm_tokens_finite(dtype, norm):
     """Attention outputs that are exactly zero (positive branch, or both) give finite NAG in
     bf16/fp16, through the interceptor as the pipeline runs it; huge negative values too."""
     rng = np.random.default_rng(0)
@@ -223,7 +225,7 @@ def test_half_precision_nag_keeps_zero_norm_tokens_finite(dtype):
     k = jnp.asarray(rng.standard_normal((2, 5, 2, 8)), dtype)  # rows: positive, NAG negative
     for negative_v in (np.zeros((1, 5, 2, 8)), rng.standard_normal((1, 5, 2, 8)) * 1e4):
         v = jnp.asarray(np.concatenate([np.zeros((1, 5, 2, 8)), negative_v]), dtype)
-        config = intercept.NAGConfig(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.5)
+        config = intercept.NAGConfig(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.5, nag_norm=norm)
         with intercept.guided(config):
             out = CrossAttentionCore().apply({}, q, k, v)
         assert out.dtype == dtype and out.shape == (1, 4, 16)

@@ -27,6 +27,16 @@ def test_flux_flop_counts_are_ordered_and_plausible():
     assert records["NAG shared-image"]["target"] == 1.2 and isinstance(records["NAG shared-image"]["met"], bool)
 
 
+def test_kontext_and_chroma_flop_counts_are_ordered():
+    """Kontext counts as Flux (both NAG modes) with the conditioning-image tokens in the image
+    stream; Chroma has one NAG mode. CFG doubles the work; NAG costs less than CFG."""
+    kontext = {r["name"]: r["ratio"] for r in bench.flop_counts("kontext", tiny=True)}
+    assert abs(kontext["CFG"] - 2.0) < 0.01 and 1.0 < kontext["NAG shared-image"] < kontext["NAG reference"] < 2.0
+    chroma = {r["name"]: r["ratio"] for r in bench.flop_counts("chroma", tiny=True)}
+    assert set(chroma) == {"no NAG", "CFG", "NAG"}
+    assert abs(chroma["CFG"] - 2.0) < 0.01 and 1.0 < chroma["NAG"] < 2.0
+
+
 def test_table_and_json_render_records():
     record = bench._record("flops", "sd3", "NAG", 1.5e9, "GFLOP", 1.25e9, scale=1e-9)
     assert record["met"] is True and abs(record["ratio"] - 1.2) < 1e-9

@@ -52,10 +52,10 @@ def test_generate_on_the_embedded_flux_model_by_name(tmp_path, capsys):
     NAG defaults, true CFG."""
     image, record = generate_one(tmp_path, capsys, "--model", "flux-shapes", "--prompt", "a circle",
                                  "--nag-negative-prompt", "red", "--negative-prompt", "blue", "--true-cfg-scale", "4",
-                                 "--steps", "2")
+                                 "--steps", "2", "--nag-norm", "l2")
     assert image.text["prompt"] == "a circle" and image.text["nag_negative_prompt"] == "red"
     assert record["nag_scale"] == 5.0 and record["nag_tau"] == 2.5 and record["nag_alpha"] == 0.25
-    assert record["true_cfg_scale"] == 4.0 and record["negative_prompt"] == "blue"
+    assert record["true_cfg_scale"] == 4.0 and record["negative_prompt"] == "blue" and record["nag_norm"] == "l2"
     assert record["height"] == record["width"] == 64 and record["model"] == str(embedded_model("flux-shapes"))
 
 
@@ -143,6 +143,8 @@ BAD_FLAGS = [
     (["--seed", "abc"], ["--seed", "'abc'"]),
     (["--nag-scael", "3"], ["--nag-scael"]),
     (["--output", "picture.jpg"], ["--output", "picture.jpg"]),
+    (["--nag-norm", "l3"], ["--nag-norm", "'l3'"]),
+    (["--image", "missing.png"], ["--image", "missing.png"]),
 ]
 
 

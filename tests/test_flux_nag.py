@@ -15,9 +15,10 @@ from torch_flux_nag import reference_nag_forward
 SCALE, TAU, ALPHA = 5.0, 2.5, 0.25
 
 
-def torch_reference_nag(model, inputs):
+def torch_reference_nag(model, inputs, norm="l1"):
     """The reference on numpy inputs carrying [pos; neg] text rows for every image row."""
-    return reference_nag_forward(model, SCALE, TAU, ALPHA, **{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
+    tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    return reference_nag_forward(model, SCALE, TAU, ALPHA, **tensors, norm=norm).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,8 @@ def run(flux, inputs, config=None):
         return np.asarray(module.apply({"params": params}, **inputs))
 
 
-def nag_config(mode, scale=SCALE):
-    return NAGConfig(nag_scale=scale, nag_tau=TAU, nag_alpha=ALPHA, nag_mode=mode)
+def nag_config(mode, scale=SCALE, norm="l1"):
+    return NAGConfig(nag_scale=scale, nag_tau=TAU, nag_alpha=ALPHA, nag_mode=mode, nag_norm=norm)
 
 
 def cfg_and_nag_inputs(same_pooled=False, seed=0):
@@ -60,13 +61,18 @@ def cond_row_with_negative(inputs):
     return {**inputs, **picked}
 
 
-def test_reference_mode_matches_the_pytorch_reference(flux):
-    """The guided row equals the reference; the unguided (CFG uncond) row is the plain forward."""
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_reference_mode_matches_the_pytorch_reference(flux, norm):
+    """The guided row equals the reference (nag_norm="l2": the reference's own Flux processors);
+    the unguided (CFG uncond) row is the plain forward."""
     inputs = cfg_and_nag_inputs()
-    ours = run(flux, inputs, nag_config("reference"))
+    ours = run(flux, inputs, nag_config("reference", norm=norm))
     plain = run(flux, positive_rows(inputs))
-    ref = torch_reference_nag(tiny_flux.build_model(guidance_embeds=True), cond_row_with_negative(inputs))
+    ref = torch_reference_nag(tiny_flux.build_model(guidance_embeds=True), cond_row_with_negative(inputs), norm)
+    other_norm = torch_reference_nag(tiny_flux.build_model(guidance_embeds=True), cond_row_with_negative(inputs),
+                                     {"l1": "l2", "l2": "l1"}[norm])
     assert tiny_flux.relative_error(plain[1:], ref) > 0.05, "NAG should change the output visibly"
+    assert tiny_flux.relative_error(other_norm, ref) > 1e-3, "the norms should be told apart"
     assert tiny_flux.relative_error(ours[1:], ref) <= 1e-4
     assert tiny_flux.relative_error(ours[:1], plain[:1]) <= 1e-5
 

@@ -56,7 +56,7 @@ def diffusers_images(pipe, nag=None, **kwargs):
         encode = lambda p: pipe.encode_prompt(p, device="cpu", max_sequence_length=MAX_SEQUENCE_LENGTH)  # noqa: E731
         positive, negative = encode(PROMPT), encode(nag["nag_negative_prompt"])
         with_nag_negatives(transformer, positive[0], negative[0], negative[1], nag["nag_scale"], nag["nag_tau"],
-                           nag["nag_alpha"])
+                           nag["nag_alpha"], nag.get("nag_norm", "l1"))
     try:
         with torch.no_grad():
             return pipe(PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE,
@@ -84,14 +84,16 @@ def test_pipeline_matches_diffusers_without_nag(pipelines, kind, arguments):
 
 @pytest.mark.parametrize(
     "kind,arguments",
-    [("schnell", {}), ("dev", dict(true_cfg_scale=4.0, negative_prompt="blurry"))],
-    ids=["schnell", "dev-true-cfg"],
+    [("schnell", dict(nag_norm="l2")), ("dev", dict(true_cfg_scale=4.0, negative_prompt="blurry"))],
+    ids=["schnell-l2", "dev-true-cfg"],
 )
 def test_reference_mode_matches_the_pytorch_reference(pipelines, kind, arguments):
-    """nag_mode defaults to "reference"; with CFG the uncond rows stay plain."""
+    """nag_mode defaults to "reference"; with CFG the uncond rows stay plain. With nag_norm="l2"
+    this is the reference's own Flux pipeline."""
     our_pipe, their_pipe = pipelines[kind]
     images = ours(our_pipe, **arguments, **NAG)
-    np.testing.assert_allclose(images, diffusers_images(their_pipe, nag=NAG, **arguments), atol=1e-3)
+    np.testing.assert_allclose(images, diffusers_images(their_pipe, nag=dict(NAG, **arguments), **{
+        k: v for k, v in arguments.items() if k != "nag_norm"}), atol=1e-3)
     assert np.abs(images - ours(our_pipe, **arguments)).max() > 1e-2  # NAG changed the image
 
 

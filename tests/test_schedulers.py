@@ -92,7 +92,7 @@ def run_diffusers(scheduler, latents, noises, **set_timesteps_kwargs):
     module = importlib.import_module(type(scheduler).__module__)
     fed = iter(noises)
     x = torch.from_numpy(latents) * init_noise_sigma(scheduler)
-    with mock.patch.object(module, "randn_tensor", lambda *a, **k: torch.from_numpy(next(fed))):
+    with mock.patch.object(module, "randn_tensor", lambda *a, **k: torch.from_numpy(next(fed)), create=True):
         for t in scheduler.timesteps:
             # flow matching schedulers have no input scaling
             model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
@@ -199,6 +199,39 @@ def test_flow_euler_matches_the_pipelines(config, num_steps, pipeline):
     np.testing.assert_array_equal(schedule.scale_model_input(jnp.full((2,), 3.0), 0), [3.0, 3.0])
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
     assert_same_run(schedule, scheduler, num_steps, num_inference_steps=num_steps, **kwargs)
+
+
+WAN_UNIPC = {  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler_config.json
+    "_class_name": "UniPCMultistepScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
+    "disable_corrector": [], "dynamic_thresholding_ratio": 0.995, "final_sigmas_type": "zero", "flow_shift": 3.0,
+    "lower_order_final": True, "num_train_timesteps": 1000, "predict_x0": True, "prediction_type": "flow_prediction",
+    "rescale_betas_zero_snr": False, "sample_max_value": 1.0, "solver_order": 2, "solver_p": None,
+    "solver_type": "bh2", "steps_offset": 0, "thresholding": False, "timestep_spacing": "linspace",
+    "trained_betas": None, "use_beta_sigmas": False, "use_exponential_sigmas": False, "use_flow_sigmas": True,
+    "use_karras_sigmas": False,
+}
+
+
+@pytest.mark.parametrize(
+    "overrides, num_steps",
+    [({}, 1), ({}, 2), ({}, 4), ({}, 50), ({"flow_shift": 5.0}, 25), ({"solver_order": 3}, 8),
+     ({"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min"}, 8),
+     ({"lower_order_final": False, "final_sigmas_type": "sigma_min"}, 6), ({"disable_corrector": [0, 2]}, 5)],
+)
+def test_unipc_flow_matches_diffusers(overrides, num_steps):
+    """Wan's scheduler: UniPC (predictor + corrector) on shifted flow sigmas, integer timesteps."""
+    config = {**WAN_UNIPC, **overrides}
+    schedule = make_schedule(config, num_steps)
+    assert schedule.timestep_kind == "flow" and not schedule.needs_noise
+    assert_same_run(schedule, diffusers.UniPCMultistepScheduler.from_config(config), num_steps,
+                    num_inference_steps=num_steps)
+
+
+def test_flow_euler_with_wan_shift():
+    """Few-step Wan recipes swap in flow-match Euler with the Wan shift."""
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 5.0}
+    assert_same_run(make_schedule(config, 4), diffusers.FlowMatchEulerDiscreteScheduler.from_config(config), 4,
+                    num_inference_steps=4)
 
 
 def test_flux_mu_equals_the_pipeline():

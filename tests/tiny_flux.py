@@ -89,6 +89,8 @@ def bfl_state_dict(model: FluxTransformer2DModel, prefix: str = "") -> dict:
     out = {}
 
     def both(bfl, diffusers, fn=lambda t: t):
+        if f"{diffusers}.weight" not in sd:  # Chroma's blocks have no modulation layers
+            return
         for suffix in ("weight", "bias"):
             out[f"{bfl}.{suffix}"] = fn(sd[f"{diffusers}.{suffix}"])
 

@@ -26,16 +26,19 @@ SCHEDULERS = {
     "schnell": {**_SCHEDULER_COMMON, "shift": 1.0, "use_dynamic_shifting": False},
     "dev": {**_SCHEDULER_COMMON, "shift": 3.0, "use_dynamic_shifting": True},
 }
+SCHEDULERS["kontext"] = SCHEDULERS["dev"]  # FLUX.1-Kontext-dev's scheduler config is dev's
+PIPELINE_CLASSES = {"schnell": "FluxPipeline", "dev": "FluxPipeline", "kontext": "FluxKontextPipeline"}
 
 
 def make_flux_pipeline(folder, kind: str = "schnell", sample_size: int | None = None,
                        t5_model_max_length: int = 512) -> Path:
-    """kind: "schnell" (no guidance embedding) or "dev" (guidance embedding, dynamic shift).
+    """kind: "schnell" (no guidance embedding), "dev" (guidance embedding, dynamic shift) or
+    "kontext" (dev's layout, a FluxKontextPipeline folder).
     `sample_size` (latent pixels per side) goes into transformer/config.json as the embedded
     flux-shapes model carries it; `t5_model_max_length` into tokenizer_2's tokenizer_config.json."""
     folder = Path(folder)
     # one block of each kind (the pipeline tests compile several sampling loops; each costs per block)
-    transformer = tiny_flux.build_model(guidance_embeds=kind == "dev", in_channels=4 * LATENT_CHANNELS,
+    transformer = tiny_flux.build_model(guidance_embeds=kind != "schnell", in_channels=4 * LATENT_CHANNELS,
                                         num_layers=1, num_single_layers=1)
     if sample_size is not None:
         transformer.register_to_config(sample_size=sample_size)
@@ -49,7 +52,7 @@ def make_flux_pipeline(folder, kind: str = "schnell", sample_size: int | None = 
                  sharded=True, seed=2)
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULERS[kind], indent=2))
-    index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.30.0.dev0",
+    index = {"_class_name": PIPELINE_CLASSES[kind], "_diffusers_version": "0.30.0.dev0",
              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
              "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],

@@ -17,9 +17,12 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 
-def torch_nag(z_pos, z_neg, scale, tau, alpha):
+def torch_nag(z_pos, z_neg, scale, tau, alpha, norm="l1"):
+    """norm "l1" (paper; the reference's SDXL/SD3/Wan processors) or "l2" (its Flux processors'
+    torch.norm(p=2, dim=-1))."""
     guided = z_pos * scale - z_neg * (scale - 1)
-    ratio = guided.abs().sum(-1, keepdim=True) / z_pos.abs().sum(-1, keepdim=True)
+    p = {"l1": 1, "l2": 2}[norm]
+    ratio = torch.norm(guided, p=p, dim=-1, keepdim=True) / torch.norm(z_pos, p=p, dim=-1, keepdim=True)
     guided = guided * torch.minimum(ratio, ratio.new_full((1,), tau)) / ratio
     return guided * alpha + z_pos * (1 - alpha)
 
