@@ -4,7 +4,8 @@ Part `depth` of `python -m nag_jax.bench`. Flux (FLUX.1-schnell widths, 1024x102
 2 + 4 and 19 + 38 blocks, SD3 (SD3.5-Large widths) at 2, 24 and 38 blocks, each twice: with
 the repeated blocks under scan (the models' own form) and unrolled (`unrolled_layers`, the
 same program as the Python loop the models had before). One denoiser step without guidance,
-`jax.jit(...).lower(...).compile()` timed; nothing is allocated or run. Each figure's ratio is
+`jax.jit(...).lower(...).compile()` timed after one untimed warm-up compile; nothing is
+allocated or run. Each figure's ratio is
 to the shallowest depth of the same form, so a flat-in-depth compile shows ratios near 1.
 Measurements are interleaved over repetitions (median) and carry the load average at their
 end: on a busy machine the seconds are not comparable across runs, the ratios within a run are.
@@ -48,6 +49,7 @@ def depth_figures(family: str, repeats: int = 1, forms=tuple(FORMS), progress=No
     from nag_jax.bench import _record
 
     seconds = {(label, form): [] for label, _ in DEPTHS[family] for form in forms}
+    compile_seconds(family, DEPTHS[family][0][1], forms[0])  # warm-up: first-compile costs of the process
     for _ in range(repeats):
         for label, fields in DEPTHS[family]:
             for form in forms:

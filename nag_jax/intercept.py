@@ -56,22 +56,22 @@ def track_layers(interceptor):
     return tracking
 
 
+def _scanned_body(module):
+    """(path, block, traced layer index) of the innermost scanned block body holding `module`, or None."""
+    path = tuple(module.path)
+    return next((body for body in reversed(_SCANNED_BODIES) if path[: len(body[0])] == body[0]), None)
+
+
 def layer_paths(module) -> dict[str, Any]:
     """The module path ("/"-joined, as in an unrolled model) of each layer this call of `module`
     stands for -> its global layer index: one path and None outside scanned blocks; inside one,
     a path per layer of the stack (`models.layers.ScannedBlock`)."""
-    path = tuple(module.path)
-    for block_path, block, _ in reversed(_SCANNED_BODIES):
-        if path[: len(block_path)] == block_path:
-            parent, rest = block_path[:-1], path[len(block_path) :]
-            return {"/".join((*parent, f"{block.layer_name}_{index}", *rest)): index for index in block.layers}
-    return {"/".join(path): None}
-
-
-def _traced_layer(module):
-    """The traced global layer index of the innermost scanned block body holding `module`."""
-    path = tuple(module.path)
-    return next(layer for block_path, _, layer in reversed(_SCANNED_BODIES) if path[: len(block_path)] == block_path)
+    body = _scanned_body(module)
+    if body is None:
+        return {"/".join(module.path): None}
+    block_path, block, _ = body
+    parent, rest = block_path[:-1], tuple(module.path)[len(block_path) :]
+    return {"/".join((*parent, f"{block.layer_name}_{index}", *rest)): index for index in block.layers}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ class PAGConfig:
             return 0, False
         if len(chosen) == len(paths):
             return rows // self.row_groups, True
-        return rows // self.row_groups, jnp.any(_traced_layer(module) == jnp.asarray(chosen))
+        return rows // self.row_groups, jnp.any(_scanned_body(module)[2] == jnp.asarray(chosen))
 
 
 def _in_pag_layer(applies, perturbed, plain):
