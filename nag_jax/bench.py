@@ -21,7 +21,8 @@ Parts:
 - invariant: seconds per compiled call of that pipeline with `batch_invariant` off and on
   (1 and 4 images, CFG and NAG on), interleaved over repetitions, median.
 - memory: temporary memory of one attention call and of a Flux-dev step with NAG from XLA's
-  memory analysis, before and after blockwise attention (nag_jax/bench_memory.py).
+  memory analysis, before and after blockwise attention, and of a bf16 Wan2.1-1.3B / -14B step
+  at 480p, 81 frames, with and without NAG (nag_jax/bench_memory.py).
 - gpu (only with `--only gpu`): per-step latency at the published configurations on the
   accelerator, per attention backend, beside the paper's Table 4 (nag_jax/bench_gpu.py);
   `--tiny` runs it on the small configurations on any device.
@@ -698,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         + ("invariant" in parts and "unet" in families) * args.repeats
         + ("vae-memory" in parts) * 4
         + ("depth" in parts) * sum(2 * len(DEPTHS.get(f, ())) for f in families) * args.compile_repeats
-        + ("memory" in parts) * (len(bench_memory.ATTENTION_SIZES) + 2)
+        + ("memory" in parts) * (len(bench_memory.ATTENTION_SIZES) + 2 + 2 * len(bench_memory.WAN_STEPS))
         + ("gpu" in parts) * sum(bench_gpu.task_count(f) for f in families))
     progress = None
     if not args.no_progress:

@@ -4,7 +4,10 @@
   1024x1024 image (Flux, SD3.5-Large) and one 81-frame Wan2.1 video, with the one-block "xla"
   implementation (what every call was before blockwise attention) and the default ("auto");
 - one Flux-dev 1024x1024 denoiser step with NAG in float32 and in bf16 (parameters from
-  `jax.eval_shape`); in bf16, XLA:CPU's float32 copies of the weights dominate (BENCHMARKS.md).
+  `jax.eval_shape`); in bf16, XLA:CPU's float32 copies of the weights dominate (BENCHMARKS.md);
+- one bf16 Wan2.1-1.3B and -14B denoiser step at 480x832, 81 frames (one video row), without
+  guidance and with NAG, under the default backend (`nag_jax.bench_wan.step_memory`): arguments
+  (the parameters) and temporaries, which on XLA:CPU are mostly float32 copies of the weights too.
 
 Compiled for the default backend (the CPU here): the figures are XLA's buffer assignment for that
 backend. XLA:CPU has no native bf16 slicing inside loops, so the blockwise implementation keeps a
@@ -29,6 +32,8 @@ ATTENTION_SIZES = {
     "Wan2.1-14B 720p 81 frames": (21 * 45 * 80, 40, 128, 2.0),
 }
 BEFORE, AFTER = "xla", "auto"
+WAN_STEPS = {"wan-1.3b": "Wan2.1-1.3B", "wan-14b": "Wan2.1-14B"}  # bench_wan family: name in the records
+GB = 1e9  # the Wan step figures are in GB, as BENCHMARKS.md's earlier 14B figure
 
 
 def attention_temp_bytes(tokens: int, heads: int, head_dim: int, backend: str) -> int:
@@ -63,8 +68,9 @@ def flux_dev_step_temp_bytes(backend: str, nag_mode: str = "shared-image", dtype
     return jax.jit(step).lower(params, inputs(2)).compile().memory_analysis().temp_size_in_bytes
 
 
-def memory_figures(progress=None, with_flux_step: bool = True) -> list[dict]:
-    """Records: temporary GiB before (one score block) and after (default backend), per size."""
+def memory_figures(progress=None, with_steps: bool = True) -> list[dict]:
+    """Records: temporary GiB before (one score block) and after (default backend), per size; with
+    `with_steps`, the whole Flux-dev step's and the Wan steps' (`wan_step_figures`) too."""
     records = []
     for name, (tokens, heads, head_dim, limit) in ATTENTION_SIZES.items():
         before, after = (attention_temp_bytes(tokens, heads, head_dim, b) / GIB for b in (BEFORE, AFTER))
@@ -73,11 +79,33 @@ def memory_figures(progress=None, with_flux_step: bool = True) -> list[dict]:
                             ratio=after / before, target=limit, met=after <= limit, before=before))
         if progress:
             progress.update(1)
-    for dtype in (jnp.float32, jnp.bfloat16) if with_flux_step else ():
+    for dtype in (jnp.float32, jnp.bfloat16) if with_steps else ():
         before, after = (flux_dev_step_temp_bytes(b, dtype=dtype) / GIB for b in (BEFORE, AFTER))
         records.append(dict(part="memory", family="flux", config="real",
                             name=f"Flux-dev 1024^2 step, NAG, {jnp.dtype(dtype).name}", value=after, unit="GiB",
                             ratio=after / before, target=None, met=None, before=before))
         if progress:
             progress.update(1)
+    return records + (wan_step_figures(progress) if with_steps else [])
+
+
+def wan_step_figures(progress=None) -> list[dict]:
+    """Per Wan size: arguments of the NAG step, temporaries without guidance and with NAG (ratio
+    against without), in GB, from XLA's memory analysis of the bf16 step (default backend)."""
+    from nag_jax.bench import NAG
+    from nag_jax.bench_wan import step_memory
+
+    records = []
+    for family, label in WAN_STEPS.items():
+        plain = step_memory(family)
+        nag = step_memory(family, lambda: guided(NAG))
+        if progress:
+            progress.update(2)
+        name = f"{label} 480p 81 frames step, bf16"
+        records += [dict(part="memory", family=family, config="real", name=f"{name}, {figure}", value=value / GB,
+                         unit="GB", ratio=value / baseline, target=None, met=None)
+                    for figure, value, baseline in (
+                        ("NAG, arguments (parameters)", nag["arguments"], nag["arguments"]),
+                        ("no guidance, temporaries", plain["temporaries"], plain["temporaries"]),
+                        ("NAG, temporaries", nag["temporaries"], plain["temporaries"]))]
     return records

@@ -6,7 +6,7 @@ from nag_jax import bench, bench_gpu, bench_memory
 
 
 def test_attention_memory_before_and_after_blockwise():
-    records = {r["name"].split(" (")[0]: r for r in bench_memory.memory_figures(with_flux_step=False)}
+    records = {r["name"].split(" (")[0]: r for r in bench_memory.memory_figures(with_steps=False)}
     assert set(records) == set(bench_memory.ATTENTION_SIZES)
     for name in ("Flux 1024^2", "SD3.5-Large 1024^2", "Wan2.1-1.3B 480p 81 frames"):
         assert records[name]["met"], records[name]
