@@ -13,6 +13,7 @@ parameters. Frames within 1e-3 at scales 1 and 0.7, NAG once; unloading restores
 from __future__ import annotations
 
 import contextlib
+import json
 
 import numpy as np
 import pytest
@@ -153,3 +154,16 @@ def test_flux_names_are_refused_and_leave_the_pipeline_unchanged(setup, tmp_path
     with pytest.raises(ValueError, match="comfyui LoRA file.*double_blocks"):
         pipe.load_lora_weights(path)
     assert pipe.family.params is params
+
+
+def test_cli_lora_on_a_wan_video_is_merged_and_recorded(setup, tmp_path, capsys):
+    from nag_jax.cli import main
+    from nag_jax.video import read_video_metadata
+
+    pipe, _, files, _ = setup
+    out = tmp_path / "clip.mp4"
+    assert main(["generate", "--model", str(pipe.family.path), "--prompt", PROMPT, "--steps", "2", "--height", "32",
+                 "--width", "32", "--num-frames", "5", "--guidance-scale", "1", "--nag-negative-prompt", NAG_NEGATIVE,
+                 "--lora", f"{files['comfyui']}:0.7", "--output", str(out), "--no-progress"]) == 0
+    assert "12 layers patched" in capsys.readouterr().out
+    assert json.loads(read_video_metadata(out))["loras"] == [f"{files['comfyui']}:0.7"]
