@@ -282,6 +282,11 @@ def sd3_targets(module) -> Callable[[str], list[Target]]:
 
 def wan_targets(model) -> Callable[[str], list[Target]]:
     """Wan2.1's: diffusers module paths, or original Wan ones (ComfyUI / Kijai / musubi files)
-    renamed as the converter renames original checkpoints, onto the model's stacked blocks."""
+    renamed as the converter renames original checkpoints, onto the model's stacked blocks. A
+    `diff` names its weight `.weight`; the modulation tables have no such suffix."""
     routed = _routed(WAN_DIFFUSERS_RULES, model.layer_stacks)
-    return lambda key: routed(original_to_diffusers(key))
+
+    def targets(key: str) -> list[Target]:
+        return routed(original_to_diffusers(key)) or routed(original_to_diffusers(key.removesuffix(".weight")))
+
+    return targets

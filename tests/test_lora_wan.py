@@ -6,8 +6,8 @@ musubi-tuner's kohya names (`lora_unet_blocks_N_...`, every layer, as diffusers 
 PEFT (diffusers names, saved by diffusers). diffusers reads `diff_b` as PEFT's `lora_B.bias` but
 drops `.diff` and every norm delta; the reference for those is ComfyUI's rule, weight + scale *
 delta, applied to diffusers' modules: a linear `.diff` as a PEFT LoRA with identity `lora_A`
-(the renaming diffusers itself uses for `head.head.diff`), norm deltas added to the torch
-parameters. Frames within 1e-3 at scales 1 and 0.7, NAG once; unloading restores them exactly.
+(the renaming diffusers itself uses for `head.head.diff`), norm and modulation deltas added to
+the torch parameters. Frames within 1e-3 at scales 1 and 0.7, NAG once; unloading restores them exactly.
 """
 
 from __future__ import annotations
@@ -28,15 +28,18 @@ from tests.tiny_wan import build_tiny_wan_pipeline
 DIM, FFN = 32, 48  # the tiny transformer's width and feed-forward width
 MOVES = 1e-2
 COMFY = "diffusion_model.blocks"
-# ComfyUI norm deltas -> diffusers' parameter (the original norm3 is diffusers' cross-attention norm2)
-NORM_DELTAS = {f"{COMFY}.1.norm3.diff": "blocks.1.norm2.weight", f"{COMFY}.1.norm3.diff_b": "blocks.1.norm2.bias",
-               f"{COMFY}.0.cross_attn.norm_k.diff": "blocks.0.attn2.norm_k.weight"}
+# ComfyUI deltas diffusers drops -> diffusers' parameter, shape (the original norm3 is diffusers'
+# cross-attention norm2, modulation its scale_shift_table)
+DROPPED_DELTAS = {f"{COMFY}.1.norm3.diff": ("blocks.1.norm2.weight", (DIM,)),
+                  f"{COMFY}.1.norm3.diff_b": ("blocks.1.norm2.bias", (DIM,)),
+                  f"{COMFY}.0.cross_attn.norm_k.diff": ("blocks.0.attn2.norm_k.weight", (DIM,)),
+                  f"{COMFY}.1.modulation.diff": ("blocks.1.scale_shift_table", (1, 6, DIM))}
 LINEAR_DIFF = (f"{COMFY}.0.cross_attn.o.diff", "transformer.blocks.0.attn2.to_out.0")
 
 
 def comfyui_file(path):
     """Factors with alphas and `diff_b` on their biases, a `.diff` on a linear layer without
-    factors, `.diff` / `.diff_b` on norms: the key kinds of Kijai's CausVid / lightx2v files."""
+    factors, `.diff` / `.diff_b` on norms and a modulation table: the key kinds of Kijai's CausVid / lightx2v files."""
     layers = {f"{COMFY}.0.self_attn.q": ((4, DIM), (DIM, 4), 2.0, KOHYA),
               f"{COMFY}.1.cross_attn.k": ((4, DIM), (DIM, 4), 8.0, KOHYA),
               f"{COMFY}.0.ffn.0": ((4, DIM), (FFN, 4), 4.0, KOHYA),
@@ -45,7 +48,7 @@ def comfyui_file(path):
     tensors = load_file(str(path))
     rng = np.random.default_rng(3)
     deltas = {f"{name}.diff_b": (layer[1][0],) for name, layer in layers.items()}
-    deltas.update({LINEAR_DIFF[0]: (DIM, DIM), **{name: (DIM,) for name in NORM_DELTAS}})
+    deltas.update({LINEAR_DIFF[0]: (DIM, DIM), **{name: shape for name, (_, shape) in DROPPED_DELTAS.items()}})
     tensors.update({name: (0.2 * rng.standard_normal(shape)).astype(np.float32) for name, shape in deltas.items()})
     save_file(tensors, str(path))
     return path
@@ -90,12 +93,12 @@ def their_frames(pipe, latents):
 
 
 @contextlib.contextmanager
-def norm_deltas_added(pipe, comfyui_path, scale):
-    """ComfyUI's norm deltas added to diffusers' transformer (which drops them), undone after."""
+def dropped_deltas_added(pipe, comfyui_path, scale):
+    """The ComfyUI deltas diffusers drops, added to its transformer's parameters, undone after."""
     tensors, parameters = load_file(str(comfyui_path)), dict(pipe.transformer.named_parameters())
-    saved = {name: parameters[name].detach().clone() for name in NORM_DELTAS.values()}
+    saved = {name: parameters[name].detach().clone() for name, _ in DROPPED_DELTAS.values()}
     with torch.no_grad():
-        for key, name in NORM_DELTAS.items():
+        for key, (name, _) in DROPPED_DELTAS.items():
             parameters[name].add_(scale * torch.from_numpy(tensors[key]))
     try:
         yield
@@ -110,7 +113,7 @@ def diffusers_with(pipe, files, loras, generate):
     adapters = [(files[name], scale) for name, scale in loras]
     comfyui = [scale for name, scale in loras if name == "comfyui"]
     adapters += [(files["comfyui_diff_as_peft"], scale) for scale in comfyui]
-    with norm_deltas_added(pipe, files["comfyui"], sum(comfyui)):
+    with dropped_deltas_added(pipe, files["comfyui"], sum(comfyui)):
         return reference_images(pipe, adapters, generate)
 
 
@@ -165,5 +168,5 @@ def test_cli_lora_on_a_wan_video_is_merged_and_recorded(setup, tmp_path, capsys)
     assert main(["generate", "--model", str(pipe.family.path), "--prompt", PROMPT, "--steps", "2", "--height", "32",
                  "--width", "32", "--num-frames", "5", "--guidance-scale", "1", "--nag-negative-prompt", NAG_NEGATIVE,
                  "--lora", f"{files['comfyui']}:0.7", "--output", str(out), "--no-progress"]) == 0
-    assert "12 layers patched" in capsys.readouterr().out
+    assert "13 layers patched" in capsys.readouterr().out
     assert json.loads(read_video_metadata(out))["loras"] == [f"{files['comfyui']}:0.7"]
