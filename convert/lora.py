@@ -17,11 +17,11 @@ factors (and optionally `alpha`) under names in one of these formats, told apart
 Each layer becomes a `LoraLayer` naming its component (`denoiser`, `text_encoder`,
 `text_encoder_2`) and the parameter's checkpoint key in a naming the component's converter reads
 (diffusers, transformers, LDM, BFL, original Wan). Placing it is one function per family
-(`unet_targets`, `clip_targets`, `flux_targets`, `sd3_targets`, `wan_targets`): the key goes through the same key map the
-converter uses, which says which of our parameters it lands on (for blocks run under scan: the
-stacked parameter and the layer's index along its leading axis, `convert.mapping.stacked_location`)
-and how the torch-layout update is rearranged (transposed, split in q/k/v, ...). Nothing here
-touches parameters; nag_jax/lora.py merges.
+(`unet_targets`, `clip_targets`, `flux_targets`, `sd3_targets`, `wan_targets`): the key goes
+through the same key map the converter uses, which says which of our parameters it lands on (for
+blocks run under scan: the stacked parameter and the layer's index along its leading axis,
+`convert.mapping.stacked_location`) and how the torch-layout update is rearranged (transposed,
+split in q/k/v, ...). Nothing here touches parameters; nag_jax/lora.py merges.
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ def _family_components(family) -> dict:
         if cls.__name__ in COMPONENTS:
             table = COMPONENTS[cls.__name__]
             return {name: entry for name, entry in table.items() if _get(family, entry) is not None}
-    raise LoraError(f"the {family.name} pipeline does not take LoRA files yet (supported: SD1.5/SDXL, Flux, SD3, Wan2.1)")
+    raise LoraError(f"the {family.name} pipeline does not take LoRA files yet "
+                    "(supported: SD1.5/SDXL, Flux, SD3, Wan2.1)")
 
 
 def _get(family, entry):

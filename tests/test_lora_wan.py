@@ -60,7 +60,8 @@ def musubi_layers():
     for block in range(2):
         for attention in ("self_attn", "cross_attn"):
             layers.update({f"lora_unet_blocks_{block}_{attention}_{x}": linear(DIM, DIM) for x in "qkvo"})
-        layers.update({f"lora_unet_blocks_{block}_ffn_0": linear(DIM, FFN), f"lora_unet_blocks_{block}_ffn_2": linear(FFN, DIM)})
+        layers.update({f"lora_unet_blocks_{block}_ffn_0": linear(DIM, FFN),
+                       f"lora_unet_blocks_{block}_ffn_2": linear(FFN, DIM)})
     return layers
 
 
