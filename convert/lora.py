@@ -9,18 +9,19 @@ factors (and optionally `alpha`) under names in one of these formats, told apart
 - "kohya": `lora_unet_` / `lora_te1_` (or `lora_te_`) / `lora_te2_` and the module path with
   underscores for dots, `.lora_down` / `.lora_up` / `.alpha`. The UNet names are diffusers' (SD1.5)
   or the original LDM ones (SDXL: `input_blocks_4_1_...`); Flux names are BFL's fused layout;
-- "comfyui": `diffusion_model.` + original (LDM / BFL) module paths, kohya's factor names (and
-  `text_encoders.clip_l.transformer.` + transformers' names for Flux's CLIP);
+- "comfyui": `diffusion_model.` + original (LDM / BFL / Wan) module paths, kohya's factor names (and
+  `text_encoders.clip_l.transformer.` + transformers' names for Flux's CLIP); Wan files (CausVid,
+  lightx2v) also carry full deltas: `.diff` added to the module's weight, `.diff_b` to its bias;
 - "xlabs": XLabs' Flux names (`double_blocks.N.processor.qkv_lora1.down.weight`, ...).
 
 Each layer becomes a `LoraLayer` naming its component (`denoiser`, `text_encoder`,
-`text_encoder_2`) and the module path in a naming the component's converter reads (diffusers,
-transformers, LDM, BFL). Placing it is one function per family (`unet_targets`, `clip_targets`,
-`flux_targets`, `sd3_targets`): the module's `.weight` key goes through the same key map the
-converter uses, which says which of our parameters it lands on (for blocks run under scan: the
-stacked parameter and the layer's index along its leading axis, `convert.mapping.stacked_location`)
-and how the torch-layout update is rearranged (transposed, split in q/k/v, ...). Nothing here
-touches parameters; nag_jax/lora.py merges.
+`text_encoder_2`) and the parameter's checkpoint key in a naming the component's converter reads
+(diffusers, transformers, LDM, BFL, original Wan). Placing it is one function per family
+(`unet_targets`, `clip_targets`, `flux_targets`, `sd3_targets`, `wan_targets`): the key goes
+through the same key map the converter uses, which says which of our parameters it lands on (for
+blocks run under scan: the stacked parameter and the layer's index along its leading axis,
+`convert.mapping.stacked_location`) and how the torch-layout update is rearranged (transposed,
+split in q/k/v, ...). Nothing here touches parameters; nag_jax/lora.py merges.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from convert.mapping import route, stacked_location
 from convert.sd3 import diffusers_rules as sd3_diffusers_rules
 from convert.single_file import unet_renamer
 from convert.unet import UNET_RULES
+from convert.wan import DIFFUSERS_RULES as WAN_DIFFUSERS_RULES, original_to_diffusers
 
 FORMATS = ("diffusers", "kohya", "comfyui", "xlabs")
 DIFFUSERS_PREFIXES = {"unet": "denoiser", "transformer": "denoiser", "text_encoder": "text_encoder",
@@ -55,7 +57,9 @@ _FACTOR_SUFFIXES = [
     (r"\.lora_down\.weight", "down"), (r"\.lora_up\.weight", "up"),
     (r"\.down\.weight", "down"), (r"\.up\.weight", "up"),
     (r"\.alpha", "alpha"),
+    (r"\.diff", "diff"), (r"\.diff_b", "diff_b"),  # full deltas of a weight / a bias (ComfyUI, Wan)
 ]
+_DELTA_PARAMS = {"diff": "weight", "diff_b": "bias"}
 
 # Module names with underscores inside, to rebuild dotted paths from kohya's underscored ones.
 _COMPOUND_NAMES = {
@@ -73,6 +77,9 @@ _COMPOUND_NAMES = {
     "double_blocks", "single_blocks", "img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod",
     "final_layer", "adaLN_modulation", "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "in_layer",
     "out_layer", "query_norm", "key_norm",
+    # original Wan (musubi-tuner's kohya names)
+    "cross_attn", "k_img", "v_img", "norm_k_img", "norm_q", "norm_k", "time_embedding", "text_embedding",
+    "time_projection", "img_emb",
 }
 _LONGEST_COMPOUND = max(name.count("_") + 1 for name in _COMPOUND_NAMES)
 
@@ -88,11 +95,17 @@ class LoraError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class LoraLayer:
     component: str  # "denoiser", "text_encoder" or "text_encoder_2"
-    module: str  # module path in a naming the component's key map reads (weight key = module + ".weight")
-    down: np.ndarray  # [rank, in] or [rank, in, kh, kw]
-    up: np.ndarray  # [out, rank] or [out, rank, 1, 1]
-    alpha: float  # the update is (alpha / rank) up @ down
+    module: str  # module path in a naming the component's key map reads
+    down: np.ndarray | None  # [rank, in] or [rank, in, kh, kw]; None: `up` is the whole update (a diff)
+    up: np.ndarray  # [out, rank] or [out, rank, 1, 1], or a diff shaped as the parameter
+    alpha: float  # the update is (alpha / rank) up @ down (a diff: up)
     source: str  # the layer's name in the file, for messages
+    param: str = "weight"  # the module's parameter it updates ("bias": a `diff_b`)
+
+    @property
+    def key(self) -> str:
+        """The updated parameter's checkpoint key."""
+        return f"{self.module}.{self.param}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,10 +214,16 @@ def read_lora_layers(checkpoint: Checkpoint, metadata: dict) -> tuple[str, list[
     layers = []
     for name, roles in factors.items():
         place = _place(fmt, name)
-        if place is None or "down" not in roles or "up" not in roles:
+        factored = {"down", "up", "alpha"} & roles.keys()
+        if place is None or factored and not {"down", "up"} <= factored:
             unplaced.extend(roles.values())
             continue
         component, module = place
+        for role in _DELTA_PARAMS.keys() & roles.keys():  # a module's full deltas: as they are, scaled
+            layers.append(LoraLayer(component, module, None, checkpoint.load(roles[role], "float32"), 1.0,
+                                    roles[role], _DELTA_PARAMS[role]))
+        if not factored:
+            continue
         down, up = checkpoint.load(roles["down"], "float32"), checkpoint.load(roles["up"], "float32")
         rank = down.shape[0]
         if up.ndim < 2 or up.shape[1] != rank:
@@ -219,11 +238,11 @@ def read_lora_layers(checkpoint: Checkpoint, metadata: dict) -> tuple[str, list[
 
 
 def _routed(rules, stacks=()) -> Callable[[str], list[Target]]:
-    """Targets of a module path by a converter's key map (its `.weight` rule) and the model's
-    stacked layers (`LayerStack`s of blocks run under scan); [] if no rule matches."""
+    """Targets of a parameter's checkpoint key by a converter's key map and the model's stacked
+    layers (`LayerStack`s of blocks run under scan); [] if no rule matches."""
 
-    def targets(module: str) -> list[Target]:
-        rule, paths = route(rules, module + ".weight")
+    def targets(key: str) -> list[Target]:
+        rule, paths = route(rules, key)
         if rule is None:
             return []
         return [Target(*stacked_location(path, stacks), rule.layout, part) for part, path in enumerate(paths)]
@@ -240,10 +259,10 @@ def unet_targets(layers_per_block) -> Callable[[str], list[Target]]:
     (LDM numbering needs the same `layers_per_block`, an int or one per block, in every block)."""
     rename = unet_renamer(np.max(layers_per_block))
 
-    def targets(module: str) -> list[Target]:
-        if module.startswith(_LDM_ROOTS):
-            module = rename(module + ".weight")[0][0].removesuffix(".weight")
-        return _UNET_TARGETS(module)
+    def targets(key: str) -> list[Target]:
+        if key.startswith(_LDM_ROOTS):
+            key = rename(key)[0][0]
+        return _UNET_TARGETS(key)
 
     return targets
 
@@ -259,3 +278,15 @@ def flux_targets(model) -> Callable[[str], list[Target]]:
 def sd3_targets(module) -> Callable[[str], list[Target]]:
     """SD3's: diffusers module paths, onto the model's stacked joint blocks."""
     return _routed(sd3_diffusers_rules(), module.layer_stacks)
+
+
+def wan_targets(model) -> Callable[[str], list[Target]]:
+    """Wan2.1's: diffusers module paths, or original Wan ones (ComfyUI / Kijai / musubi files)
+    renamed as the converter renames original checkpoints, onto the model's stacked blocks. A
+    `diff` names its weight `.weight`; the modulation tables have no such suffix."""
+    routed = _routed(WAN_DIFFUSERS_RULES, model.layer_stacks)
+
+    def targets(key: str) -> list[Target]:
+        return routed(original_to_diffusers(key)) or routed(original_to_diffusers(key.removesuffix(".weight")))
+
+    return targets

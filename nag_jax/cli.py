@@ -346,8 +346,9 @@ def write_videos(pipe, settings: dict, image: dict, paths: list[Path], args, mod
     settings.update(num_frames=frames.shape[1], height=frames.shape[2], width=frames.shape[3])
     for index, (video, path) in enumerate(zip(frames, paths)):
         path.parent.mkdir(parents=True, exist_ok=True)
+        loras = {"loras": [f"{lora}:{scale}" for lora, scale in args.lora]} if args.lora else {}
         export_to_video(video, path, fps=args.fps,
-                        metadata=dict(settings, model=str(model), dtype=args.dtype, video_index=index))
+                        metadata=dict(settings, model=str(model), dtype=args.dtype, video_index=index, **loras))
         print(path)
     return 0
 

@@ -8,8 +8,8 @@ A problem raises one LoraError and leaves the pipeline as it was. The parameters
 LoRA are kept, so `unload_lora_weights` restores them bit for bit; repeated loads stack.
 
 Which parameters a family exposes to LoRAs is the table `COMPONENTS` (family class -> LoRA file
-component -> family attribute, list index, target function). Wan is not in it yet: its LoRAs
-(ComfyUI / Kijai names, `diff` / `diff_b` full deltas) are added with the Wan family.
+component -> family attribute, list index, target function). Full deltas (`diff` / `diff_b` of
+Wan's CausVid / lightx2v files: a layer without `down`) are added as they are, times the scale.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from convert.checkpoint import open_checkpoint, safetensors_metadata
 from convert.lora import LoraError, LoraLayer, Target, clip_targets, flux_targets, read_lora_layers, sd3_targets, \
-    unet_targets
+    unet_targets, wan_targets
 from convert.mapping import LAYOUTS
 
 # family class name -> {component: (family attribute, index in its list or None, family -> target function)}
@@ -42,6 +42,9 @@ COMPONENTS = {
         "text_encoder": ("clip_params", 0, lambda f: clip_targets),
         "text_encoder_2": ("clip_params", 1, lambda f: clip_targets),
     },
+    "WanFamily": {
+        "denoiser": ("params", None, lambda f: wan_targets(f.transformer)),
+    },
 }
 _SHOWN = 5  # unplaced keys named in an error
 
@@ -51,7 +54,8 @@ def _family_components(family) -> dict:
         if cls.__name__ in COMPONENTS:
             table = COMPONENTS[cls.__name__]
             return {name: entry for name, entry in table.items() if _get(family, entry) is not None}
-    raise LoraError(f"the {family.name} pipeline does not take LoRA files yet (supported: SD1.5/SDXL, Flux, SD3)")
+    raise LoraError(f"the {family.name} pipeline does not take LoRA files yet "
+                    "(supported: SD1.5/SDXL, Flux, SD3, Wan2.1)")
 
 
 def _get(family, entry):
@@ -73,7 +77,7 @@ def _set(family, entry, params):
 
 
 def _torch_shape(layer: LoraLayer) -> tuple[int, ...]:
-    return (layer.up.shape[0], *layer.down.shape[1:])
+    return layer.up.shape if layer.down is None else (layer.up.shape[0], *layer.down.shape[1:])
 
 
 def _part_shapes(layer: LoraLayer, layout: str) -> list[tuple[int, ...]]:
@@ -88,9 +92,9 @@ def _plan(layers, components, flat_params, targets_of):
         if layer.component not in components:
             unplaced.append(f"{layer.source} (the pipeline has no {layer.component})")
             continue
-        targets = targets_of[layer.component](layer.module)
+        targets = targets_of[layer.component](layer.key)
         if not targets or any(t.path not in flat_params[layer.component] for t in targets):
-            unplaced.append(f"{layer.source} (as {layer.module})")
+            unplaced.append(f"{layer.source} (as {layer.key})")
             continue
         parts = _part_shapes(layer, targets[0].layout)
         for target in targets:
@@ -103,11 +107,15 @@ def _plan(layers, components, flat_params, targets_of):
 
 
 def _add_update(bases, down, up, coefficient, layout: str, picks: tuple):
-    """`bases` with (alpha / rank) * scale * up @ down added, rearranged by `layout`; `picks` gives each
-    base's (part of the layout's output, index on the stacked layer axis or None)."""
-    rank = down.shape[0]
-    delta = jnp.matmul(up.reshape(up.shape[0], rank), down.reshape(rank, -1), precision=jax.lax.Precision.HIGHEST)
-    delta = (coefficient * delta).reshape(up.shape[0], *down.shape[1:])
+    """`bases` with `coefficient` (scale * alpha / rank) times up @ down (`down` None: times `up`) added,
+    rearranged by `layout`; `picks` gives each base's (part of the layout's output, index on the
+    stacked layer axis or None)."""
+    if down is None:
+        delta = coefficient * up
+    else:
+        rank = down.shape[0]
+        delta = jnp.matmul(up.reshape(up.shape[0], rank), down.reshape(rank, -1), precision=jax.lax.Precision.HIGHEST)
+        delta = (coefficient * delta).reshape(up.shape[0], *down.shape[1:])
     parts = LAYOUTS[layout](delta)
     parts = parts if isinstance(parts, tuple) else (parts,)
     merged = []
@@ -130,7 +138,7 @@ def merge_layer(flat: dict, layer: LoraLayer, targets: list[Target], scale: floa
     `owned` hold arrays nothing else refers to, updated in place; the merged paths are added to it."""
     owned = set() if owned is None else owned
     bases = tuple(flat[t.path] for t in targets)
-    coefficient = np.float32(scale * layer.alpha / layer.down.shape[0])
+    coefficient = np.float32(scale * layer.alpha / (1 if layer.down is None else layer.down.shape[0]))
     merge = _merged_in_place if all(t.path in owned for t in targets) else _merged
     shardings = [base.sharding if isinstance(base, jax.Array) else None for base in bases]
     merged = merge(bases, layer.down, layer.up, coefficient, targets[0].layout,
