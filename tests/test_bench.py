@@ -43,3 +43,14 @@ def test_table_and_json_render_records():
     table = bench.format_table([record])
     assert "sd3" in table and "met" in table and "1.200x" in table
     assert json.loads(json.dumps([record]))[0]["value"] == 1.5
+
+
+def test_timings_under_load_are_marked_not_judged():
+    """A timing taken with the load average above QUIET_LOAD is flagged in the table instead of
+    judged against its target (other jobs starve one side of the comparison)."""
+    quiet = bench._record("timing", "unet", "nag-jax no NAG", 0.04, "ms", 0.04, scale=1e3, tiny=True)
+    quiet.update(target=1.0, met=True, load_average=0.2)
+    busy = dict(quiet, load_average=bench.QUIET_LOAD + 4)
+    assert "met" in bench.format_table([quiet]) and "UNDER LOAD" not in bench.format_table([quiet])
+    assert "UNDER LOAD 5.00: not a figure" in bench.format_table([busy])
+    assert "load_average" in bench.environment()
