@@ -17,9 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.layers import SelfAttentionCore, rms_normalized
-
-MASKED = -1e9  # large finite negative for keys a query may not see
+from models.layers import MASKED, SelfAttentionCore, rms_normalized
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,15 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.layers import (CrossAttentionCore, GELUFeedForward, LayerStack, MLPEmbedder, RMSNorm, ScannedBlock,
-                           SelfAttentionCore, layer_norm, scan_blocks, timestep_embedding)
-
-MASK_BIAS = -10000.0  # diffusers' encoder_attention_mask -> bias: (1 - mask) * -10000
-
-
-def mask_to_bias(mask, dtype=jnp.float32):
-    """Text mask [B, L] (1 = token) -> additive attention bias [B, 1, 1, L] (diffusers' value)."""
-    return ((1.0 - mask.astype(dtype)) * MASK_BIAS)[:, None, None, :]
-
+                           SelfAttentionCore, key_mask_bias, layer_norm, modulate, scan_blocks,
+                           timestep_embedding)
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     """[M] positions -> [M, dim]: [sin, cos] at frequencies 10000^(-2i/dim), float64."""
@@ -63,7 +56,7 @@ def final_layer(module: nn.Module, tokens, emb, grid, patch: int, channels: int)
     dim = tokens.shape[-1]
     table = module.param("scale_shift_table", nn.initializers.normal(dim**-0.5), (2, dim), module.param_dtype)
     shift, scale = table[0][None] + emb, table[1][None] + emb
-    tokens = layer_norm(tokens, 1e-6) * (1 + scale[:, None]) + shift[:, None]
+    tokens = modulate(layer_norm(tokens, 1e-6), shift, scale)
     out = nn.Dense(patch * patch * channels, dtype=module.dtype, param_dtype=module.param_dtype,
                    name="proj_out")(tokens)
     return unpatchify(out, *grid, patch, channels)
@@ -75,7 +68,7 @@ def block_modulation(module: nn.Module, x, modulation):
     dim = x.shape[-1]
     table = module.param("scale_shift_table", nn.initializers.normal(dim**-0.5), (6, dim), module.param_dtype)
     vectors = table[None].astype(modulation.dtype) + modulation.reshape(x.shape[0], 6, dim)
-    return [vectors[:, i, None] for i in range(6)]
+    return [vectors[:, i] for i in range(6)]
 
 
 def relu_linear_attention(q, k, v):
@@ -138,12 +131,11 @@ class PixArtBlock(ScannedBlock):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block_modulation(self, x, modulation)
         attention = lambda name: Attention(  # noqa: E731
             self.heads, self.head_dim, self.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-        normed = layer_norm(x, self.norm_eps) * (1 + scale_msa) + shift_msa
-        x = x + gate_msa * attention("attn1")(normed)
+        x = x + gate_msa[:, None] * attention("attn1")(modulate(layer_norm(x, self.norm_eps), shift_msa, scale_msa))
         x = x + attention("attn2")(x, context, context_bias)  # PixArt: no norm before cross-attention
-        normed = layer_norm(x, self.norm_eps) * (1 + scale_mlp) + shift_mlp
+        normed = modulate(layer_norm(x, self.norm_eps), shift_mlp, scale_mlp)
         ff = GELUFeedForward(dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(normed)
-        return x + gate_mlp * ff, None
+        return x + gate_mlp[:, None] * ff, None
 
 
 def blocks_stack(num_layers: int) -> LayerStack:
@@ -269,7 +261,7 @@ class PixArtTransformer(nn.Module):
         context = context.astype(self.dtype)
         if cfg.caption_channels is not None:
             context = CaptionProjection(dim, self.dtype, self.param_dtype, name="caption_projection")(context)
-        tokens = scan_blocks(PixArtBlock, blocks_stack(cfg.num_layers), tokens, context, mask_to_bias(context_mask),
+        tokens = scan_blocks(PixArtBlock, blocks_stack(cfg.num_layers), tokens, context, key_mask_bias(context_mask),
                              modulation, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
                              attention_bias=cfg.attention_bias, norm_eps=cfg.norm_eps, dtype=self.dtype,
                              param_dtype=self.param_dtype)

@@ -15,10 +15,10 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.layers import (MLPEmbedder, RMSNorm, ScannedBlock, layer_norm, rms_normalized, scan_blocks,
-                           timestep_embedding)
+from models.layers import (MLPEmbedder, RMSNorm, ScannedBlock, key_mask_bias, layer_norm, modulate, rms_normalized,
+                           scan_blocks, timestep_embedding)
 from models.pixart import (AdaLNSingle, Attention, CaptionProjection, DiTConfig, block_modulation, blocks_stack,
-                           final_layer, mask_to_bias, patchify, sincos_2d)
+                           final_layer, patchify, sincos_2d)
 
 
 class BiasedRMSNorm(nn.Module):
@@ -77,14 +77,14 @@ class SanaBlock(ScannedBlock):
     def __call__(self, x, layer, context, context_bias, modulation):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block_modulation(self, x, modulation)
         kinds = dict(qk_norm=self.qk_norm, dtype=self.dtype, param_dtype=self.param_dtype)
-        normed = layer_norm(x, self.norm_eps) * (1 + scale_msa) + shift_msa
+        normed = modulate(layer_norm(x, self.norm_eps), shift_msa, scale_msa)
         self_attention = Attention(self.heads, self.head_dim, self.attention_bias, linear=True, **kinds, name="attn1")
-        x = x + gate_msa * self_attention(normed)
+        x = x + gate_msa[:, None] * self_attention(normed)
         x = x + Attention(self.cross_heads, self.cross_head_dim, True, **kinds, name="attn2")(x, context, context_bias)
-        normed = layer_norm(x, self.norm_eps) * (1 + scale_mlp) + shift_mlp
+        normed = modulate(layer_norm(x, self.norm_eps), shift_mlp, scale_mlp)
         grid = normed.reshape(x.shape[0], *self.grid, x.shape[-1])
         ff = GLUMBConv(self.mlp_ratio, dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(grid)
-        return x + gate_mlp * ff.reshape(x.shape), None
+        return x + gate_mlp[:, None] * ff.reshape(x.shape), None
 
 
 class TimestepGuidanceEmbedding(nn.Module):
@@ -164,7 +164,7 @@ class SanaTransformer(nn.Module):
         context = CaptionProjection(dim, self.dtype, self.param_dtype, name="caption_projection")(
             context.astype(self.dtype))
         context = RMSNorm(1e-5, param_dtype=self.param_dtype, name="caption_norm")(context)
-        tokens = scan_blocks(SanaBlock, blocks_stack(cfg.num_layers), tokens, context, mask_to_bias(context_mask),
+        tokens = scan_blocks(SanaBlock, blocks_stack(cfg.num_layers), tokens, context, key_mask_bias(context_mask),
                              modulation, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
                              cross_heads=cfg.num_cross_attention_heads, cross_head_dim=cfg.cross_attention_head_dim,
                              mlp_ratio=cfg.mlp_ratio, grid=grid, attention_bias=cfg.attention_bias,
