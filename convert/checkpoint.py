@@ -112,6 +112,12 @@ class Checkpoint:
     def shape(self, key) -> tuple[int, ...]:
         return tuple(self._tensors[key][1])
 
+    def require(self, keys, what: str) -> None:
+        """An error naming the missing ones unless every key of `keys` is present: the file is not `what`."""
+        absent = [k for k in keys if k not in self]
+        if absent:
+            raise ValueError(f"{self.description}: not {what}; missing {', '.join(absent)}")
+
     def load(self, key, dtype=None) -> np.ndarray:
         """The tensor as a numpy array, cast to `dtype` if given (a fresh copy, not a view)."""
         array = self._tensors[key][0]()

@@ -41,9 +41,7 @@ def infer_chroma_config(checkpoint: Checkpoint) -> dict:
     """A diffusers-style config read off the shapes of a (prefix-stripped) original Chroma checkpoint."""
     required = ("img_in.weight", "txt_in.weight", "distilled_guidance_layer.in_proj.weight",
                 "double_blocks.0.img_attn.norm.query_norm.scale")
-    absent = [k for k in required if k not in checkpoint]
-    if absent:
-        raise ValueError(f"{checkpoint.description}: not a Chroma checkpoint; missing {', '.join(absent)}")
+    checkpoint.require(required, "a Chroma checkpoint")
     dim, in_channels = checkpoint.shape("img_in.weight")
     head_dim = checkpoint.shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
     hidden, channels = checkpoint.shape("distilled_guidance_layer.in_proj.weight")

@@ -134,9 +134,7 @@ def infer_bfl_config(checkpoint: Checkpoint) -> dict:
     """A diffusers-style config read off the shapes of a (prefix-stripped) BFL checkpoint."""
     required = ("img_in.weight", "txt_in.weight", "vector_in.in_layer.weight", "final_layer.linear.weight",
                 "double_blocks.0.img_attn.norm.query_norm.scale")
-    absent = [k for k in required if k not in checkpoint]
-    if absent:
-        raise ValueError(f"{checkpoint.description}: not a Flux (Black Forest Labs) checkpoint; missing {', '.join(absent)}")
+    checkpoint.require(required, "a Flux (Black Forest Labs) checkpoint")
     dim, in_channels = checkpoint.shape("img_in.weight")
     head_dim = checkpoint.shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
     out_channels = checkpoint.shape("final_layer.linear.weight")[0]

@@ -108,9 +108,7 @@ def infer_wan_config(checkpoint: Checkpoint) -> dict:
     head size cannot be read off; every Wan2.1 model has heads of 128."""
     required = ("patch_embedding.weight", "condition_embedder.text_embedder.linear_1.weight",
                 "condition_embedder.time_embedder.linear_1.weight", "blocks.0.ffn.net.0.proj.weight", "proj_out.weight")
-    absent = [k for k in required if k not in checkpoint]
-    if absent:
-        raise ValueError(f"{checkpoint.description}: not a Wan transformer checkpoint; missing {', '.join(absent)}")
+    checkpoint.require(required, "a Wan transformer checkpoint")
     dim, in_channels, *patch = checkpoint.shape("patch_embedding.weight")
     head_dim = 128 if dim % 128 == 0 else dim
     image = "condition_embedder.image_embedder.norm1.weight"
