@@ -122,10 +122,16 @@ def _bias4(bias):
     return None if bias is None else jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
 
 
+def _scaled(q, scale):
+    """q * scale in q's dtype: scaling the [Nq, H, D] queries rather than the [H, Nq, Nk] scores
+    saves XLA:CPU a pass over the score matrix (the fused kernels scale q the same way)."""
+    return (q * scale).astype(q.dtype)
+
+
 def _one_block(q, k, v, bias, scale, softcap=None) -> Partial:
     """Every score of q against k at once (float32), exponentiated against their max; `softcap`
     (Gemma-2's attention-logit soft-capping) makes scores softcap * tanh(scores / softcap) before the bias."""
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bqhd,bkhd->bhqk", _scaled(q, scale), k, preferred_element_type=jnp.float32)
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
     if bias is not None:
@@ -166,7 +172,7 @@ def _blockwise(q, k, v, bias, scale, finish):
     def query_block(q_rows, first_row, i):
         """Block i of the queries; `q_rows` (bits) holds the queries from `first_row` on."""
         start_q = jnp.minimum(i * block_q, q_tokens - block_q)
-        q_block = _from_bits(lax.dynamic_slice_in_dim(q_rows, start_q - first_row, block_q, 1), dtypes[0])
+        q_block = _scaled(_from_bits(lax.dynamic_slice_in_dim(q_rows, start_q - first_row, block_q, 1), dtypes[0]), scale)
         bias_q = None if bias is None else _slice_if_full(bias, start_q, block_q, 2)
 
         def key_block(carry, j):
@@ -174,7 +180,7 @@ def _blockwise(q, k, v, bias, scale, finish):
             start_k = jnp.minimum(j * block_k, k_tokens - block_k)
             k_block, v_block = (_from_bits(lax.dynamic_slice_in_dim(x, start_k, block_k, 1), dtype)
                                 for x, dtype in ((k, dtypes[1]), (v, dtypes[2])))
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q_block, k_block, preferred_element_type=jnp.float32) * scale
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q_block, k_block, preferred_element_type=jnp.float32)
             if bias_q is not None:
                 scores = scores + _slice_if_full(bias_q, start_k, block_k, 3).astype(jnp.float32)
             if k_tokens % block_k:  # keys the previous block already counted
@@ -247,7 +253,7 @@ def splash_attention(q, k, v, scale, save_residuals: bool = False, interpret: bo
     segments = splash.SegmentIds(q=jnp.zeros((q_pad,), jnp.int32),
                                  kv=(jnp.arange(k_pad) >= k_tokens).astype(jnp.int32))
     result = jax.vmap(kernel, in_axes=(0, 0, 0, None))(
-        to_bhnd((q * scale).astype(q.dtype), q_pad), to_bhnd(k, k_pad), to_bhnd(v, k_pad), segments)
+        to_bhnd(_scaled(q, scale), q_pad), to_bhnd(k, k_pad), to_bhnd(v, k_pad), segments)
     out = result[0] if save_residuals else result
     out = jnp.transpose(out[:, :, :q_tokens, :head_dim], (0, 2, 1, 3)).astype(q.dtype)
     if not save_residuals:

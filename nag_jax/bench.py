@@ -16,6 +16,10 @@ Parts:
   Variants run interleaved, round-robin, and the median is reported. Each timing records the
   1-minute load average; above QUIET_LOAD it is marked "UNDER LOAD", not judged: other jobs
   starve one side more than the other.
+- pipeline: one whole warm call (encode, 20 steps with CFG, decode) of the embedded sd-shapes
+  model, nag-jax beside diffusers' StableDiffusionPipeline, interleaved (nag_jax/bench_pipeline.py).
+- profile: shares of a small step's XLA:CPU op time (attention core, convolutions, norms, the
+  rest) from a `jax.profiler` trace (nag_jax/bench_profile.py).
 - compile: the whole sampler (`NAGPipeline`, CFG and NAG on) on a tiny random SD1.5-like
   pipeline built from nag-jax's own modules, at 4, 25 and 50 steps: first call minus second
   call of a fresh pipeline, interleaved over repetitions, median.
@@ -68,11 +72,12 @@ from models.sd3 import SD3Transformer
 from models.unet import UNet2DConditionModel
 from nag_jax.bench_depth import DEPTHS, depth_figures
 from nag_jax.bench_dit import DIT_FAMILIES, build_dit, small_init_inputs, text_part_flops
+from nag_jax.bench_pipeline import pipeline_figures
 from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
 
 FAMILIES = ("unet", "flux", "sd3", "kontext", "chroma") + DIT_FAMILIES + ("wan-1.3b", "wan-14b")
 TIMED_FAMILIES = ("unet", "flux", "sd3")  # with a diffusers timing comparison; the others: FLOPs only
-PARTS = ("flops", "timing", "compile", "invariant", "vae-memory", "depth", "memory", "gpu")  # "gpu" only when asked for
+PARTS = ("flops", "timing", "pipeline", "profile", "compile", "invariant", "vae-memory", "depth", "memory", "gpu")  # "gpu" only when asked for
 
 # Published configurations (diffusers config.json values of the full-size models).
 SDXL_UNET_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
@@ -698,19 +703,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-repeats", type=int, default=3, help="compile-time repetitions (median)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from nag_jax import bench_gpu, bench_memory  # they import this module
+    from nag_jax import bench_gpu, bench_memory, bench_profile  # they import this module
     parts = args.only or [p for p in PARTS if p != "gpu"]
     families = args.family or list(FAMILIES)
     if "gpu" in parts and jax.default_backend() == "cpu" and not args.tiny:
         parser.error("--only gpu needs an accelerator at the published sizes; add --tiny to run it on the CPU")
 
-    missing = _torch_available() if "timing" in parts else None
+    missing = _torch_available() if {"timing", "pipeline"} & set(parts) else None
     if missing:
-        print(f"skipping the timing part: {missing}", file=sys.stderr)
-        parts = [p for p in parts if p != "timing"]
+        print(f"skipping the timing and pipeline parts: {missing}", file=sys.stderr)
+        parts = [p for p in parts if p not in ("timing", "pipeline")]
     total = (len(parts) and sum(
         len(variants(f)) if p == "flops" else args.repeats * (f in TIMED_FAMILIES) if p == "timing" else 0
         for p in parts for f in families)
+        + ("pipeline" in parts and "unet" in families) * args.repeats
+        + ("profile" in parts) * sum(f in TIMED_FAMILIES for f in families)
         + ("compile" in parts and "unet" in families) * 3 * args.compile_repeats
         + ("invariant" in parts and "unet" in families) * args.repeats
         + ("vae-memory" in parts) * 4
@@ -729,8 +736,12 @@ def main(argv: list[str] | None = None) -> int:
                 records += flop_counts(family, tiny=args.tiny, progress=progress)
             if "timing" in parts and family in TIMED_FAMILIES:
                 records += timing_figures(family, args.repeats, progress)
+            if "profile" in parts and family in TIMED_FAMILIES:
+                records += bench_profile.profile_figures(family, progress=progress)
             if "gpu" in parts:
                 records += bench_gpu.gpu_figures(family, tiny=args.tiny, repeats=args.repeats, progress=progress)
+        if "pipeline" in parts and "unet" in families:
+            records += pipeline_figures(repeats=args.repeats, progress=progress)
         if "compile" in parts and "unet" in families:
             records += compile_figures(repeats=args.compile_repeats, progress=progress)
         if "invariant" in parts and "unet" in families:

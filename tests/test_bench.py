@@ -54,3 +54,14 @@ def test_timings_under_load_are_marked_not_judged():
     assert "met" in bench.format_table([quiet]) and "UNDER LOAD" not in bench.format_table([quiet])
     assert "UNDER LOAD 5.00: not a figure" in bench.format_table([busy])
     assert "load_average" in bench.environment()
+
+
+def test_pipeline_part_times_whole_calls_of_both_pipelines():
+    """The pipeline part's code path (figures are BENCHMARKS.md's, taken on a quiet machine)."""
+    from nag_jax.bench_pipeline import pipeline_figures
+
+    records = pipeline_figures(steps=2, repeats=1)
+    assert [r["name"] for r in records] == ["diffusers (PyTorch eager), 2 steps", "nag-jax no NAG, 2 steps",
+                                            "nag-jax NAG, 2 steps"]
+    assert all(r["value"] > 0 and r["load_average"] >= 0 for r in records) and records[0]["ratio"] == 1.0
+    assert records[1]["target"] == 1.0
