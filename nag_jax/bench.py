@@ -71,6 +71,7 @@ from models.layers import JointAttentionCore, unrolled_layers
 from models.sd3 import SD3Transformer
 from models.unet import UNet2DConditionModel
 from nag_jax.bench_depth import DEPTHS, depth_figures
+from nag_jax.attention import attention_backend
 from nag_jax.bench_dit import DIT_FAMILIES, build_dit, small_init_inputs, text_part_flops
 from nag_jax.bench_pipeline import pipeline_figures
 from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
@@ -371,7 +372,8 @@ def flop_counts(family: str, tiny: bool = False, progress=None) -> list[dict]:
     params = abstract_params(family, module, inputs)
     records, baseline = [], None
     for name, (extra, context, rows) in variants(family).items():
-        with unrolled_layers():
+        # XLA counts a loop body once: blocks unrolled, and one-block attention (blockwise loops over key blocks)
+        with unrolled_layers(), attention_backend("xla"):
             lowered = jax.jit(step_function(call, module, context)).lower(params, inputs(rows, rows + extra))
         flops = float(lowered.cost_analysis()["flops"])
         baseline = baseline or flops
