@@ -53,12 +53,7 @@ import contextlib
 import json
 import os
 import platform
-import statistics
 import sys
-import tempfile
-import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import flax.linen as nn
 import jax
@@ -73,7 +68,6 @@ from models.unet import UNet2DConditionModel
 from nag_jax.bench_depth import DEPTHS, depth_figures
 from nag_jax.attention import attention_backend
 from nag_jax.bench_dit import DIT_FAMILIES, build_dit, small_init_inputs, text_part_flops
-from nag_jax.bench_pipeline import pipeline_figures
 from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
 
 FAMILIES = ("unet", "flux", "sd3", "kontext", "chroma") + DIT_FAMILIES + ("wan-1.3b", "wan-14b")
@@ -395,7 +389,7 @@ def _record(part, family, name, value, unit, baseline, scale=1.0, tiny=False):
                 met=None if target is None else bool(ratio <= 1 + target))
 
 
-# -- part 2: per-step timing against diffusers ---------------------------------------------
+QUIET_LOAD = 1.0  # 1-minute load average above which timings are marked as taken under load
 
 
 def _torch_available() -> str | None:
@@ -410,216 +404,6 @@ def _torch_available() -> str | None:
 def _concrete(spec_tree, seed=0):
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), spec_tree)
-
-
-def _diffusers_model(family: str, folder: Path):
-    """The diffusers model of the tiny config, saved to `folder`, and nag-jax's copy of it."""
-    import diffusers
-
-    if family == "unet":
-        from convert.unet import load_unet
-
-        model = diffusers.UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
-        model.save_pretrained(folder)
-        module, params = load_unet(folder)
-    elif family == "flux":
-        from convert.flux import load_flux_transformer
-
-        model = diffusers.FluxTransformer2DModel(**TINY_FLUX_CONFIG).eval()
-        model.save_pretrained(folder)
-        module, params = load_flux_transformer(folder)
-    else:
-        from convert.sd3 import load_sd3_transformer
-
-        model = diffusers.SD3Transformer2DModel(**TINY_SD3_CONFIG).eval()
-        model.save_pretrained(folder)
-        module, params = load_sd3_transformer(folder)
-    return model, module, {"params": params}
-
-
-def _torch_step(family: str, model, x: dict):
-    import torch
-
-    t = jax.tree.map(torch.from_numpy, x)
-    if family == "unet":
-        return lambda: model(t["sample"], t["timesteps"], t["encoder_hidden_states"], return_dict=False)
-    return lambda: model(**t, return_dict=False)
-
-
-def _torch_reference_nag_flux(model, x: dict):
-    """diffusers Flux with the PyTorch reference NAG of tests/test_flux_nag.py (importable only
-    from a source checkout), or None."""
-    tests = Path(__file__).resolve().parent.parent / "tests"
-    if not (tests / "test_flux_nag.py").exists():
-        return None
-    sys.path.insert(0, str(tests))
-    try:
-        from test_flux_nag import torch_reference_nag
-    except ImportError:
-        return None
-    finally:
-        sys.path.remove(str(tests))
-    import copy
-
-    reference_model = copy.deepcopy(model)
-    return lambda: torch_reference_nag(reference_model, x)
-
-
-QUIET_LOAD = 1.0  # 1-minute load average above which timings are marked as taken under load
-
-
-def timing_figures(family: str, repeats: int = 7, progress=None) -> list[dict]:
-    """Median seconds per denoiser step of every variant, measured interleaved in one run, with the
-    highest 1-minute load average seen (before or after): above QUIET_LOAD no target is judged."""
-    import torch
-
-    module, inputs, call = build(family, tiny=True)
-    with tempfile.TemporaryDirectory() as folder:
-        model, module, params = _diffusers_model(family, Path(folder))
-    steps = {}
-    x_plain = _concrete(inputs(1, 1))
-    steps["diffusers (PyTorch eager)"] = _torch_step(family, model, x_plain)
-    if family == "flux":
-        x_neg = _concrete(inputs(1, 2))
-        reference = _torch_reference_nag_flux(model, x_neg)
-        if reference is not None:
-            steps["diffusers + reference NAG (PyTorch eager)"] = reference
-    for name, (extra, context, rows) in variants(family).items():
-        if name == "NAG reference layout":
-            continue  # a FLOP-count construction; its timing is the PyTorch reference's above
-        fn = jax.jit(step_function(call, module, context))
-        x = jax.device_put(_concrete(inputs(rows, rows + extra)))
-        steps[f"nag-jax {name}"] = lambda fn=fn, x=x: jax.block_until_ready(fn(params, x))
-    times = {name: [] for name in steps}
-    load_before = os.getloadavg()[0]
-    with torch.no_grad():
-        for fn in steps.values():  # warm-up: compile, allocate
-            fn(), fn()
-        names = list(steps)
-        for r in range(repeats):
-            for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order
-                start = time.perf_counter()
-                steps[name]()
-                times[name].append(time.perf_counter() - start)
-            if progress:
-                progress.update(1)
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    load = max(load_before, os.getloadavg()[0])
-    records = []
-    for name, seconds in medians.items():
-        baseline = medians["nag-jax no NAG"] if name.startswith("nag-jax") else medians["diffusers (PyTorch eager)"]
-        record = _record("timing", family, name, seconds, "ms", baseline, scale=1e3, tiny=True)
-        if name == "nag-jax no NAG":
-            record["vs_pytorch_eager"] = seconds / medians["diffusers (PyTorch eager)"]
-            record["target"], record["met"] = 1.0, bool(record["vs_pytorch_eager"] <= 1.0)
-        elif (family, name) == ("flux", "nag-jax NAG shared-image"):
-            record["target"], record["met"] = 1.35, bool(record["ratio"] <= 1.35)
-        else:
-            record["target"] = record["met"] = None
-        record["load_average"] = load
-        if load > QUIET_LOAD:  # other jobs starve one side: the ratios say nothing
-            record["met"] = None
-        records.append(record)
-    return records
-
-
-# -- part 3: compile time of the whole sampler ---------------------------------------------
-
-
-class _CharTokenizer:
-    """A stand-in for the CLIP tokenizer (ids from characters): the compile benchmark needs
-    token ids of the right length, not a vocabulary, and so needs no tokenizer files."""
-
-    model_max_length = 77
-
-    def __call__(self, prompts, padding=None, max_length=None, truncation=False):
-        ids = [[1] + [2 + ord(c) % 97 for c in p] + [2] for p in prompts]
-        if max_length is not None:
-            ids = [(i[: max_length - 1] + [2] if len(i) > max_length else i + [0] * (max_length - len(i))) for i in ids]
-        return SimpleNamespace(input_ids=ids)
-
-
-def tiny_sd_pipeline():
-    """A NAGPipeline over a tiny random SD1.5-like family built from nag-jax's modules."""
-    from models.clip import CLIPTextEncoder
-    from models.vae import AutoencoderKL
-    from nag_jax.pipeline import NAGPipeline
-    from nag_jax.families.unet import StableDiffusionFamily
-
-    unet = UNet2DConditionModel.from_config(dict(TINY_UNET_CONFIG, block_out_channels=[32, 64],
-                                                 down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                                                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-                                                 sample_size=16))
-    clip = CLIPTextEncoder.from_config(dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                            num_attention_heads=2))
-    vae = AutoencoderKL.from_config(dict(latent_channels=4, block_out_channels=[8, 16], norm_num_groups=4,
-                                         layers_per_block=1))
-    key = jax.random.key(0)
-    params = {
-        "unet": unet.init(key, jnp.zeros((1, 4, 8, 8)), jnp.zeros((1,)), jnp.zeros((1, 77, 64)))["params"],
-        "vae": vae.init(key, jnp.zeros((1, 3, 16, 16)))["params"],
-        "text_encoders": [clip.init(key, jnp.zeros((1, 77), jnp.int32))["params"]],
-    }
-    scheduler = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                 "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "timestep_spacing": "leading",
-                 "steps_offset": 1}
-    family = StableDiffusionFamily(unet, vae, [clip], [_CharTokenizer()], params, scheduler,
-                                   {"_class_name": "StableDiffusionPipeline"}, 16, jnp.float32)
-    return lambda: NAGPipeline(family)
-
-
-def compile_figures(step_counts=(4, 25, 50), repeats: int = 3, progress=None) -> list[dict]:
-    """Compile time of the sampler per step count: a fresh pipeline's first call minus its second."""
-    make_pipeline = tiny_sd_pipeline()
-    args = dict(prompt="a cat", nag_scale=3.0, guidance_scale=7.5, output_type="latent")
-    make_pipeline()(num_inference_steps=2, **args)  # compiles the text encoder once, outside the figures
-    compile_s = {n: [] for n in step_counts}
-    for _ in range(repeats):
-        for n in step_counts:
-            pipeline = make_pipeline()
-            start = time.perf_counter()
-            pipeline(num_inference_steps=n, **args)
-            first = time.perf_counter() - start
-            start = time.perf_counter()
-            pipeline(num_inference_steps=n, **args)
-            compile_s[n].append(first - (time.perf_counter() - start))
-            if progress:
-                progress.update(1)
-    medians = {n: statistics.median(v) for n, v in compile_s.items()}
-    records = []
-    for n, seconds in medians.items():
-        record = _record("compile", "unet", f"sampler, {n} steps", seconds, "s", medians[step_counts[0]], tiny=True)
-        if n == max(step_counts):
-            record["target"], record["met"] = 1.2, bool(record["ratio"] <= 1.2)
-        records.append(record)
-    return records
-
-
-# -- part 4: cost of batch_invariant ---------------------------------------------------------
-
-
-def batch_invariant_figures(pipeline=None, image_counts=(1, 4), steps: int = 4, repeats: int = 5,
-                            progress=None) -> list[dict]:
-    """Seconds per whole call (encode, sample, decode; compiled beforehand) with batch_invariant
-    off and on, CFG and NAG on, interleaved over repetitions, median; `pipeline` defaults to the
-    tiny SD1.5-like one."""
-    pipeline = pipeline or tiny_sd_pipeline()()
-    args = dict(nag_scale=3.0, nag_negative_prompt="blurry", guidance_scale=7.5, num_inference_steps=steps,
-                output_type="np")
-    variants = [(n, invariant) for n in image_counts for invariant in (False, True)]
-    for n, invariant in variants:  # compile
-        pipeline(["a cat"] * n, batch_invariant=invariant, **args)
-    seconds = {variant: [] for variant in variants}
-    for _ in range(repeats):
-        for n, invariant in variants:
-            start = time.perf_counter()
-            pipeline(["a cat"] * n, batch_invariant=invariant, **args)
-            seconds[n, invariant].append(time.perf_counter() - start)
-        if progress:
-            progress.update(1)
-    medians = {variant: statistics.median(v) for variant, v in seconds.items()}
-    return [_record("invariant", "unet", f"{n} image{'s' * (n > 1)}, {'batch_invariant' if invariant else 'default'}",
-                    medians[n, invariant], "s", medians[n, False], tiny=True) for n, invariant in variants]
 
 
 # -- part 5: Wan VAE memory ------------------------------------------------------------------
@@ -705,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-repeats", type=int, default=3, help="compile-time repetitions (median)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from nag_jax import bench_gpu, bench_memory, bench_profile  # they import this module
+    from nag_jax import (bench_gpu, bench_memory, bench_pipeline, bench_profile, bench_sampler,  # they import
+                         bench_timing)  # this module
     parts = args.only or [p for p in PARTS if p != "gpu"]
     families = args.family or list(FAMILIES)
     if "gpu" in parts and jax.default_backend() == "cpu" and not args.tiny:
@@ -737,17 +522,17 @@ def main(argv: list[str] | None = None) -> int:
             if "flops" in parts:
                 records += flop_counts(family, tiny=args.tiny, progress=progress)
             if "timing" in parts and family in TIMED_FAMILIES:
-                records += timing_figures(family, args.repeats, progress)
+                records += bench_timing.timing_figures(family, args.repeats, progress)
             if "profile" in parts and family in TIMED_FAMILIES:
                 records += bench_profile.profile_figures(family, progress=progress)
             if "gpu" in parts:
                 records += bench_gpu.gpu_figures(family, tiny=args.tiny, repeats=args.repeats, progress=progress)
         if "pipeline" in parts and "unet" in families:
-            records += pipeline_figures(repeats=args.repeats, progress=progress)
+            records += bench_pipeline.pipeline_figures(repeats=args.repeats, progress=progress)
         if "compile" in parts and "unet" in families:
-            records += compile_figures(repeats=args.compile_repeats, progress=progress)
+            records += bench_sampler.compile_figures(repeats=args.compile_repeats, progress=progress)
         if "invariant" in parts and "unet" in families:
-            records += batch_invariant_figures(repeats=args.repeats, progress=progress)
+            records += bench_sampler.batch_invariant_figures(repeats=args.repeats, progress=progress)
         if "vae-memory" in parts:
             records += wan_vae_memory_figures(progress=progress)
         for family in families:
