@@ -106,8 +106,14 @@ class Family:
         """`latent_shape` for this call's options (video families read num_frames there)."""
         return self.latent_shape(height, width)
 
+    def prepare(self, params, conditioning: Conditioning) -> Conditioning:
+        """Pure: the denoiser's work that no step changes (PixArt/SANA: the caption's keys and
+        values), run once per sampling run outside the step loop; `denoise` gets its result."""
+        return conditioning
+
     def denoise(self, params, model_input, timestep, conditioning: Conditioning):
-        """Pure: the model's output for model_input at the scalar `timestep` (traced)."""
+        """Pure: the model's output for model_input at the scalar `timestep` (traced), given
+        `prepare`'s conditioning."""
         raise NotImplementedError
 
     def experts(self) -> tuple:
@@ -262,7 +268,7 @@ class NAGPipeline:
             raise ValueError(f"offload_inactive_expert=True is for two-expert models (Wan2.2 A14B); the {family.name} "
                              f"model has one denoiser, got offload_inactive_expert={offload_inactive_expert!r}")
         self.sampler = Sampler(denoisers if len(denoisers) > 1 else denoisers[0], model_parallel, family.stacked_params,
-                               offload_inactive_expert)
+                               family.prepare, offload_inactive_expert)
         self._guided_layers = None  # {module path: guidance its transform implements}, found on first use
 
     def _layers_with_guidance(self, latents, timestep, conditioning) -> dict[str, frozenset]:
@@ -281,7 +287,8 @@ class NAGPipeline:
             one_row = jax.tree.map(lambda leaf: leaf[:1], conditioning)
             denoise, params = next((d, p) for d, p in self.family.experts() if p is not None)  # experts: alike
             with nn.intercept_methods(track_layers(record)):
-                jax.eval_shape(lambda p, x, c: denoise(p, x, timestep, c), params, latents, one_row)
+                jax.eval_shape(lambda p, x, c: denoise(p, x, timestep, self.family.prepare(p, c)), params, latents,
+                               one_row)
             self._guided_layers = seen
         return self._guided_layers
 

@@ -167,10 +167,12 @@ def segments(plan: GuidancePlan, num_steps: int) -> list[Segment]:
 
 
 def denoise_loop(denoise: Callable, schedule, plan: GuidancePlan, report: str, params, latents, groups, scales,
-                 image_keys, state=None, axis_name=None, expert: int | None = None):
+                 image_keys, state=None, axis_name=None, expert: int | None = None, prepare=None):
     """Run the steps of `expert` (None: every step; `denoise` and `params` are that expert's).
-    `denoise(params, model_input, t, conditioning) -> model_output`. Returns (latents, scheduler
-    state); `state` is the state the previous expert's steps left (None: the start).
+    `denoise(params, model_input, t, conditioning) -> model_output`, given the conditioning
+    through `prepare(params, conditioning)` (the step-invariant work, run once per scan, before
+    it; None: nothing to prepare). Returns (latents, scheduler state); `state` is the state the
+    previous expert's steps left (None: the start).
 
     `report`: "none", "steps" (step index and timestep to the host, for progress bars) or
     "latents" (the latents too, for a user's per-step callback). `image_keys`: one PRNG key
@@ -182,8 +184,11 @@ def denoise_loop(denoise: Callable, schedule, plan: GuidancePlan, report: str, p
     nag_config = NAGConfig(scales.nag_scale, scales.nag_tau, scales.nag_alpha, plan.nag_mode, plan.nag_norm,
                            PAGConfig(plan.pag_layers, plan.row_groups))
 
+    prepared = (lambda conditioning: conditioning) if prepare is None else functools.partial(prepare, params)
+
     def body_for(with_nag: bool, scales: Scales):
-        conditioning = assemble(groups, with_nag, plan.pag)
+        conditioning = prepared(assemble(groups, with_nag, plan.pag))
+
         def guided_output(model_input, conditioning, timestep):
             if plan.row_groups > 1:
                 model_input = jnp.concatenate([model_input] * plan.row_groups, axis=0)
@@ -205,7 +210,7 @@ def denoise_loop(denoise: Callable, schedule, plan: GuidancePlan, report: str, p
             def one_image(i, outputs):
                 row = lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, i, 1)  # noqa: E731
                 x, image_groups = jax.tree.map(row, rows)
-                output = guided_output(x, assemble(image_groups, with_nag, plan.pag), timestep)
+                output = guided_output(x, prepared(assemble(image_groups, with_nag, plan.pag)), timestep)
                 return jax.lax.dynamic_update_slice_in_dim(outputs, output, i, 0)
 
             return jax.lax.fori_loop(0, count, one_image, jnp.zeros_like(model_input))
@@ -291,8 +296,8 @@ class Sampler:
     """
 
     def __init__(self, denoise: Callable | tuple, model_parallel: int = 1, stacked_params=(),
-                 offload_inactive_expert: bool = False):
-        self.denoise = denoise
+                 prepare: Callable | None = None, offload_inactive_expert: bool = False):
+        self.denoise, self.prepare = denoise, prepare
         self.model_parallel = model_parallel
         self.stacked_params = stacked_params  # param subtrees with a leading layer axis: not split
         self.offload_inactive_expert = offload_inactive_expert
@@ -333,7 +338,7 @@ class Sampler:
         key = (_digest(schedule), plan, report, parallel, expert)
         if key not in self._compiled:
             denoise = self.denoise[expert or 0] if isinstance(self.denoise, tuple) else self.denoise
-            loop = functools.partial(denoise_loop, denoise, schedule, plan, report, expert=expert)
+            loop = functools.partial(denoise_loop, denoise, schedule, plan, report, expert=expert, prepare=self.prepare)
             if parallel == "pmap":
                 loop = functools.partial(loop, axis_name="data")
                 self._compiled[key] = jax.pmap(loop, axis_name="data", in_axes=(None, 0, 0, None, 0, 0))
