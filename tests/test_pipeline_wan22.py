@@ -218,3 +218,18 @@ def test_bad_arguments(t2v):
         ours(NAGPipeline(one_expert), latents, guidance_scale_2=2.0)
     with pytest.raises(ValueError, match="offload_inactive_expert"):
         NAGPipeline(one_expert, offload_inactive_expert=True)
+
+
+def test_cli_flags_reach_the_pipeline():
+    import argparse
+
+    from nag_jax.cli import add_generate_arguments, resolve_settings
+    from nag_jax.families.wan import WAN_DEFAULTS
+
+    parser = argparse.ArgumentParser()
+    add_generate_arguments(parser)
+    args = parser.parse_args(["--prompt", "a cat", "--guidance-scale-2", "3", "--offload-inactive-expert"])
+    assert resolve_settings(args, WAN_DEFAULTS)["guidance_scale_2"] == 3.0 and args.offload_inactive_expert
+    assert "guidance_scale_2" not in resolve_settings(parser.parse_args(["--prompt", "a cat"]), WAN_DEFAULTS)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--prompt", "a cat", "--guidance-scale-2", "-1"])
