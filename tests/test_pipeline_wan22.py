@@ -9,6 +9,7 @@ compiled program, and offload_inactive_expert frees the devices of the expert no
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from nag_jax.pipeline import NAGPipeline
-from nag_jax.sampler import Sampler, Segment, denoise_loop, segments
+from nag_jax.sampler import Segment, denoise_loop, segments
 from tests.tiny_wan import build_tiny_wan_pipeline
 from torch_wan_nag import install_nag, with_nag_rows
 
@@ -110,38 +111,35 @@ def test_t2v_nag_matches_reference(t2v, guidance_scale, guidance_scale_2, nag_en
 
 
 def test_each_expert_is_its_own_program_with_one_experts_parameters(t2v):
-    """The three scans of a nag_end cut inside the low-noise steps: the high-noise expert's
-    program holds one scan (NAG) and takes only its parameters; the low-noise one two (NAG,
-    plain), only its own parameters; the denoiser is traced once per scan, by its expert."""
+    """The three scans of a nag_end cut inside the low-noise steps: the sampler runs the high-noise
+    expert's program with its parameters only (one scan, NAG), then the low-noise expert's with
+    its parameters only (two scans, NAG and plain); the denoiser is traced once per scan, by
+    the scan's expert."""
     _, pipe, latents = t2v
     fresh = NAGPipeline(pipe.family)
-    traced = []
+    traced, runs = [], []
     fresh.sampler.denoise = tuple(
         (lambda params, x, *rest, expert=expert, denoise=denoise: traced.append((expert, x.shape[0]))
          or denoise(params, x, *rest)) for expert, denoise in enumerate(fresh.sampler.denoise))
-    captured = {}
-    original = Sampler.__call__
+    program_of = fresh.sampler._program
 
-    def capture(self, schedule, plan, params, *args, **kwargs):
-        captured.update(schedule=schedule, plan=plan, params=params, args=args[:4])
-        return original(self, schedule, plan, params, *args, **kwargs)
+    def recording(schedule, plan, report, parallel, expert):
+        program = program_of(schedule, plan, report, parallel, expert)
+        return lambda params, *args: runs.append((expert, params, args, schedule, plan)) or program(params, *args)
 
-    Sampler.__call__ = capture
-    try:
-        ours(fresh, latents, guidance_scale=5.0, nag_negative_prompt=NAG_NEGATIVE, nag_end=NAG_END, **NAG)
-    finally:
-        Sampler.__call__ = original
-    plan, schedule = captured["plan"], captured["schedule"]
-    assert segments(plan, 3) == [Segment(0, 1, True, 0), Segment(1, 2, True, 1), Segment(2, 3, False, 1)]
-    assert [key[-1] for key in fresh.sampler._compiled] == [0, 1]
+    fresh.sampler._program = recording
+    ours(fresh, latents, guidance_scale=5.0, nag_negative_prompt=NAG_NEGATIVE, nag_end=NAG_END, **NAG)
     assert traced == [(0, 2), (1, 2), (1, 2)]  # [uncond; cond] rows, the NAG rows are text-only
-    one_expert = len(jax.tree.leaves(captured["params"][0]))
-    for expert, scans in ((0, 1), (1, 2)):
-        loop = lambda params, *args, expert=expert: denoise_loop(  # noqa: E731
-            fresh.sampler.denoise[expert], schedule, plan, "none", params, *args, expert=expert)
-        program = jax.make_jaxpr(loop)(captured["params"][expert], *captured["args"])
-        rest = len(jax.tree.leaves(captured["args"]))
-        assert len(program.jaxpr.invars) == one_expert + rest  # one expert's parameters, no more
+    assert [run[0] for run in runs] == [0, 1]
+    plan = runs[0][4]
+    assert segments(plan, 3) == [Segment(0, 1, True, 0), Segment(1, 2, True, 1), Segment(2, 3, False, 1)]
+    experts = pipe.family.experts()
+    for (expert, params, args, schedule, plan), scans in zip(runs, (1, 2)):
+        given, own, other = (jax.tree.leaves(tree) for tree in (params, experts[expert][1], experts[1 - expert][1]))
+        assert len(given) == len(own) and all(np.array_equal(a, b) for a, b in zip(given, own))
+        assert not all(np.array_equal(a, b) for a, b in zip(given, other))  # the two experts' weights differ
+        loop = functools.partial(denoise_loop, fresh.sampler.denoise[expert], schedule, plan, "none", expert=expert)
+        program = jax.make_jaxpr(loop)(params, *args)
         assert [eqn.primitive.name for eqn in program.jaxpr.eqns].count("scan") == scans
 
 
@@ -185,7 +183,8 @@ def test_i2v_has_no_image_encoder_and_matches_diffusers(i2v):
     index = json.loads((pipe.family.path / "model_index.json").read_text())
     assert index["image_encoder"] == [None, None] and pipe.family.image_to_video
     want = reference_latents(reference, latents, 5.0, image=image, guidance_scale_2=3.0)
-    assert relative(ours(pipe, latents, image=image, guidance_scale=5.0, guidance_scale_2=3.0), want) <= TOL
+    plain = ours(pipe, latents, image=image, guidance_scale=5.0, guidance_scale_2=3.0)
+    assert relative(plain, want) <= TOL
     other = ours(pipe, latents, image=np.zeros((32, 32, 3)), guidance_scale=5.0, guidance_scale_2=3.0)
     assert relative(other, want) > 1e-2  # the image conditions the video
 
@@ -193,7 +192,7 @@ def test_i2v_has_no_image_encoder_and_matches_diffusers(i2v):
     nag_got = ours(pipe, latents, image=image, guidance_scale=5.0, guidance_scale_2=3.0,
                    nag_negative_prompt=NAG_NEGATIVE, **NAG)
     assert relative(nag_got, nag_want) <= TOL
-    assert relative(ours(pipe, latents, image=image, guidance_scale=5.0, guidance_scale_2=3.0), nag_want) > 50 * TOL
+    assert relative(plain, nag_want) > 50 * TOL
 
 
 def test_a_missing_expert_is_named_when_its_steps_come(t2v, tmp_path):
