@@ -1,5 +1,5 @@
 """Wan2.2 A14B's two experts on 8 simulated CPU devices (tests/multidevice_wan22_cases.py in a
-subprocess): data parallel, pmap, a (data 4, model 2) mesh (each expert's stacked parameters
+subprocess): pmap, a (data 4, model 2) mesh (each expert's stacked parameters
 split over `model`, both kept on the devices) and the same mesh with offload_inactive_expert
 (only the running expert on the devices) give the latents of one device; batch_invariant is
 bit-identical across device counts. The scheduler state crosses from one expert's program to
@@ -25,7 +25,7 @@ def test_two_experts_on_eight_devices(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["devices"] == 8
+    assert result["devices"] == 8 and set(result["diffs"]) == {"pmap", "model_parallel"}
     for mode, diff in result["diffs"].items():
         assert diff <= 1e-4 * result["scale"], (mode, diff, result["scale"])
     placement = result["placement"]  # without offloading both experts stay placed, each split in halves
