@@ -68,9 +68,10 @@ from models.unet import UNet2DConditionModel
 from nag_jax.bench_depth import DEPTHS, depth_figures
 from nag_jax.attention import attention_backend
 from nag_jax.bench_dit import DIT_FAMILIES, build_dit, small_init_inputs, text_part_flops
+from nag_jax.attention import attention_backend
 from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
 
-FAMILIES = ("unet", "flux", "sd3", "kontext", "chroma") + DIT_FAMILIES + ("wan-1.3b", "wan-14b")
+FAMILIES = ("unet", "flux", "sd3", "kontext", "chroma") + DIT_FAMILIES + ("wan-1.3b", "wan-14b", "wan2.2-i2v-a14b")
 TIMED_FAMILIES = ("unet", "flux", "sd3")  # with a diffusers timing comparison; the others: FLOPs only
 PARTS = ("flops", "timing", "pipeline", "profile", "compile", "invariant", "vae-memory", "depth", "memory", "gpu")  # "gpu" only when asked for
 
@@ -212,6 +213,7 @@ TARGETS = {  # (family, figure) -> upper bound on the relative extra cost
     ("sana", "NAG"): 0.03,
     ("wan-1.3b", "NAG"): 0.02,
     ("wan-14b", "NAG"): 0.02,
+    ("wan2.2-i2v-a14b", "NAG"): 0.02,
 }
 
 

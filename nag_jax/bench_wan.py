@@ -1,4 +1,4 @@
-"""The Wan2.1 transformers in the benchmarks (`python -m nag_jax.bench --family wan-14b`).
+"""The Wan transformers in the benchmarks (`python -m nag_jax.bench --family wan-14b`).
 
 Published configurations (Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers,
 transformer/config.json) at 480x832, 81 frames: latents 16 x 21 x 60 x 104, patch (1, 2, 2)
@@ -20,6 +20,9 @@ _WAN_COMMON = {"patch_size": [1, 2, 2], "in_channels": 16, "out_channels": 16, "
 WAN_CONFIGS = {
     "wan-1.3b": {**_WAN_COMMON, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
     "wan-14b": {**_WAN_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
+    # Wan2.2 A14B: each expert is a Wan2.1-14B transformer (T2V-A14B's config is wan-14b's); the
+    # I2V experts take 36 channels (latents, 4 mask channels, the first frame's latents), no CLIP tokens.
+    "wan2.2-i2v-a14b": {**_WAN_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40, "in_channels": 36},
     "wan-tiny": {**_WAN_COMMON, "num_attention_heads": 2, "attention_head_dim": 32, "text_dim": 64, "ffn_dim": 128,
                  "num_layers": 2},
 }
@@ -35,7 +38,8 @@ def build_wan(family: str, tiny: bool, dtype=jnp.float32):
     spec = jax.ShapeDtypeStruct
 
     def inputs(rows, text_rows):
-        return dict(hidden_states=spec((rows, *shape["latent"]), dtype), timestep=spec((rows,), jnp.float32),
+        latent = (config["in_channels"], *shape["latent"][1:])
+        return dict(hidden_states=spec((rows, *latent), dtype), timestep=spec((rows,), jnp.float32),
                     encoder_hidden_states=spec((text_rows, shape["text_tokens"], config["text_dim"]), dtype))
 
     def call(module, params, x):

@@ -166,6 +166,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                           "of dev-like models, not CFG")
     cfg.add_argument("--true-cfg-scale", type=in_range("true_cfg_scale"), metavar="G",
                      help="Flux only: real CFG with --negative-prompt, on when > 1 (default 1)")
+    cfg.add_argument("--guidance-scale-2", type=in_range("guidance_scale_2"), metavar="G",
+                     help="Wan2.2 A14B only: the low-noise expert's CFG scale (default: --guidance-scale)")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--steps", type=positive_int, metavar="N", help="denoising steps (family default)")
     sampling.add_argument("--height", type=positive_int, metavar="H", help="image height in pixels (model default)")
@@ -179,6 +181,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     video = parser.add_argument_group("video (Wan)")
     video.add_argument("--num-frames", type=frame_count, metavar="F", help="frames, 4k + 1 (model default: 81)")
     video.add_argument("--fps", type=positive_int, default=16, help="frames per second of the file (default 16)")
+    video.add_argument("--offload-inactive-expert", action="store_true",
+                       help="Wan2.2 A14B: keep only the running expert on the devices, the other in host memory")
     batch = parser.add_argument_group("batch jobs (--prompts)")
     batch.add_argument("--batch-size", type=positive_int, metavar="B",
                        help="images per compiled sampling call (default 4 per device)")
@@ -233,6 +237,7 @@ def resolve_settings(args, defaults: dict) -> dict:
         "negative_prompt": args.negative_prompt,
         "guidance_scale": defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
         **({} if args.true_cfg_scale is None else {"true_cfg_scale": args.true_cfg_scale}),  # a Flux option
+        **({} if args.guidance_scale_2 is None else {"guidance_scale_2": args.guidance_scale_2}),  # Wan2.2 A14B
         **({} if args.max_area is None else {"max_area": args.max_area}),  # Kontext options
         **({"auto_resize": False} if args.no_auto_resize else {}),
         "num_inference_steps": defaults["num_inference_steps"] if args.steps is None else args.steps,
@@ -258,13 +263,15 @@ def add_cache_argument(parser: argparse.ArgumentParser) -> None:
                              "$XDG_CACHE_HOME/nag-jax/jax or ~/.cache/nag-jax/jax)")
 
 
-def load_pipeline(model: Path, dtype: str = "float32", loras=(), attention_backend: str = "auto"):
+def load_pipeline(model: Path, dtype: str = "float32", loras=(), attention_backend: str = "auto",
+                  offload_inactive_expert: bool = False):
     """NAGPipeline.from_pretrained with the --lora files merged, its errors (missing files,
     damaged or mismatched weights) naming the flag."""
     from nag_jax.pipeline import NAGPipeline
 
     try:
-        pipe = NAGPipeline.from_pretrained(model, dtype=dtype, attention_backend=attention_backend)
+        pipe = NAGPipeline.from_pretrained(model, dtype=dtype, attention_backend=attention_backend,
+                                           offload_inactive_expert=offload_inactive_expert)
     except (ValueError, OSError) as error:
         raise ValueError(f"--model: {error}") from None
     for lora, scale in loras:
@@ -288,7 +295,7 @@ def generate_batch(args) -> int:
     if Path(args.output).suffix:
         raise ValueError(f"--output {args.output}: a batch job writes into a folder; give a folder name")
     check_writable(args.output, [Path(args.output) / "manifest.jsonl"])
-    pipe = load_pipeline(model, args.dtype, args.lora, args.attention_backend)
+    pipe = load_pipeline(model, args.dtype, args.lora, args.attention_backend, args.offload_inactive_expert)
     calls = []
     for index, line in enumerate(lines):
         options = {LINE_OPTIONS.get(key, key): value for key, value in line.items()}
@@ -319,7 +326,7 @@ def generate(args) -> int:
     paths = output_paths(args.output, args.num_images, video)  # checked before the slow part
     check_writable(args.output, paths)
     image = {} if args.image is None else {"image": open_image(args.image)}  # read before the slow part
-    pipe = load_pipeline(model, args.dtype, args.lora, args.attention_backend)
+    pipe = load_pipeline(model, args.dtype, args.lora, args.attention_backend, args.offload_inactive_expert)
     if video and not pipe.family.video:
         raise ValueError(f"--model {model} makes images: --num-frames and video outputs are for video models")
     if pipe.family.video and not video:

@@ -109,6 +109,10 @@ def nag_step_split(timesteps, nag_end: float, timestep_kind: str) -> int:
     NAG is on while t >= cut and off from the first step with t < cut, for the rest of the
     run, so the sampler can run two loops and the second never builds the negative branch.
     """
-    cut = nag_end_cut(nag_end, timestep_kind)
+    return steps_at_or_above(timesteps, nag_end_cut(nag_end, timestep_kind))
+
+
+def steps_at_or_above(timesteps, cut: float) -> int:
+    """How many leading steps of a decreasing schedule come before the first with t < cut."""
     below = np.flatnonzero(np.asarray(timesteps, dtype=np.float64) < cut)
     return int(below[0]) if below.size else len(timesteps)

@@ -116,6 +116,15 @@ class Family:
         `prepare`'s conditioning."""
         raise NotImplementedError
 
+    def experts(self) -> tuple:
+        """The denoiser's experts in step order, (denoise, params) each: one for most families; Wan2.2
+        A14B's high- and low-noise transformers (a folder's missing one: params None)."""
+        return ((self.denoise, self.params),)
+
+    def expert_split(self, schedule, options: dict) -> tuple[int | None, float | None]:
+        """With two experts: (leading steps the first runs, the second's CFG scale); else (None, None)."""
+        return None, None
+
     def decode(self, latents, height: int, width: int) -> np.ndarray:
         """Final latents -> float32 images [B, H, W, 3] in [0, 1]."""
         raise NotImplementedError
@@ -160,7 +169,8 @@ def _broadcast(values: list[str], count: int, name: str) -> list[str]:
 # The numeric call arguments' allowed ranges (low, high, low_open), shared with the CLI's flag checks.
 ARGUMENT_RANGES = {"nag_scale": (0.0, math.inf, False), "nag_tau": (0.0, math.inf, True),
                    "nag_alpha": (0.0, 1.0, False), "nag_end": (0.0, 1.0, True),
-                   "guidance_scale": (0.0, math.inf, False), "true_cfg_scale": (0.0, math.inf, False),
+                   "guidance_scale": (0.0, math.inf, False), "guidance_scale_2": (0.0, math.inf, False),
+                   "true_cfg_scale": (0.0, math.inf, False),
                    "pag_scale": (0.0, math.inf, False), "pag_adaptive_scale": (0.0, math.inf, False)}
 
 
@@ -250,10 +260,15 @@ def image_keys_of(seed: int, image_seeds, images: int, rows: int):
 class NAGPipeline:
     """Text-to-image sampling with NAG (and CFG) for any supported family."""
 
-    def __init__(self, family: Family, model_parallel: int = 1, attention_backend: str = "auto"):
+    def __init__(self, family: Family, model_parallel: int = 1, attention_backend: str = "auto",
+                 offload_inactive_expert: bool = False):
         self.family = family
-        self.sampler = Sampler(with_attention_backend(family.denoise, attention_backend), model_parallel,
-                               family.stacked_params, family.prepare)
+        denoisers = tuple(with_attention_backend(denoise, attention_backend) for denoise, _ in family.experts())
+        if offload_inactive_expert not in (False, True) or (offload_inactive_expert and len(denoisers) < 2):
+            raise ValueError(f"offload_inactive_expert=True is for two-expert models (Wan2.2 A14B); the {family.name} "
+                             f"model has one denoiser, got offload_inactive_expert={offload_inactive_expert!r}")
+        self.sampler = Sampler(denoisers if len(denoisers) > 1 else denoisers[0], model_parallel, family.stacked_params,
+                               family.prepare, offload_inactive_expert)
         self._guided_layers = None  # {module path: guidance its transform implements}, found on first use
 
     def _layers_with_guidance(self, latents, timestep, conditioning) -> dict[str, frozenset]:
@@ -270,9 +285,10 @@ class NAGPipeline:
                 return next_fun(*args, **kwargs)
 
             one_row = jax.tree.map(lambda leaf: leaf[:1], conditioning)
+            denoise, params = next((d, p) for d, p in self.family.experts() if p is not None)  # experts: alike
             with nn.intercept_methods(track_layers(record)):
-                jax.eval_shape(lambda p, x, c: self.family.denoise(p, x, timestep, self.family.prepare(p, c)),
-                               self.family.params, latents, one_row)
+                jax.eval_shape(lambda p, x, c: denoise(p, x, timestep, self.family.prepare(p, c)), params, latents,
+                               one_row)
             self._guided_layers = seen
         return self._guided_layers
 
@@ -304,7 +320,7 @@ class NAGPipeline:
 
     @classmethod
     def from_pretrained(cls, path, dtype="float32", model_parallel: int = 1, attention_backend: str = "auto",
-                        loras=(), revision: str | None = None,
+                        loras=(), offload_inactive_expert: bool = False, revision: str | None = None,
                         variant: str | None = None, cache_dir=None, local_files_only: bool | None = None,
                         **family_options) -> "NAGPipeline":
         """Load a diffusers-format pipeline: a local folder, an embedded model's name ("sd-shapes",
@@ -315,7 +331,9 @@ class NAGPipeline:
         `model_parallel` > 1 splits the denoiser's parameters over that many devices (a model
         bigger than one device; docs/multi-device.md); the batch is split over the rest.
         `attention_backend` picks the denoiser's attention implementation (docs/attention.md).
-        `loras`: (path, scale) pairs merged in order, as `load_lora_weights` does."""
+        `loras`: (path, scale) pairs merged in order, as `load_lora_weights` does.
+        `offload_inactive_expert` (two-expert models, Wan2.2 A14B): keep only the expert whose steps
+        run on the devices, the other on the host (docs/multi-device.md)."""
         from nag_jax.resolve import resolve_model
 
         path = resolve_model(path, revision=revision, variant=variant, cache_dir=cache_dir,
@@ -333,7 +351,7 @@ class NAGPipeline:
         family_cls = getattr(importlib.import_module(module_name), family_name)
         check_backend(attention_backend)  # before the slow part
         pipeline = cls(family_cls.load(path, index, dtype=dtype, **family_options), model_parallel,
-                       attention_backend)
+                       attention_backend, offload_inactive_expert)
         for lora_path, scale in loras:
             pipeline.load_lora_weights(lora_path, scale)
         return pipeline
@@ -489,6 +507,7 @@ class NAGPipeline:
         if do_nag:
             self._check_nag_reaches_attention(nag_scale, layers)
 
+        expert_steps, guidance_scale_2 = family.expert_split(schedule, options)
         plan = GuidancePlan(
             cfg=do_cfg,
             nag=do_nag,
@@ -497,9 +516,10 @@ class NAGPipeline:
             nag_norm=nag_norm,
             pag_layers=self._pag_layers(pag_applied_layers, layers) if do_pag else frozenset(),
             per_image=batch_invariant,
+            expert_steps=expert_steps,
         )
         scales = Scales(family.cfg_scale(guidance_scale, options), nag_scale, nag_tau, nag_alpha, pag_scale,
-                        pag_adaptive_scale)
+                        pag_adaptive_scale, guidance_scale_2)
         reporters, report = [], "none"
         if progress:
             from tqdm.auto import tqdm
@@ -511,8 +531,8 @@ class NAGPipeline:
             reporters.append(lambda step, t, x: callback_on_step(step, t, x[:images]))  # without padding rows
             report = "latents"
         try:
-            final = self.sampler(schedule, plan, family.params, start, groups, scales, step_keys, parallel,
-                                 reporters, report)
+            params = family.params if expert_steps is None else tuple(p for _, p in family.experts())
+            final = self.sampler(schedule, plan, params, start, groups, scales, step_keys, parallel, reporters, report)
         finally:
             if progress:
                 bar.close()

@@ -2,10 +2,13 @@
 
 Static choices (CFG on or off, NAG on or off, where `nag_end` cuts, PAG's layers, progress
 reporting) live in a frozen `GuidancePlan` and select the traced program; the scales are
-traced values, so changing them reuses the compiled loop. `nag_end` is two scans: the steps
-after the cut are traced without the negative rows (and outside `guided` unless PAG runs), so
-they never compute the negative branch. The loop's length is a scan length, so compile time
-does not grow with the steps.
+traced values, so changing them reuses the compiled loop. The step range is cut into static
+`Segment`s, one scan each: `nag_end` cuts it where NAG stops (the steps after the cut are traced
+without the negative rows, and outside `guided` unless PAG runs, so they never compute the
+negative branch), and a two-expert model (Wan2.2 A14B) where its second expert takes over. Each
+expert's steps are their own compiled program taking only that expert's parameters, so no step
+ever traces both; the scheduler state passes from one program to the next. A scan's length is
+not traced into its body, so compile time does not grow with the steps.
 
 Conditioning arrives as groups of `Conditioning` (cond, and optionally uncond for CFG and
 nag_negative for NAG), each with one row per image. They are assembled inside the compiled
@@ -62,6 +65,7 @@ class GuidancePlan:
     cfg: bool = False
     nag: bool = False
     nag_steps: int = 0  # leading steps that run NAG (nag_step_split)
+    expert_steps: int | None = None  # two experts: leading steps the first runs, the rest the second; None: one
     nag_mode: str = "shared-image"
     nag_norm: str = "l1"
     progress: bool = False
@@ -88,6 +92,7 @@ class Scales:
     nag_alpha: Any = 0.5
     pag_scale: Any = 0.0
     pag_adaptive_scale: Any = 0.0
+    guidance_scale_2: Any = None  # the second expert's CFG scale (diffusers' guidance_scale_2); None: guidance_scale
 
 
 def _rows(*trees):
@@ -142,11 +147,32 @@ def _report(report: str, step, timestep, sample, axis_name):
     jax.lax.cond(jax.lax.axis_index(axis_name) == 0, lambda: jax.debug.callback(_Progress.tick, *args), lambda: None)
 
 
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One scan of the loop: steps [start, stop), with or without NAG, on one expert."""
+
+    start: int
+    stop: int
+    nag: bool
+    expert: int = 0
+
+
+def segments(plan: GuidancePlan, num_steps: int) -> list[Segment]:
+    """The scans in step order: the range cut where NAG stops and where the second expert starts."""
+    nag_cut = plan.nag_steps if plan.nag else 0
+    expert_cut = num_steps if plan.expert_steps is None else plan.expert_steps
+    cuts = sorted({0, nag_cut, expert_cut, num_steps})
+    return [Segment(start, stop, start < nag_cut, int(start >= expert_cut))
+            for start, stop in zip(cuts, cuts[1:]) if stop > start]
+
+
 def denoise_loop(denoise: Callable, schedule, plan: GuidancePlan, report: str, params, latents, groups, scales,
-                 image_keys, axis_name=None, prepare=None):
-    """Run every step. `denoise(params, model_input, t, conditioning) -> model_output`, given
-    the conditioning through `prepare(params, conditioning)` (the step-invariant work, run once
-    per scan, before it; None: nothing to prepare).
+                 image_keys, state=None, axis_name=None, expert: int | None = None, prepare=None):
+    """Run the steps of `expert` (None: every step; `denoise` and `params` are that expert's).
+    `denoise(params, model_input, t, conditioning) -> model_output`, given the conditioning
+    through `prepare(params, conditioning)` (the step-invariant work, run once per scan, before
+    it; None: nothing to prepare). Returns (latents, scheduler state); `state` is the state the
+    previous expert's steps left (None: the start).
 
     `report`: "none", "steps" (step index and timestep to the host, for progress bars) or
     "latents" (the latents too, for a user's per-step callback). `image_keys`: one PRNG key
@@ -160,7 +186,7 @@ def denoise_loop(denoise: Callable, schedule, plan: GuidancePlan, report: str, p
 
     prepared = (lambda conditioning: conditioning) if prepare is None else functools.partial(prepare, params)
 
-    def body_for(with_nag: bool):
+    def body_for(with_nag: bool, scales: Scales):
         conditioning = prepared(assemble(groups, with_nag, plan.pag))
 
         def guided_output(model_input, conditioning, timestep):
@@ -206,17 +232,17 @@ def denoise_loop(denoise: Callable, schedule, plan: GuidancePlan, report: str, p
 
         return body
 
-    carry = (latents, schedule.init_state(latents))
-    for with_nag, start, stop in step_phases(plan, schedule.num_steps):
-        carry, _ = jax.lax.scan(body_for(with_nag), carry, jnp.arange(start, stop))
-    return carry[0]
-
-
-def step_phases(plan: GuidancePlan, num_steps: int) -> list[tuple[bool, int, int]]:
-    """(with_nag, first step, end step) of each scan: NAG steps first, then the plain ones."""
-    cut = plan.nag_steps if plan.nag else 0
-    phases = [(True, 0, cut), (False, cut, num_steps)]
-    return [phase for phase in phases if phase[2] > phase[1]]
+    if state is None:
+        state = schedule.init_state(latents)
+        if axis_name is not None:  # per device, as the rows are (shard_map checks that a scan carry keeps it)
+            state = jax.tree.map(lambda leaf: jax.lax.pcast(leaf, axis_name, to="varying"), state)
+    carry = (latents, state)
+    for segment in segments(plan, schedule.num_steps):
+        if expert is None or segment.expert == expert:
+            second = segment.expert == 1 and scales.guidance_scale_2 is not None
+            segment_scales = scales.replace(guidance_scale=scales.guidance_scale_2) if second else scales
+            carry, _ = jax.lax.scan(body_for(segment.nag, segment_scales), carry, jnp.arange(segment.start, segment.stop))
+    return carry
 
 
 def _digest(obj) -> str:
@@ -255,21 +281,28 @@ def _to_global(tree, sharding_of):
 
 
 class Sampler:
-    """Compiles `denoise_loop` once per (schedule, plan, report, parallel mode) and runs it.
+    """Compiles `denoise_loop` once per (schedule, plan, report, parallel mode, expert) and runs it.
 
     parallel="sharded": one jit over a (data, model) mesh of all devices; batch rows are split
     over `data` and, with `model_parallel` > 1, each large parameter over `model` (FSDP-style:
     XLA gathers a layer's weights where it is used), for models bigger than one device.
     parallel="pmap": one program copy per local device, parameters replicated.
     The caller pads the batch to a multiple of `batch_multiple(parallel)`.
+
+    `denoise`: one function, or one per expert (a tuple, in step order; the call's `params` is
+    then a tuple too). Each expert's parameters are placed on the devices once and kept there;
+    with `offload_inactive_expert` only the running expert's are: the other's device copy is
+    deleted when its steps end (its host copy, the converters' numpy arrays, stays).
     """
 
-    def __init__(self, denoise: Callable, model_parallel: int = 1, stacked_params=(), prepare: Callable | None = None):
+    def __init__(self, denoise: Callable | tuple, model_parallel: int = 1, stacked_params=(),
+                 prepare: Callable | None = None, offload_inactive_expert: bool = False):
         self.denoise, self.prepare = denoise, prepare
         self.model_parallel = model_parallel
         self.stacked_params = stacked_params  # param subtrees with a leading layer axis: not split
+        self.offload_inactive_expert = offload_inactive_expert
         self._compiled: dict = {}
-        self._placement: tuple = (None, None, None, None)
+        self._placement: dict = {}  # expert -> (id(params), layout, placed params, params)
 
     def batch_multiple(self, parallel: str) -> int:
         parallel = self._check(parallel)
@@ -286,27 +319,38 @@ class Sampler:
                              f"several devices), got parallel={parallel!r}")
         return parallel
 
-    def _placed(self, params, layout, place):
-        """`params` on the devices, placed once per (params object, layout): the converters hand
-        over host arrays, and copying a large model to its devices every call would dominate."""
-        if self._placement[:2] != (id(params), layout):
-            self._placement = (id(params), layout, place(params), params)  # keeps params alive: id stays unique
-        return self._placement[2]
+    def _placed(self, expert: int, params, layout, place):
+        """`params` on the devices, placed once per (expert, params object, layout): the converters
+        hand over host arrays, and copying a large model to its devices every call would dominate."""
+        if self._placement.get(expert, (None, None))[:2] != (id(params), layout):
+            self._placement[expert] = (id(params), layout, place(params), params)  # keeps params alive: id unique
+        return self._placement[expert][2]
 
-    def _program(self, schedule, plan: GuidancePlan, report: str, parallel: str):
-        key = (_digest(schedule), plan, report, parallel)
+    def _offload(self, expert: int):
+        """Free the devices of `expert`'s parameters (their host copy stays with the caller)."""
+        _, _, placed, params = self._placement.pop(expert)
+        host = {id(leaf) for leaf in jax.tree.leaves(params)}
+        for leaf in jax.tree.leaves(placed):
+            if isinstance(leaf, jax.Array) and id(leaf) not in host:  # never the caller's own arrays
+                leaf.delete()
+
+    def _program(self, schedule, plan: GuidancePlan, report: str, parallel: str, expert: int | None):
+        key = (_digest(schedule), plan, report, parallel, expert)
         if key not in self._compiled:
-            loop = functools.partial(denoise_loop, self.denoise, schedule, plan, report, prepare=self.prepare)
+            denoise = self.denoise[expert or 0] if isinstance(self.denoise, tuple) else self.denoise
+            loop = functools.partial(denoise_loop, denoise, schedule, plan, report, expert=expert, prepare=self.prepare)
             if parallel == "pmap":
                 loop = functools.partial(loop, axis_name="data")
-                self._compiled[key] = jax.pmap(loop, axis_name="data", in_axes=(None, 0, 0, None, 0))
+                self._compiled[key] = jax.pmap(loop, axis_name="data", in_axes=(None, 0, 0, None, 0, 0))
             elif parallel == "sharded" and plan.per_image:
                 # Each device runs the one-device program on its own rows (a jit over the mesh would
-                # gather the rows into the image loop); parameters whole on every device.
+                # gather the rows into the image loop); parameters whole on every device. The
+                # scheduler state leaves and re-enters blocked the same way, whatever its layout.
                 rows, whole = PartitionSpec("data"), PartitionSpec()
                 loop = functools.partial(loop, axis_name="data")
                 self._compiled[key] = jax.jit(jax.shard_map(loop, mesh=make_mesh(self.model_parallel),
-                                                            in_specs=(whole, rows, rows, whole, rows), out_specs=rows))
+                                                            in_specs=(whole, rows, rows, whole, rows, rows),
+                                                            out_specs=rows))
             else:
                 self._compiled[key] = jax.jit(loop)
         return self._compiled[key]
@@ -316,26 +360,41 @@ class Sampler:
         """`reporters`: host functions (step, timestep, latents or None) called after each step;
         `report` says what the compiled loop sends them ("none", "steps", "latents")."""
         parallel = self._check(parallel)
-        program = self._program(schedule, plan, report if reporters else "none", parallel)
+        report = report if reporters else "none"
         image_keys = jax.random.key_data(image_keys)  # plain uint32 rows: placed like any other array
         if parallel == "sharded":
             mesh = make_mesh(self.model_parallel)
             by_row = lambda leaf: NamedSharding(mesh, PartitionSpec("data"))  # noqa: E731
             latents, groups, image_keys = _to_global((latents, groups, image_keys), by_row)
-            params = self._placed(params, ("sharded", self.model_parallel), lambda p: jax.tree.map(
-                lambda leaf, sharding: _to_global(leaf, lambda _: sharding), p, param_shardings(p, mesh, stacked=self.stacked_params)))
+            layout = ("sharded", self.model_parallel)
+            place = lambda p: jax.tree.map(  # noqa: E731
+                lambda leaf, sharding: _to_global(leaf, lambda _: sharding), p,
+                param_shardings(p, mesh, stacked=self.stacked_params))
         elif parallel == "none":
-            params = self._placed(params, "none", jax.device_put)
+            layout, place = "none", jax.device_put
         elif parallel == "pmap":
             devices = jax.local_device_count()
             per_device = lambda x: x.reshape(devices, x.shape[0] // devices, *x.shape[1:])  # noqa: E731
             latents, groups, image_keys = jax.tree.map(per_device, (latents, groups, image_keys))
+        if plan.expert_steps is None:
+            experts, expert_params = [None], (params,)
+        else:
+            experts = list(dict.fromkeys(segment.expert for segment in segments(plan, schedule.num_steps)))
+            expert_params = params
+        carry = (latents, None)
         _Progress.active = list(reporters)
         try:
-            out = program(params, latents, groups, scales, image_keys)
-            out = jax.block_until_ready(out)
+            for expert in experts:
+                program = self._program(schedule, plan, report, parallel, expert)
+                placed = expert_params[expert or 0]
+                if parallel != "pmap":
+                    placed = self._placed(expert or 0, placed, layout, place)
+                carry = jax.block_until_ready(program(placed, carry[0], groups, scales, image_keys, carry[1]))
+                if self.offload_inactive_expert and expert is not None and parallel != "pmap":
+                    self._offload(expert or 0)
         finally:
             _Progress.active = []
+        out = carry[0]
         if parallel == "pmap":
             out = out.reshape(-1, *out.shape[2:])
         if parallel == "sharded" and jax.process_count() > 1:

@@ -129,7 +129,7 @@ def test_pag_off_is_the_plain_program(sd15):
                      pag_applied_layers=["up", "down"])
     np.testing.assert_array_equal(off, plain)
     assert rows_traced == [2]  # one compiled program for both calls, [uncond; cond]
-    assert [plan.pag_layers for _, plan, _, _ in fresh.sampler._compiled] == [frozenset()]
+    assert [key[1].pag_layers for key in fresh.sampler._compiled] == [frozenset()]
 
 
 def diffusers_pag_selection(pipe, patterns) -> set[str]:

@@ -25,7 +25,7 @@ from PIL import Image
 import nag_jax
 from convert.pixart import load_pixart_transformer
 from nag_jax.cli import main
-from nag_jax.sampler import Sampler, denoise_loop, step_phases
+from nag_jax.sampler import Sampler, denoise_loop, segments
 from tiny_components import assert_close
 from tiny_pixart import make_pixart_pipeline, random_transformer
 from torch_dit_nag import discrete_cut, with_nag_negatives
@@ -177,7 +177,7 @@ def test_caption_keys_values_are_computed_once_per_sampling_run(ours, latents):
     family, plan = ours.family, captured["plan"]
     loop = functools.partial(denoise_loop, family.denoise, captured["schedule"], plan, "none", prepare=family.prepare)
     found = list(scans(jax.make_jaxpr(loop)(*captured["args"]).jaxpr))
-    phases = len(step_phases(plan, STEPS))
+    phases = len(segments(plan, STEPS))
     assert plan.nag and plan.cfg and phases == 2  # a NAG scan with negative rows, then a plain one
     layers = family.transformer.config.num_layers
     outside = [eqn.params["length"] for depth, eqn in found if depth == 0]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import nag_jax
-from nag_jax.sampler import Sampler, denoise_loop, step_phases
+from nag_jax.sampler import Sampler, Segment, denoise_loop, segments
 from tiny_pipelines import make_sd_pipeline
 
 SIZE = dict(height=16, width=16)
@@ -59,7 +59,7 @@ def flops(pipe, sampler_args, **plan_changes):
 def test_nag_end_split_drops_the_negative_branch_after_the_cut(pipe, sampler_args):
     plan, steps = sampler_args["plan"], sampler_args["schedule"].num_steps
     assert plan.cfg and plan.nag and 0 < plan.nag_steps < steps  # nag_end=0.5 cut 4 steps in two scans
-    assert step_phases(plan, steps) == [(True, 0, plan.nag_steps), (False, plan.nag_steps, steps)]
+    assert segments(plan, steps) == [Segment(0, plan.nag_steps, True), Segment(plan.nag_steps, steps, False)]
     all_nag = flops(pipe, sampler_args, nag_steps=steps)
     no_nag = flops(pipe, sampler_args, nag=False)
     split = flops(pipe, sampler_args)

@@ -42,12 +42,15 @@ def save_tiny_umt5(folder, seed: int = 0, vocab_size: int = 64, d_model: int = 3
     return model
 
 
-def tiny_wan_config(image_to_video: bool = False) -> dict:
+def tiny_wan_config(image_to_video: bool = False, clip: bool = True) -> dict:
+    """`clip`: I2V with CLIP image tokens (Wan2.1); without (Wan2.2 A14B) only the extra channels."""
     config = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
                   text_dim=24, freq_dim=32, ffn_dim=48, num_layers=2, cross_attn_norm=True,
                   qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
     if image_to_video:  # latents + mask (4 channels) + encoded first frame
-        config.update(in_channels=12, image_dim=20, added_kv_proj_dim=32)
+        config.update(in_channels=12)
+        if clip:
+            config.update(image_dim=20, added_kv_proj_dim=32)
     return config
 
 
@@ -121,10 +124,13 @@ WAN_UNIPC = {  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler/scheduler_config.jso
 }
 
 
-def build_tiny_wan_pipeline(folder, image_to_video: bool = False, seed: int = 0):
+def build_tiny_wan_pipeline(folder, image_to_video: bool = False, seed: int = 0, boundary_ratio: float | None = None):
     """A diffusers WanPipeline / WanImageToVideoPipeline of tiny random components, saved with
     `save_pretrained` into `folder` (model_index.json and one folder per component, as Wan-AI
-    publishes them). Returns the diffusers pipeline (float32, CPU) as the reference."""
+    publishes them). Returns the diffusers pipeline (float32, CPU) as the reference.
+
+    `boundary_ratio`: Wan2.2 A14B's layout, a second transformer (`transformer_2`, other weights)
+    and the ratio in model_index.json; its I2V has no image encoder (no CLIP tokens)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -133,7 +139,8 @@ def build_tiny_wan_pipeline(folder, image_to_video: bool = False, seed: int = 0)
     parts = Path(tempfile.mkdtemp())  # the components as built; save_pretrained writes the published layout
     save_tiny_t5_tokenizer(parts / "tokenizer")
     save_tiny_umt5(parts / "text_encoder", seed=seed, vocab_size=64, d_model=24)
-    transformer = save_tiny_wan_transformer(parts / "transformer", image_to_video, seed=seed + 1)
+    config = tiny_wan_config(image_to_video, clip=boundary_ratio is None)
+    transformer = save_tiny_wan_transformer(parts / "transformer", seed=seed + 1, config=config)
     torch.manual_seed(seed + 2)
     generator = torch.Generator().manual_seed(seed + 3)
     vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
@@ -143,7 +150,10 @@ def build_tiny_wan_pipeline(folder, image_to_video: bool = False, seed: int = 0)
     components = dict(tokenizer=AutoTokenizer.from_pretrained(str(parts / "tokenizer")),
                       text_encoder=UMT5EncoderModel.from_pretrained(str(parts / "text_encoder")).eval(),
                       transformer=transformer, vae=vae, scheduler=UniPCMultistepScheduler(**WAN_UNIPC))
-    if image_to_video:
+    if boundary_ratio is not None:
+        components.update(boundary_ratio=boundary_ratio, transformer_2=save_tiny_wan_transformer(
+            parts / "transformer_2", seed=seed + 5, config=config))
+    if image_to_video and boundary_ratio is None:  # Wan2.1 I2V: CLIP image tokens too
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
         torch.manual_seed(seed + 4)
@@ -152,9 +162,7 @@ def build_tiny_wan_pipeline(folder, image_to_video: bool = False, seed: int = 0)
             patch_size=8, projection_dim=16)).eval()
         components["image_processor"] = CLIPImageProcessor(size={"shortest_edge": 32},
                                                            crop_size={"height": 32, "width": 32})
-        pipe = WanImageToVideoPipeline(**components)
-    else:
-        pipe = WanPipeline(**components)
+    pipe = (WanImageToVideoPipeline if image_to_video else WanPipeline)(**components)
     pipe.save_pretrained(str(folder))
     shutil.rmtree(parts)
     return pipe

@@ -16,6 +16,14 @@ tokens) for the cross-attention's image part, and the VAE encoding of [image; ze
 on channels at every step. diffusers' attention processor takes the last 512 context tokens as
 the text (it concatenates [image; text]); here the streams stay separate, so a
 max_sequence_length below 512 works, where diffusers' I2V would misread the split.
+
+Wan2.2 A14B (T2V and I2V): two transformers of the Wan2.1-14B architecture, `transformer` (the
+high-noise expert) for the steps whose timestep is >= boundary_ratio x num_train_timesteps
+(model_index.json's `boundary_ratio`) and `transformer_2` (low-noise) for the rest, with CFG
+scales guidance_scale and guidance_scale_2 (default: guidance_scale); CFG is on for both when
+guidance_scale > 1, as diffusers decides it. The sampler runs each expert's steps as its own
+compiled program (`Family.experts`). Its I2V has no image_encoder (transformer image_dim None):
+the first frame conditions through the VAE latents and mask channels only, as in diffusers.
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ from convert.wan import load_wan_transformer
 from convert.wan_vae import load_wan_vae
 from models.wan_vae import decode_video, encode_video
 from nag_jax.clip_preprocess import CLIPImagePreprocessor
-from nag_jax.pipeline import Family, component_folder, read_json, with_scheduler
+from nag_jax.guidance import steps_at_or_above
+from nag_jax.pipeline import Family, check_argument, component_folder, read_json, with_scheduler
 from nag_jax.sampler import Conditioning
 from nag_jax.schedulers import make_schedule
 from nag_jax.tokenize import load_tokenizer, tokenize
@@ -60,6 +69,20 @@ def first_frame_mask(latent_frames: int, height: int, width: int) -> np.ndarray:
     mask = np.zeros((VAE_TEMPORAL, latent_frames, height, width), np.float32)
     mask[:, 0] = 1.0
     return mask
+
+
+def load_experts(path: Path, index: dict, dtype):
+    """([(module, params) of each expert], boundary_ratio): `transformer` alone without a
+    boundary_ratio; with one (Wan2.2 A14B) also `transformer_2`. A component model_index.json
+    lists as [null, null] (diffusers' optional components) is (None, None)."""
+    boundary_ratio = index.get("boundary_ratio")
+    names = ("transformer",) if boundary_ratio is None else ("transformer", "transformer_2")
+    experts = [load_wan_transformer(component_folder(path, name), dtype) if (index.get(name) or [None])[0]
+               else (None, None) for name in names]
+    if experts[0][0] is None and (boundary_ratio is None or experts[1][0] is None):
+        raise FileNotFoundError(f"{path}: model_index.json lists no transformer (nor a transformer_2 with a "
+                                "boundary_ratio); a Wan pipeline needs one")
+    return experts, None if boundary_ratio is None else float(boundary_ratio)
 
 
 def as_pil_image(image):
@@ -86,30 +109,36 @@ def vae_pixels(image, height: int, width: int) -> np.ndarray:
 
 
 class WanFamily(Family):
-    """Wan2.1 T2V and I2V. Own options: `num_frames` (4k + 1, default 81), `max_sequence_length`
-    (at most 512), `image` (I2V only: the first frame)."""
+    """Wan2.1 and Wan2.2 A14B, T2V and I2V. Own options: `num_frames` (4k + 1, default 81),
+    `max_sequence_length` (at most 512), `image` (I2V only: the first frame), `guidance_scale_2`
+    (two-expert models only: the low-noise expert's CFG scale)."""
 
-    options = ("num_frames", "max_sequence_length", "image")
-    option_defaults = {"num_frames": 81, "max_sequence_length": MAX_SEQUENCE_LENGTH, "image": None}
+    options = ("num_frames", "max_sequence_length", "image", "guidance_scale_2")
+    option_defaults = {"num_frames": 81, "max_sequence_length": MAX_SEQUENCE_LENGTH, "image": None,
+                       "guidance_scale_2": None}
     defaults = WAN_DEFAULTS
     height, width = 480, 832
     video = True
 
     def __init__(self, path, transformer, t5, tokenizer, vae, image_encoder, params, scheduler_config, vae_config,
-                 dtype):
-        self.path, self.transformer, self.tokenizer = path, transformer, tokenizer
-        self.params, self.t5_params = params["transformer"], params["t5"]
+                 dtype, image_to_video=None, experts=None):
+        """`experts`: Wan2.2 A14B's (boundary_ratio, transformer_2) (a missing expert: module and
+        params None); `image_to_video`: the pipeline class's (default: the transformer takes CLIP tokens)."""
+        self.boundary_ratio, self.transformer_2 = experts or (None, None)
+        self.path, self.transformer, self.tokenizer = path, transformer or self.transformer_2, tokenizer
+        self.params, self.params_2, self.t5_params = params["transformer"], params.get("transformer_2"), params["t5"]
         self.scheduler_config, self.dtype = scheduler_config, dtype
-        self.image_to_video = transformer.config.image_dim is not None
+        self.image_to_video = image_encoder is not None if image_to_video is None else image_to_video
         self.name = "Wan I2V" if self.image_to_video else "Wan T2V"
-        self.size_multiple = VAE_SPATIAL * transformer.config.patch_size[1]
-        self.stacked_params = tuple(stack.path for stack in transformer.layer_stacks)
+        self.size_multiple = VAE_SPATIAL * self.transformer.config.patch_size[1]
+        self.stacked_params = tuple(stack.path for stack in self.transformer.layer_stacks)
         self._text = jax.jit(lambda p, ids, mask: t5.apply({"params": p}, ids, mask))
         shape = (1, vae_config["z_dim"], 1, 1, 1)
         self.latents_mean, self.latents_std = (np.asarray(vae_config[k], np.float32).reshape(shape)
                                                for k in ("latents_mean", "latents_std"))
         self._encode_video, self._decode_video = (
             functools.partial(jax.jit(lambda p, x, f=f: f(vae, p, x)), params["vae"]) for f in (encode_video, decode_video))
+        self._image_tokens = None  # Wan2.2 I2V: no CLIP image tokens
         if image_encoder is not None:
             module, self._clip_preprocess = image_encoder
             self._image_tokens = functools.partial(
@@ -119,7 +148,8 @@ class WanFamily(Family):
     @classmethod
     def load(cls, path: Path, index: dict, dtype="float32", scheduler: str | None = None):
         dtype = jnp.dtype(parse_dtype(dtype))
-        transformer, transformer_params = load_wan_transformer(component_folder(path, "transformer"), dtype)
+        experts, boundary_ratio = load_experts(path, index, dtype)
+        transformer, transformer_params = experts[0]
         t5, t5_params = load_t5(component_folder(path, "text_encoder"), dtype=dtype)
         tokenizer = load_tokenizer(component_folder(path, "tokenizer"))
         vae_folder = component_folder(path, "vae")
@@ -130,14 +160,17 @@ class WanFamily(Family):
             scheduler_config.setdefault("shift", scheduler_config.get("flow_shift", 1.0))
         params = {"transformer": transformer_params, "t5": t5_params, "vae": vae_params}
         image_encoder = None
-        if transformer.config.image_dim is not None:
+        if boundary_ratio is not None:
+            params["transformer_2"] = experts[1][1]
+        if transformer is not None and transformer.config.image_dim is not None:  # diffusers: Wan2.1 I2V only
             module, params["image_encoder"] = load_clip_vision(component_folder(path, "image_encoder"), dtype)
             image_encoder = (module, CLIPImagePreprocessor.from_pretrained(component_folder(path, "image_processor")))
         return cls(path, transformer, t5, tokenizer, vae, image_encoder, params, scheduler_config,
-                   read_json(vae_folder / "config.json"), dtype)
+                   read_json(vae_folder / "config.json"), dtype, index["_class_name"] == "WanImageToVideoPipeline",
+                   None if boundary_ratio is None else (boundary_ratio, experts[1][0]))
 
     def _first_frame(self, options):
-        """(CLIP image tokens [1, 257, d], condition [1, 20, T, h, w]) of the call's image, cached."""
+        """(CLIP image tokens [1, 257, d] or None, condition [1, 20, T, h, w]) of the call's image, cached."""
         image = as_pil_image(options["image"])
         height, width, frames = options["height"], options["width"], options["num_frames"]
         key = (hashlib.sha1(image.tobytes()).hexdigest(), image.size, height, width, frames)
@@ -148,8 +181,9 @@ class WanFamily(Family):
             latents = (latents - self.latents_mean) / self.latents_std
             mask = first_frame_mask(latents.shape[2], latents.shape[3], latents.shape[4])[None]
             condition = jnp.asarray(np.concatenate([mask, latents], axis=1), self.dtype)
-            image_tokens = self._image_tokens(jnp.asarray(self._clip_preprocess([image]), self.dtype))
-            self._image_conditioning = (key, (image_tokens.astype(self.dtype), condition))
+            image_tokens = None if self._image_tokens is None else self._image_tokens(
+                jnp.asarray(self._clip_preprocess([image]), self.dtype)).astype(self.dtype)
+            self._image_conditioning = (key, (image_tokens, condition))
         return self._image_conditioning[1]
 
     # -- conditioning ---------------------------------------------------------------------
@@ -165,6 +199,11 @@ class WanFamily(Family):
                              "(image=..., or --image on the command line)")
         if not self.image_to_video and options["image"] is not None:
             raise ValueError("image is only for image-to-video Wan pipelines; this one is text-to-video")
+        if options["guidance_scale_2"] is not None:
+            if self.boundary_ratio is None:
+                raise ValueError("guidance_scale_2 is only for two-expert Wan2.2 pipelines (boundary_ratio in "
+                                 "model_index.json); this one has one transformer")
+            check_argument("guidance_scale_2", options["guidance_scale_2"])
         return guidance_scale > 1.0
 
     def encode(self, prompts, options):
@@ -175,7 +214,9 @@ class WanFamily(Family):
             return Conditioning(text={"context": hidden})
         image_embeds, condition = self._first_frame(options)
         rows = len(prompts)
-        image = {"image_embeds": jnp.repeat(image_embeds, rows, axis=0), "condition": jnp.repeat(condition, rows, axis=0)}
+        image = {"condition": jnp.repeat(condition, rows, axis=0)}
+        if image_embeds is not None:
+            image["image_embeds"] = jnp.repeat(image_embeds, rows, axis=0)
         return Conditioning(text={"context": hidden}, image=image)
 
     # -- sampling -------------------------------------------------------------------------
@@ -189,13 +230,33 @@ class WanFamily(Family):
     def latent_shape_of_call(self, height, width, options):
         return self.latent_shape(height, width, options["num_frames"])
 
-    def denoise(self, params, model_input, timestep, conditioning):
+    def denoise(self, params, model_input, timestep, conditioning, transformer=None):
+        """`transformer`: the expert's module (default: the first one's)."""
         image = conditioning.image or {}
         if "condition" in image:
             model_input = jnp.concatenate([model_input, image["condition"].astype(model_input.dtype)], axis=1)
         timestep = jnp.broadcast_to(timestep, (model_input.shape[0],))
-        return self.transformer.apply({"params": params}, model_input, timestep, conditioning.text["context"],
-                                      image.get("image_embeds"))
+        return (transformer or self.transformer).apply({"params": params}, model_input, timestep,
+                                                       conditioning.text["context"], image.get("image_embeds"))
+
+    def experts(self):
+        if self.boundary_ratio is None:
+            return super().experts()
+        return ((self.denoise, self.params),
+                (functools.partial(self.denoise, transformer=self.transformer_2), self.params_2))
+
+    def expert_split(self, schedule, options):
+        if self.boundary_ratio is None:
+            return None, None
+        boundary = self.boundary_ratio * self.scheduler_config.get("num_train_timesteps", 1000)
+        high_noise = steps_at_or_above(schedule.timesteps, boundary)
+        for name, params, steps in (("transformer", self.params, high_noise),
+                                    ("transformer_2", self.params_2, len(schedule.timesteps) - high_noise)):
+            if params is None and steps:
+                raise ValueError(f"{self.path}: {steps} step(s) need the {name} expert, which this folder does not "
+                                 f"have (model_index.json); boundary_ratio = {self.boundary_ratio}")
+        scale_2 = options["guidance_scale_2"]
+        return high_noise, options["guidance_scale"] if scale_2 is None else scale_2
 
     def decode(self, latents, height, width):
         """Final latents [B, C, T, h, w] -> frames float32 [B, F, H, W, 3] in [0, 1]."""
