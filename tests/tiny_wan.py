@@ -121,6 +121,36 @@ WAN_UNIPC = {  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler/scheduler_config.jso
 }
 
 
+def tiny_wan22_vae_config(z_dim: int = 6, seed: int = 0) -> dict:
+    """Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json with tiny widths (published: base_dim 160,
+    decoder_base_dim 256, z_dim 48) and random latents statistics; every other key as published."""
+    generator = torch.Generator().manual_seed(seed)
+    return {"_class_name": "AutoencoderKLWan", "attn_scales": [], "base_dim": 8, "clip_output": False,
+            "decoder_base_dim": 12, "dim_mult": [1, 2, 4, 4], "dropout": 0.0, "in_channels": 12, "is_residual": True,
+            "latents_mean": torch.randn(z_dim, generator=generator).tolist(),
+            "latents_std": (torch.rand(z_dim, generator=generator) + 0.5).tolist(), "num_res_blocks": 2,
+            "out_channels": 12, "patch_size": 2, "scale_factor_spatial": 16, "scale_factor_temporal": 4,
+            "temperal_downsample": [False, True, True], "z_dim": z_dim}
+
+
+def save_tiny_wan22_vae(folder, seed: int = 0):
+    """diffusers AutoencoderKLWan in the Wan2.2 layout (`tiny_wan22_vae_config`), every parameter
+    moved off its init (gammas are ones and biases zeros there), saved with the published
+    config.json keys (diffusers does not take `clip_output`; it writes it back by hand)."""
+    from diffusers import AutoencoderKLWan
+
+    config = tiny_wan22_vae_config(seed=seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(**{k: v for k, v in config.items() if k not in ("_class_name", "clip_output")}).eval()
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    vae.save_pretrained(str(folder))
+    written = json.loads((Path(folder) / "config.json").read_text())
+    write_json(Path(folder) / "config.json", {**written, "clip_output": False})
+    return vae
+
+
 def build_tiny_wan_pipeline(folder, image_to_video: bool = False, seed: int = 0):
     """A diffusers WanPipeline / WanImageToVideoPipeline of tiny random components, saved with
     `save_pretrained` into `folder` (model_index.json and one folder per component, as Wan-AI
