@@ -110,6 +110,11 @@ class Family:
         """Pure: the model's output for model_input at the scalar `timestep` (traced)."""
         raise NotImplementedError
 
+    def final_latents(self, latents, conditioning: Conditioning):
+        """The sampled latents as the call returns and decodes them (`conditioning`: the cond
+        rows; Wan TI2V puts the given first frame back)."""
+        return latents
+
     def decode(self, latents, height: int, width: int) -> np.ndarray:
         """Final latents -> float32 images [B, H, W, 3] in [0, 1]."""
         raise NotImplementedError
@@ -510,7 +515,7 @@ class NAGPipeline:
         finally:
             if progress:
                 bar.close()
-        final = final[:images]
+        final = family.final_latents(final, groups["cond"])[:images]
         output = (lambda value: PipelineOutput(None, value)) if family.video else PipelineOutput
         if output_type == "latent":
             return output(np.asarray(final, np.float32))

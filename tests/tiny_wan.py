@@ -1,4 +1,4 @@
-"""Tiny random Wan2.1 components saved in the published layouts (diffusers folder, original
+"""Tiny random Wan components (Wan2.1; Wan2.2-TI2V-5B) saved in the published layouts (diffusers folder, original
 single file, ComfyUI's repackage), for the Wan tests."""
 
 from __future__ import annotations
@@ -151,10 +151,12 @@ def save_tiny_wan22_vae(folder, seed: int = 0):
     return vae
 
 
-def build_tiny_wan_pipeline(folder, image_to_video: bool = False, seed: int = 0):
+def build_tiny_wan_pipeline(folder, image_to_video: bool = False, seed: int = 0, ti2v: bool = False):
     """A diffusers WanPipeline / WanImageToVideoPipeline of tiny random components, saved with
     `save_pretrained` into `folder` (model_index.json and one folder per component, as Wan-AI
-    publishes them). Returns the diffusers pipeline (float32, CPU) as the reference."""
+    publishes them). ti2v: Wan2.2-TI2V-5B's layout (WanPipeline with expand_timesteps, the Wan2.2
+    VAE, the transformer's channels its z_dim, flow_shift 5). Returns the diffusers pipeline
+    (float32, CPU) as the reference."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -163,16 +165,23 @@ def build_tiny_wan_pipeline(folder, image_to_video: bool = False, seed: int = 0)
     parts = Path(tempfile.mkdtemp())  # the components as built; save_pretrained writes the published layout
     save_tiny_t5_tokenizer(parts / "tokenizer")
     save_tiny_umt5(parts / "text_encoder", seed=seed, vocab_size=64, d_model=24)
-    transformer = save_tiny_wan_transformer(parts / "transformer", image_to_video, seed=seed + 1)
-    torch.manual_seed(seed + 2)
-    generator = torch.Generator().manual_seed(seed + 3)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                           temperal_downsample=[False, True, True],
-                           latents_mean=torch.randn(4, generator=generator).tolist(),
-                           latents_std=(torch.rand(4, generator=generator) + 0.5).tolist()).eval()
+    if ti2v:
+        vae = save_tiny_wan22_vae(parts / "vae", seed=seed + 2)
+        channels = vae.config.z_dim
+        transformer = save_tiny_wan_transformer(parts / "transformer", seed=seed + 1, config=dict(
+            tiny_wan_config(), in_channels=channels, out_channels=channels))
+    else:
+        transformer = save_tiny_wan_transformer(parts / "transformer", image_to_video, seed=seed + 1)
+        torch.manual_seed(seed + 2)
+        generator = torch.Generator().manual_seed(seed + 3)
+        vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                               temperal_downsample=[False, True, True],
+                               latents_mean=torch.randn(4, generator=generator).tolist(),
+                               latents_std=(torch.rand(4, generator=generator) + 0.5).tolist()).eval()
     components = dict(tokenizer=AutoTokenizer.from_pretrained(str(parts / "tokenizer")),
                       text_encoder=UMT5EncoderModel.from_pretrained(str(parts / "text_encoder")).eval(),
-                      transformer=transformer, vae=vae, scheduler=UniPCMultistepScheduler(**WAN_UNIPC))
+                      transformer=transformer, vae=vae,
+                      scheduler=UniPCMultistepScheduler(**{**WAN_UNIPC, "flow_shift": 5.0 if ti2v else 3.0}))
     if image_to_video:
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -184,7 +193,7 @@ def build_tiny_wan_pipeline(folder, image_to_video: bool = False, seed: int = 0)
                                                            crop_size={"height": 32, "width": 32})
         pipe = WanImageToVideoPipeline(**components)
     else:
-        pipe = WanPipeline(**components)
+        pipe = WanPipeline(**components, expand_timesteps=ti2v)
     pipe.save_pretrained(str(folder))
     shutil.rmtree(parts)
     return pipe
