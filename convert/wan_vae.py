@@ -1,5 +1,6 @@
-"""Wan2.1 VAE checkpoints -> Flax params: the diffusers `vae/` folder (AutoencoderKLWan) and the
-original single file (`Wan2.1_VAE.pth`, ComfyUI's `wan_2.1_vae.safetensors`, any dtype incl. fp8).
+"""Wan VAE checkpoints -> Flax params: the diffusers `vae/` folder (AutoencoderKLWan: Wan2.1's,
+and Wan2.2's residual one) and Wan2.1's original single file (`Wan2.1_VAE.pth`, ComfyUI's
+`wan_2.1_vae.safetensors`, any dtype incl. fp8).
 
 The Flax layers carry their diffusers module paths as names (models/wan_vae.py), so the folder's
 `decoder.up_blocks.0.resnets.1.conv1.weight` becomes `decoder/up_blocks.0.resnets.1.conv1/kernel`.
@@ -86,6 +87,9 @@ def load_wan_vae(path, dtype="float32", config: dict | None = None, *, allow_pic
         checkpoint = open_checkpoint(path, allow_pickle=allow_pickle)
     vae_config = WanVAEConfig.from_dict(config or {})
     if _ORIGINAL_MARKER in checkpoint:
+        if vae_config.is_residual:
+            raise ValueError(f"{path}: Wan2.2's VAE in the original naming (Wan2.2_VAE.pth, wan2.2_vae.safetensors) "
+                             "is not supported; use the diffusers vae/ folder (Wan-AI/Wan2.2-TI2V-5B-Diffusers)")
         checkpoint = checkpoint.renamed(original_to_diffusers(vae_config.num_res_blocks))
     jax_dtype = jnp.dtype(parse_dtype(dtype))
     module = AutoencoderKLWan(vae_config, dtype=jax_dtype, param_dtype=jax_dtype)

@@ -95,6 +95,10 @@ def test_wan22_encode_and_chunked_decode_match_diffusers(tmp_path):
     assert 0.05 < float(jnp.abs(decoded).mean()) < 0.95
     with pytest.raises(ValueError, match="multiples of 16"):
         encode_video(module, params, video[..., :40])
+    original = tmp_path / "wan2.2_vae.safetensors"  # the original release's naming: refused by name
+    save_file({"decoder.middle.0.residual.0.gamma": torch.ones(4)}, str(original))
+    with pytest.raises(ValueError, match="original naming.*vae/ folder"):
+        load_wan_vae(original, config=tiny_wan22_vae_config())
 
 
 # The original release's names (wan/modules/vae.py), written out here independently of
