@@ -619,13 +619,14 @@ def batch_invariant_figures(pipeline=None, image_counts=(1, 4), steps: int = 4, 
 
 
 def wan_vae_memory_figures(frame_counts=(17, 41, 81), height: int = 480, width: int = 832,
-                           progress=None) -> list[dict]:
-    """XLA's memory analysis of the compiled Wan2.1 VAE (published config, bfloat16 parameters
-    from jax.eval_shape, float32 latents as the sampler holds them): temporary (working) memory
-    of decoding each frame count, and of encoding the longest. Ratios are against the first."""
+                           progress=None, config: dict | None = None) -> list[dict]:
+    """XLA's memory analysis of the compiled Wan VAE (published config: Wan2.1's, or `config`,
+    e.g. bench_wan.WAN22_VAE; bfloat16 parameters from jax.eval_shape, float32 latents as the
+    sampler holds them): temporary (working) memory of decoding each frame count, and of
+    encoding the longest. Ratios are against the first."""
     from models.wan_vae import AutoencoderKLWan, WanVAEConfig, decode_video, encode_video
 
-    module = AutoencoderKLWan(WanVAEConfig(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    module = AutoencoderKLWan(WanVAEConfig.from_dict(config or {}), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     params = jax.eval_shape(module.init, jax.random.key(0), module.init_input())["params"]
     z_dim, spatial, temporal = module.config.z_dim, module.config.spatial_factor, module.config.temporal_factor
 
