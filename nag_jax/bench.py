@@ -621,7 +621,7 @@ def batch_invariant_figures(pipeline=None, image_counts=(1, 4), steps: int = 4, 
 def wan_vae_memory_figures(frame_counts=(17, 41, 81), height: int = 480, width: int = 832,
                            progress=None, config: dict | None = None) -> list[dict]:
     """XLA's memory analysis of the compiled Wan VAE (published config: Wan2.1's, or `config`,
-    e.g. bench_wan.WAN22_VAE; bfloat16 parameters from jax.eval_shape, float32 latents as the
+    e.g. models.wan_vae.WAN22_VAE; bfloat16 parameters from jax.eval_shape, float32 latents as the
     sampler holds them): temporary (working) memory of decoding each frame count, and of
     encoding the longest. Ratios are against the first."""
     from models.wan_vae import AutoencoderKLWan, WanVAEConfig, decode_video, encode_video

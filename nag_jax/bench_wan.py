@@ -28,9 +28,6 @@ WAN_CONFIGS = {
     "wan-tiny": {**_WAN_COMMON, "num_attention_heads": 2, "attention_head_dim": 32, "text_dim": 64, "ffn_dim": 128,
                  "num_layers": 2},
 }
-# Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json (its latents_mean / latents_std aside)
-WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, patch_size=2, in_channels=12,
-                 out_channels=12)
 REAL_SHAPE = dict(latent=(16, 21, 60, 104), text_tokens=512)  # 480x832, 81 frames
 TI2V_SHAPE = dict(latent=(48, 31, 44, 80), text_tokens=512)  # 704x1280, 121 frames
 PER_TOKEN_TIMESTEPS = ("wan2.2-ti2v-5b",)

@@ -95,10 +95,15 @@ def test_wan22_encode_and_chunked_decode_match_diffusers(tmp_path):
     assert 0.05 < float(jnp.abs(decoded).mean()) < 0.95
     with pytest.raises(ValueError, match="multiples of 16"):
         encode_video(module, params, video[..., :40])
-    original = tmp_path / "wan2.2_vae.safetensors"  # the original release's naming: refused by name
-    save_file({"decoder.middle.0.residual.0.gamma": torch.ones(4)}, str(original))
-    with pytest.raises(ValueError, match="original naming.*vae/ folder"):
-        load_wan_vae(original, config=tiny_wan22_vae_config())
+
+    # The original release's single file (vae2_2.py naming) gives the folder's parameters.
+    state = {to_original22(k): v.contiguous() for k, v in reference.state_dict().items()}
+    assert not any(re.search(r"blocks|sampler\.|resnets|mid_block|conv_in|norm_out|quant", k) for k in state)
+    save_file(state, str(tmp_path / "wan2.2_vae.safetensors"))
+    _, single = load_wan_vae(tmp_path / "wan2.2_vae.safetensors", config=tiny_wan22_vae_config())
+    assert flat(single).keys() == flat(params).keys()
+    for name, value in flat(single).items():
+        np.testing.assert_array_equal(value, flat(params)[name], err_msg=name)
 
 
 # The original release's names (wan/modules/vae.py), written out here independently of
@@ -120,6 +125,16 @@ def to_original(key):
         stage, _, resnet, rest = up.groups()
         key = f"decoder.upsamples.{4 * int(stage) + (int(resnet) if resnet else 3)}.{rest}"
     return key
+
+
+def to_original22(key):
+    """Wan2.2's original names: each stage nests its resnets, then its resampler (two resnets per
+    encoder stage, three per decoder stage here), the rest as Wan2.1's."""
+    key = re.sub(r"down_blocks\.(\d)\.resnets\.(\d)\.", r"down_blocks.\1.downsamples.\2.", key)
+    key = re.sub(r"down_blocks\.(\d)\.downsampler\.", r"down_blocks.\1.downsamples.2.", key)
+    key = re.sub(r"up_blocks\.(\d)\.resnets\.(\d)\.", r"upsamples.\1.upsamples.\2.", key)
+    key = re.sub(r"up_blocks\.(\d)\.upsampler\.", r"upsamples.\1.upsamples.3.", key)
+    return to_original(key)
 
 
 def flat(params):
