@@ -95,7 +95,9 @@ class JointAttentionCore(nn.Module):
 class ScannedBlock(nn.Module):
     """Base of a block that `scan_blocks` runs over parameters stacked along a leading layer axis.
 
-    Its `__call__(carry, layer, *broadcast)` returns `(carry, None)`; `layer` is the traced global
+    Its `__call__(carry, layer, *broadcast)` returns `(carry, None)`, or with `scan_blocks`'
+    `per_layer` inputs `__call__(carry, layer, layer_inputs, *broadcast)` (this layer's slice);
+    blocks may also return per-layer outputs in place of None. `layer` is the traced global
     index of the layer (int32 scalar). `layers` and `layer_name` are set by `scan_blocks`, static:
     layer `i` stands for the module `{layer_name}_{i}` of an unrolled model (a sibling of the
     stack), which is how guidance names a layer (PAG's `pag_applied_layers`) and how converters
@@ -135,25 +137,30 @@ def unrolled_layers():
         _UNROLL.pop()
 
 
-def scan_blocks(block: type[ScannedBlock], stack: LayerStack, carry, *broadcast, **fields):
+def scan_blocks(block: type[ScannedBlock], stack: LayerStack, carry, *broadcast, per_layer=None, outputs=False,
+                **fields):
     """Run `block(**fields)` over `stack.layers` in one `nn.scan`: `carry` threads through the
-    layers, `broadcast` arguments reach every layer unchanged, parameters are stacked under the
-    module named by `stack.path`'s last part (create it inside the parent's compact method).
-    The compiled program holds one copy of the block, whatever the depth. No layers: `carry`."""
+    layers, `broadcast` arguments reach every layer unchanged, `per_layer` (a pytree with a
+    leading layer axis) gives each layer its own slice, parameters are stacked under the module
+    named by `stack.path`'s last part (create it inside the parent's compact method). Returns the
+    carry, or `(carry, outputs stacked along a leading layer axis)` with `outputs`. The compiled
+    program holds one copy of the block, whatever the depth. No layers: `carry`."""
     if not stack.layers:
         return carry
+    scanned_inputs = (0,) if per_layer is None else (0, 0)
     scanned = nn.scan(
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(0,) + (nn.broadcast,) * len(broadcast),
+        in_axes=scanned_inputs + (nn.broadcast,) * len(broadcast),
         length=len(stack.layers),
         unroll=len(stack.layers) if _UNROLL[-1] else 1,
     )
     module = scanned(**fields, layers=tuple(stack.layers), layer_name=stack.layer_name,
                      name=stack.path.rpartition("/")[2])
-    carry, _ = module(carry, np.asarray(stack.layers, np.int32), *broadcast)
-    return carry
+    layer_inputs = () if per_layer is None else (per_layer,)
+    carry, ys = module(carry, np.asarray(stack.layers, np.int32), *layer_inputs, *broadcast)
+    return (carry, ys) if outputs else carry
 
 
 def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1.0,

@@ -11,6 +11,7 @@ PixArt-alpha's resolution / aspect-ratio embeddings are there when the config as
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -82,11 +83,20 @@ def relu_linear_attention(q, k, v):
     return out.reshape(*out.shape[:2], -1)
 
 
-class Attention(nn.Module):
-    """diffusers' `Attention` with to_q/to_k/to_v/to_out.0 (biased per `bias`) around a core;
-    keys and values come from `context` when given (cross-attention). `qk_norm`: RMS norm of q
-    and k over all heads (diffusers' "rms_norm_across_heads", SANA-Sprint). `linear`: SANA's ReLU
-    linear self-attention in place of softmax attention."""
+def project_heads(source, name: str, heads: int, head_dim: int, bias: bool, norm: bool, dtype, param_dtype):
+    """diffusers' `to_q` / `to_k` / `to_v` Linear, then with `norm` its RMS norm across heads
+    (`norm_q` / `norm_k`, SANA-Sprint), split into heads: [B, N, heads, head_dim]. Call it inside
+    a compact method: the layers belong to that module."""
+    y = nn.Dense(heads * head_dim, use_bias=bias, dtype=dtype, param_dtype=param_dtype, name=name)(source)
+    if norm:
+        y = RMSNorm(1e-5, param_dtype=param_dtype, name=name.replace("to_", "norm_"))(y)
+    return y.reshape(*y.shape[:-1], heads, head_dim)
+
+
+class SelfAttention(nn.Module):
+    """diffusers' `Attention` over the image tokens: to_q/to_k/to_v/to_out.0 (biased per `bias`)
+    around a core. `qk_norm`: RMS norm of q and k across heads ("rms_norm_across_heads",
+    SANA-Sprint). `linear`: SANA's ReLU linear attention in place of softmax attention."""
 
     heads: int
     head_dim: int
@@ -97,23 +107,55 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context=None, context_bias=None):
-        def project(name, source):
-            y = nn.Dense(self.heads * self.head_dim, use_bias=self.bias, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name=name)(source)
-            if self.qk_norm and name != "to_v":
-                y = RMSNorm(1e-5, param_dtype=self.param_dtype, name=name.replace("to_", "norm_"))(y)
-            return y.reshape(*y.shape[:-1], self.heads, self.head_dim)
-
-        source = x if context is None else context
-        q, k, v = project("to_q", x), project("to_k", source), project("to_v", source)
-        if self.linear:
-            out = relu_linear_attention(q, k, v).astype(x.dtype)
-        elif context is None:
-            out = SelfAttentionCore(name="core")(q, k, v)
-        else:
-            out = CrossAttentionCore(name="core")(q, k, v, context_bias)
+    def __call__(self, x):
+        q, k, v = (project_heads(x, name, self.heads, self.head_dim, self.bias, self.qk_norm and name != "to_v",
+                                 self.dtype, self.param_dtype) for name in ("to_q", "to_k", "to_v"))
+        out = relu_linear_attention(q, k, v).astype(x.dtype) if self.linear else SelfAttentionCore(name="core")(q, k, v)
         return nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="to_out")(out)
+
+
+class CrossAttention(nn.Module):
+    """diffusers' cross-attention `Attention` from the image tokens' side: to_q (+ norm_q), the
+    core over the caption's keys and values (projected once per sampling run by `TextKeysValues`,
+    masked by `key_bias`), to_out.0."""
+
+    heads: int
+    head_dim: int
+    bias: bool = True
+    qk_norm: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, keys, values, key_bias):
+        q = project_heads(x, "to_q", self.heads, self.head_dim, self.bias, self.qk_norm, self.dtype, self.param_dtype)
+        out = CrossAttentionCore(name="core")(q, keys, values, key_bias)
+        return nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="to_out")(out)
+
+
+class TextKeysValues(ScannedBlock):
+    """One block's cross-attention keys and values of the caption tokens (diffusers' attn2.to_k
+    (+ norm_k) and attn2.to_v), as a scan body: the caption passes through unchanged."""
+
+    heads: int
+    head_dim: int
+    bias: bool = True
+    qk_norm: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, context, layer):
+        project = lambda name, norm: project_heads(context, name, self.heads, self.head_dim, self.bias,  # noqa: E731
+                                                   norm, self.dtype, self.param_dtype)
+        return context, (project("to_k", self.qk_norm), project("to_v", False))
+
+
+def text_keys_values(context, context_mask, num_layers: int, **fields) -> dict:
+    """What every step's cross-attentions read of the caption: keys and values of each block
+    [num_layers, B', L, heads, head_dim] and the mask's score bias [B', 1, 1, L]."""
+    _, (keys, values) = scan_blocks(TextKeysValues, text_stack(num_layers), context, outputs=True, **fields)
+    return {"keys": keys, "values": values, "bias": key_mask_bias(context_mask)}
 
 
 class PixArtBlock(ScannedBlock):
@@ -127,12 +169,13 @@ class PixArtBlock(ScannedBlock):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, layer, context, context_bias, modulation):
+    def __call__(self, x, layer, text_keys_values, text_bias, modulation):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block_modulation(self, x, modulation)
-        attention = lambda name: Attention(  # noqa: E731
-            self.heads, self.head_dim, self.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-        x = x + gate_msa[:, None] * attention("attn1")(modulate(layer_norm(x, self.norm_eps), shift_msa, scale_msa))
-        x = x + attention("attn2")(x, context, context_bias)  # PixArt: no norm before cross-attention
+        kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attention = SelfAttention(self.heads, self.head_dim, self.attention_bias, **kinds, name="attn1")
+        x = x + gate_msa[:, None] * attention(modulate(layer_norm(x, self.norm_eps), shift_msa, scale_msa))
+        cross_attention = CrossAttention(self.heads, self.head_dim, self.attention_bias, **kinds, name="attn2")
+        x = x + cross_attention(x, *text_keys_values, text_bias)  # PixArt: no norm before cross-attention
         normed = modulate(layer_norm(x, self.norm_eps), shift_mlp, scale_mlp)
         ff = GELUFeedForward(dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(normed)
         return x + gate_mlp[:, None] * ff, None
@@ -140,8 +183,14 @@ class PixArtBlock(ScannedBlock):
 
 def blocks_stack(num_layers: int) -> LayerStack:
     """The scanned blocks: parameters stacked under `blocks`, layer i unrolled is `blocks_i`
-    (diffusers' `transformer_blocks.i`)."""
+    (diffusers' `transformer_blocks.i` but its attn2.to_k / to_v / norm_k)."""
     return LayerStack("blocks", range(num_layers), "blocks")
+
+
+def text_stack(num_layers: int) -> LayerStack:
+    """Each block's caption key/value projections (diffusers' `transformer_blocks.i.attn2.to_k`,
+    `to_v`, `norm_k`), stacked under `text_blocks`; layer i unrolled is `text_blocks_i`."""
+    return LayerStack("text_blocks", range(num_layers), "text_blocks")
 
 
 class CaptionProjection(nn.Module):
@@ -232,17 +281,72 @@ class PixArtConfig(DiTConfig):
         return self.sample_size == 128 if self.use_additional_conditions is None else self.use_additional_conditions
 
 
-class PixArtTransformer(nn.Module):
-    """latents [B, C, H, W], caption tokens [B', L, caption_channels], their mask [B', L],
-    timestep [B] -> prediction [B, out_channels, H, W] (B' > B only inside nag_jax.guided)."""
+class TwoPartTransformer(nn.Module):
+    """A cross-attention DiT as two parts over one parameter tree (PixArt, SANA):
+
+    - `text_part` (caption tokens [B', L, caption_channels], mask [B', L] -> `text_keys_values`):
+      the caption projection and every block's keys and values, the same at every step, so the
+      sampler runs it once per sampling run (`Family.prepare`);
+    - `step_part` (latents [B, C, H, W], that text, timestep [B], the model's extra conditions
+      -> prediction [B, C_out, H, W]), the work of one step (B' > B only inside nag_jax.guided).
+
+    Calling the module runs both: the diffusers model's forward."""
+
+    config: DiTConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    config_class: ClassVar[type]
+    text_part: ClassVar[type]
+    step_part: ClassVar[type]
+
+    @classmethod
+    def from_config(cls, config: dict, dtype=jnp.float32, param_dtype=jnp.float32):
+        return cls(cls.config_class.from_dict(config), dtype=dtype, param_dtype=param_dtype)
+
+    @nn.nowrap  # not a module method: called on an unbound module, the parts stay unbound
+    def parts(self) -> tuple[nn.Module, nn.Module]:
+        """(text part, step part), unbound: apply each with the whole transformer's parameters."""
+        return (self.text_part(self.config, self.dtype, self.param_dtype),
+                self.step_part(self.config, self.dtype, self.param_dtype))
+
+    @property
+    def layer_stacks(self) -> tuple[LayerStack, ...]:
+        return blocks_stack(self.config.num_layers), text_stack(self.config.num_layers)
+
+    def setup(self):
+        self.text, self.step = self.parts()
+        nn.share_scope(self, self.text)
+        nn.share_scope(self, self.step)
+
+    def __call__(self, x, context, context_mask, timestep, *conditions):
+        return self.step(x, self.text(context, context_mask), timestep, *conditions)
+
+
+class PixArtText(nn.Module):
+    """PixArt's text part: caption projection, then each block's cross-attention keys and values."""
 
     config: PixArtConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
-    @classmethod
-    def from_config(cls, config: dict, dtype=jnp.float32, param_dtype=jnp.float32):
-        return cls(PixArtConfig.from_dict(config), dtype=dtype, param_dtype=param_dtype)
+    @nn.compact
+    def __call__(self, context, context_mask):
+        cfg = self.config
+        context = context.astype(self.dtype)
+        if cfg.caption_channels is not None:
+            context = CaptionProjection(cfg.inner_dim, self.dtype, self.param_dtype, name="caption_projection")(context)
+        return text_keys_values(context, context_mask, cfg.num_layers, heads=cfg.num_attention_heads,
+                                head_dim=cfg.attention_head_dim, bias=cfg.attention_bias, dtype=self.dtype,
+                                param_dtype=self.param_dtype)
+
+
+class PixArtStep(nn.Module):
+    """PixArt's step part: latents, the text part's output, timestep (and PixArt-alpha's
+    resolution / aspect ratio) -> prediction."""
+
+    config: PixArtConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
 
     def pos_embed(self, height: int, width: int) -> np.ndarray:
         cfg = self.config
@@ -250,7 +354,7 @@ class PixArtTransformer(nn.Module):
         return sincos_2d(cfg.inner_dim, height, width, cfg.sample_size // cfg.patch_size, scale)
 
     @nn.compact
-    def __call__(self, x, context, context_mask, timestep, resolution=None, aspect_ratio=None):
+    def __call__(self, x, text, timestep, resolution=None, aspect_ratio=None):
         cfg, dim, patch = self.config, self.config.inner_dim, self.config.patch_size
         height, width = x.shape[-2] // patch, x.shape[-1] // patch
         tokens = patchify(self, x.astype(self.dtype), dim, patch)
@@ -258,12 +362,17 @@ class PixArtTransformer(nn.Module):
         timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (x.shape[0],))
         modulation, emb = AdaLNSingle(dim, cfg.additional_conditions, self.dtype, self.param_dtype,
                                       name="adaln_single")(timestep, resolution, aspect_ratio)
-        context = context.astype(self.dtype)
-        if cfg.caption_channels is not None:
-            context = CaptionProjection(dim, self.dtype, self.param_dtype, name="caption_projection")(context)
-        tokens = scan_blocks(PixArtBlock, blocks_stack(cfg.num_layers), tokens, context, key_mask_bias(context_mask),
-                             modulation, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
-                             attention_bias=cfg.attention_bias, norm_eps=cfg.norm_eps, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
-
+        tokens = scan_blocks(PixArtBlock, blocks_stack(cfg.num_layers), tokens, text["bias"], modulation,
+                             per_layer=(text["keys"], text["values"]), heads=cfg.num_attention_heads,
+                             head_dim=cfg.attention_head_dim, attention_bias=cfg.attention_bias, norm_eps=cfg.norm_eps,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
         return final_layer(self, tokens, emb, (height, width), patch, cfg.output_channels)
+
+
+class PixArtTransformer(TwoPartTransformer):
+    """diffusers' `PixArtTransformer2DModel`: (latents, caption tokens, their mask, timestep[,
+    resolution, aspect ratio]) -> prediction."""
+
+    config_class = PixArtConfig
+    text_part = PixArtText
+    step_part = PixArtStep

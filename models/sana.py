@@ -3,7 +3,8 @@
 PixArt's skeleton (patch embedding, adaLN-single with per-block scale/shift tables, final
 modulated norm; models/pixart.py) with SANA's pieces: linear self-attention with a ReLU
 kernel (computed in float32, as diffusers' `SanaLinearAttnProcessor2_0`), softmax
-cross-attention over the RMS-normed caption projection (masked, through `CrossAttentionCore`),
+cross-attention over the RMS-normed caption projection (masked, through `CrossAttentionCore`;
+its keys and values projected once per sampling run: `TwoPartTransformer`),
 the GLU-MBConv feed-forward (1x1 conv, depthwise 3x3, SiLU-gated, 1x1 conv) on the token grid.
 SANA-Sprint adds the guidance embedding and RMS QK-norm across heads. Blocks run under `scan_blocks`.
 """
@@ -15,10 +16,10 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.layers import (MLPEmbedder, RMSNorm, ScannedBlock, key_mask_bias, layer_norm, modulate, rms_normalized,
-                           scan_blocks, timestep_embedding)
-from models.pixart import (AdaLNSingle, Attention, CaptionProjection, DiTConfig, block_modulation, blocks_stack,
-                           final_layer, patchify, sincos_2d)
+from models.layers import (MLPEmbedder, RMSNorm, ScannedBlock, layer_norm, modulate, rms_normalized, scan_blocks,
+                           timestep_embedding)
+from models.pixart import (AdaLNSingle, CaptionProjection, CrossAttention, DiTConfig, SelfAttention, TwoPartTransformer,
+                           block_modulation, blocks_stack, final_layer, patchify, sincos_2d, text_keys_values)
 
 
 class BiasedRMSNorm(nn.Module):
@@ -74,13 +75,15 @@ class SanaBlock(ScannedBlock):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, layer, context, context_bias, modulation):
+    def __call__(self, x, layer, text_keys_values, text_bias, modulation):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block_modulation(self, x, modulation)
         kinds = dict(qk_norm=self.qk_norm, dtype=self.dtype, param_dtype=self.param_dtype)
         normed = modulate(layer_norm(x, self.norm_eps), shift_msa, scale_msa)
-        self_attention = Attention(self.heads, self.head_dim, self.attention_bias, linear=True, **kinds, name="attn1")
+        self_attention = SelfAttention(self.heads, self.head_dim, self.attention_bias, linear=True, **kinds,
+                                       name="attn1")
         x = x + gate_msa[:, None] * self_attention(normed)
-        x = x + Attention(self.cross_heads, self.cross_head_dim, True, **kinds, name="attn2")(x, context, context_bias)
+        cross_attention = CrossAttention(self.cross_heads, self.cross_head_dim, True, **kinds, name="attn2")
+        x = x + cross_attention(x, *text_keys_values, text_bias)
         normed = modulate(layer_norm(x, self.norm_eps), shift_mlp, scale_mlp)
         grid = normed.reshape(x.shape[0], *self.grid, x.shape[-1])
         ff = GLUMBConv(self.mlp_ratio, dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(grid)
@@ -134,20 +137,34 @@ class SanaConfig(DiTConfig):
                              f"got {config['qk_norm']!r}")
 
 
-class SanaTransformer(nn.Module):
-    """latents [B, C, H, W], caption tokens [B', L, caption_channels], their mask [B', L],
-    timestep [B] (and guidance [B] for SANA-Sprint) -> prediction [B, C_out, H, W]."""
+class SanaText(nn.Module):
+    """SANA's text part: caption projection, its RMS norm, each block's cross-attention keys and values."""
 
     config: SanaConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
-    @classmethod
-    def from_config(cls, config: dict, dtype=jnp.float32, param_dtype=jnp.float32):
-        return cls(SanaConfig.from_dict(config), dtype=dtype, param_dtype=param_dtype)
+    @nn.compact
+    def __call__(self, context, context_mask):
+        cfg = self.config
+        context = CaptionProjection(cfg.inner_dim, self.dtype, self.param_dtype, name="caption_projection")(
+            context.astype(self.dtype))
+        context = RMSNorm(1e-5, param_dtype=self.param_dtype, name="caption_norm")(context)
+        return text_keys_values(context, context_mask, cfg.num_layers, heads=cfg.num_cross_attention_heads,
+                                head_dim=cfg.cross_attention_head_dim, qk_norm=cfg.qk_norm is not None,
+                                dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+class SanaStep(nn.Module):
+    """SANA's step part: latents, the text part's output, timestep (and guidance [B] for
+    SANA-Sprint) -> prediction."""
+
+    config: SanaConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, context_mask, timestep, guidance=None):
+    def __call__(self, x, text, timestep, guidance=None):
         cfg, dim, patch = self.config, self.config.inner_dim, self.config.patch_size
         grid = (x.shape[-2] // patch, x.shape[-1] // patch)
         tokens = patchify(self, x.astype(self.dtype), dim, patch)
@@ -161,13 +178,19 @@ class SanaTransformer(nn.Module):
                 timestep, guidance)
         else:
             modulation, emb = AdaLNSingle(dim, False, self.dtype, self.param_dtype, name="time_embed")(timestep)
-        context = CaptionProjection(dim, self.dtype, self.param_dtype, name="caption_projection")(
-            context.astype(self.dtype))
-        context = RMSNorm(1e-5, param_dtype=self.param_dtype, name="caption_norm")(context)
-        tokens = scan_blocks(SanaBlock, blocks_stack(cfg.num_layers), tokens, context, key_mask_bias(context_mask),
-                             modulation, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
-                             cross_heads=cfg.num_cross_attention_heads, cross_head_dim=cfg.cross_attention_head_dim,
-                             mlp_ratio=cfg.mlp_ratio, grid=grid, attention_bias=cfg.attention_bias,
-                             qk_norm=cfg.qk_norm is not None, norm_eps=cfg.norm_eps, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+        tokens = scan_blocks(SanaBlock, blocks_stack(cfg.num_layers), tokens, text["bias"], modulation,
+                             per_layer=(text["keys"], text["values"]), heads=cfg.num_attention_heads,
+                             head_dim=cfg.attention_head_dim, cross_heads=cfg.num_cross_attention_heads,
+                             cross_head_dim=cfg.cross_attention_head_dim, mlp_ratio=cfg.mlp_ratio, grid=grid,
+                             attention_bias=cfg.attention_bias, qk_norm=cfg.qk_norm is not None,
+                             norm_eps=cfg.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         return final_layer(self, tokens, emb, grid, patch, cfg.output_channels)
+
+
+class SanaTransformer(TwoPartTransformer):
+    """diffusers' `SanaTransformer2DModel`: (latents, caption tokens, their mask, timestep[,
+    guidance]) -> prediction."""
+
+    config_class = SanaConfig
+    text_part = SanaText
+    step_part = SanaStep

@@ -28,6 +28,7 @@ from jax import lax
 
 BACKENDS = ("auto", "xla", "blockwise", "cudnn", "splash")
 BLOCK_Q, BLOCK_K = 512, 512  # tokens per query / key block of the blockwise implementation
+QUERY_CHUNKS = 8  # loops the query blocks are split into (each copies only its queries on XLA:CPU)
 ONE_BLOCK_SCORES = 1024 * 1024  # up to this many query x key scores "auto" keeps one block (faster)
 CUDNN_DTYPES = ("bfloat16", "float16")
 CUDNN_MAX_HEAD_DIM = 128
@@ -148,18 +149,24 @@ def _blockwise(q, k, v, bias, scale, finish):
     `finish(out, max, denom)` turns a query block's sums ([B, Bq, H, D], [B, Bq, H, 1] twice,
     float32) into the arrays written to the result ([B, Bq, ...] each). The last block along
     each axis starts early so that every block is full: overlapping queries are computed
-    twice (same values), overlapping keys are masked out of the later block.
+    twice (same values), overlapping keys are masked out of the later block. The query blocks
+    run as up to QUERY_CHUNKS loops one after the other, each over its own slice of the queries
+    (the start of the next slice is the previous loop's output, so the slices are copied one at
+    a time): on XLA:CPU a loop holds its half-precision inputs as uint16 bits (`_to_bits`), a
+    copy, so this copies one slice of q at a time (k and v once), and the results are written in
+    place in their final dtype.
     """
     dtypes = q.dtype, k.dtype, v.dtype
-    q, k, v = (_to_bits(x) for x in (q, k, v))
+    k, v = _to_bits(k), _to_bits(v)
     q_tokens, k_tokens = q.shape[1], k.shape[1]
     block_q, block_k = min(q_tokens, BLOCK_Q), min(k_tokens, BLOCK_K)
     q_blocks, k_blocks = -(-q_tokens // block_q), -(-k_tokens // block_k)
     batch, heads, head_dim = q.shape[0], q.shape[2], v.shape[3]
 
-    def query_block(i):
+    def query_block(q_rows, first_row, i):
+        """Block i of the queries; `q_rows` (bits) holds the queries from `first_row` on."""
         start_q = jnp.minimum(i * block_q, q_tokens - block_q)
-        q_block = _from_bits(lax.dynamic_slice_in_dim(q, start_q, block_q, 1), dtypes[0])
+        q_block = _from_bits(lax.dynamic_slice_in_dim(q_rows, start_q - first_row, block_q, 1), dtypes[0])
         bias_q = None if bias is None else _slice_if_full(bias, start_q, block_q, 2)
 
         def key_block(carry, j):
@@ -183,16 +190,26 @@ def _blockwise(q, k, v, bias, scale, finish):
                 jnp.full((batch, heads, block_q, 1), -jnp.inf, jnp.float32),
                 jnp.zeros((batch, heads, block_q, 1), jnp.float32))
         sums, _ = lax.scan(key_block, init, jnp.arange(k_blocks))
-        return start_q, jax.tree.map(_to_bits, finish(*(jnp.transpose(x, (0, 2, 1, 3)) for x in sums)))
-
-    def write(i, results):
-        start_q, block = query_block(i)
-        return jax.tree.map(lambda r, b: lax.dynamic_update_slice_in_dim(r, b, start_q, 1), results, block)
+        return start_q, finish(*(jnp.transpose(x, (0, 2, 1, 3)) for x in sums))
 
     block_shapes = jax.eval_shape(lambda: finish(*(jnp.zeros((1, 1, 1, n), jnp.float32) for n in (head_dim, 1, 1))))
-    results = jax.tree.map(lambda s: jnp.zeros((batch, q_tokens, heads, s.shape[3]), _to_bits(s).dtype), block_shapes)
-    results = lax.fori_loop(0, q_blocks, write, results)
-    return jax.tree.map(lambda r, s: _from_bits(r, s.dtype), results, block_shapes)
+    results = jax.tree.map(lambda s: jnp.zeros((batch, q_tokens, heads, s.shape[3]), s.dtype), block_shapes)
+    # only half-precision queries are copied (as bits) for a loop; float32 ones are read in place
+    per_chunk = -(-q_blocks // QUERY_CHUNKS) if _to_bits(q[:, :0]).dtype != q.dtype else q_blocks
+    first_row = jnp.int32(0)  # traced: each loop hands over where the next one's queries start
+    for first_block in range(0, q_blocks, per_chunk):
+        last_block = min(first_block + per_chunk, q_blocks)
+        rows = min(last_block * block_q, q_tokens) - min(first_block * block_q, q_tokens - block_q)
+        q_rows = _to_bits(lax.dynamic_slice_in_dim(q, first_row, rows, 1))
+
+        def write(i, carry, q_rows=q_rows, first_row=first_row):
+            results, _ = carry
+            start_q, block = query_block(q_rows, first_row, i)
+            results = jax.tree.map(lambda r, b: lax.dynamic_update_slice_in_dim(r, b, start_q, 1), results, block)
+            return results, jnp.minimum((i + 1) * block_q, q_tokens - block_q)
+
+        results, first_row = lax.fori_loop(first_block, last_block, write, (results, first_row))
+    return results
 
 
 def _to_bits(x):

@@ -68,7 +68,7 @@ from nag_jax.attention import attention_backend
 from models.sd3 import SD3Transformer
 from models.unet import UNet2DConditionModel
 from nag_jax.bench_depth import DEPTHS, depth_figures
-from nag_jax.bench_dit import DIT_FAMILIES, build_dit, small_init_inputs
+from nag_jax.bench_dit import DIT_FAMILIES, build_dit, small_init_inputs, text_part_flops
 from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
 
 FAMILIES = ("unet", "flux", "sd3", "kontext", "chroma") + DIT_FAMILIES + ("wan-1.3b", "wan-14b", "wan2.2-ti2v-5b")
@@ -377,6 +377,10 @@ def flop_counts(family: str, tiny: bool = False, progress=None) -> list[dict]:
         records.append(_record("flops", family, name, flops, "GFLOP", baseline, scale=1e-9, tiny=tiny))
         if progress:
             progress.update(1)
+    if family in DIT_FAMILIES:  # their caption keys/values: once per sampling run, not per step
+        for name, text_rows in (("text part, once per run", 1), ("text part with NAG, once per run", 2)):
+            flops = text_part_flops(module, params, inputs(1, text_rows))
+            records.append(_record("flops", family, name, flops, "GFLOP", baseline, scale=1e-9, tiny=tiny))
     return records
 
 

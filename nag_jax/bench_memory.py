@@ -10,8 +10,8 @@
   (the parameters) and temporaries, which on XLA:CPU are mostly float32 copies of the weights too.
 
 Compiled for the default backend (the CPU here): the figures are XLA's buffer assignment for that
-backend. XLA:CPU has no native bf16 slicing inside loops, so the blockwise implementation keeps a
-uint16 view of q, k and v (3 x N x H x D x 2 bytes); GPU and TPU do not need it.
+backend. XLA:CPU has no native bf16 slicing inside loops, so the blockwise implementation copies
+k and v into uint16 views (2 x N x H x D x 2 bytes) and q one chunk (1/8) at a time.
 """
 
 from __future__ import annotations

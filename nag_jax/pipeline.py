@@ -106,8 +106,14 @@ class Family:
         """`latent_shape` for this call's options (video families read num_frames there)."""
         return self.latent_shape(height, width)
 
+    def prepare(self, params, conditioning: Conditioning) -> Conditioning:
+        """Pure: the denoiser's work that no step changes (PixArt/SANA: the caption's keys and
+        values), run once per sampling run outside the step loop; `denoise` gets its result."""
+        return conditioning
+
     def denoise(self, params, model_input, timestep, conditioning: Conditioning):
-        """Pure: the model's output for model_input at the scalar `timestep` (traced)."""
+        """Pure: the model's output for model_input at the scalar `timestep` (traced), given
+        `prepare`'s conditioning."""
         raise NotImplementedError
 
     def final_latents(self, latents, conditioning: Conditioning):
@@ -252,7 +258,7 @@ class NAGPipeline:
     def __init__(self, family: Family, model_parallel: int = 1, attention_backend: str = "auto"):
         self.family = family
         self.sampler = Sampler(with_attention_backend(family.denoise, attention_backend), model_parallel,
-                               family.stacked_params)
+                               family.stacked_params, family.prepare)
         self._guided_layers = None  # {module path: guidance its transform implements}, found on first use
 
     def _layers_with_guidance(self, latents, timestep, conditioning) -> dict[str, frozenset]:
@@ -270,8 +276,8 @@ class NAGPipeline:
 
             one_row = jax.tree.map(lambda leaf: leaf[:1], conditioning)
             with nn.intercept_methods(track_layers(record)):
-                jax.eval_shape(lambda p, x, c: self.family.denoise(p, x, timestep, c), self.family.params, latents,
-                               one_row)
+                jax.eval_shape(lambda p, x, c: self.family.denoise(p, x, timestep, self.family.prepare(p, c)),
+                               self.family.params, latents, one_row)
             self._guided_layers = seen
         return self._guided_layers
 

@@ -143,8 +143,10 @@ def _report(report: str, step, timestep, sample, axis_name):
 
 
 def denoise_loop(denoise: Callable, schedule, plan: GuidancePlan, report: str, params, latents, groups, scales,
-                 image_keys, axis_name=None):
-    """Run every step. `denoise(params, model_input, t, conditioning) -> model_output`.
+                 image_keys, axis_name=None, prepare=None):
+    """Run every step. `denoise(params, model_input, t, conditioning) -> model_output`, given
+    the conditioning through `prepare(params, conditioning)` (the step-invariant work, run once
+    per scan, before it; None: nothing to prepare).
 
     `report`: "none", "steps" (step index and timestep to the host, for progress bars) or
     "latents" (the latents too, for a user's per-step callback). `image_keys`: one PRNG key
@@ -156,8 +158,10 @@ def denoise_loop(denoise: Callable, schedule, plan: GuidancePlan, report: str, p
     nag_config = NAGConfig(scales.nag_scale, scales.nag_tau, scales.nag_alpha, plan.nag_mode, plan.nag_norm,
                            PAGConfig(plan.pag_layers, plan.row_groups))
 
+    prepared = (lambda conditioning: conditioning) if prepare is None else functools.partial(prepare, params)
+
     def body_for(with_nag: bool):
-        conditioning = assemble(groups, with_nag, plan.pag)
+        conditioning = prepared(assemble(groups, with_nag, plan.pag))
 
         def guided_output(model_input, conditioning, timestep):
             if plan.row_groups > 1:
@@ -180,7 +184,7 @@ def denoise_loop(denoise: Callable, schedule, plan: GuidancePlan, report: str, p
             def one_image(i, outputs):
                 row = lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, i, 1)  # noqa: E731
                 x, image_groups = jax.tree.map(row, rows)
-                output = guided_output(x, assemble(image_groups, with_nag, plan.pag), timestep)
+                output = guided_output(x, prepared(assemble(image_groups, with_nag, plan.pag)), timestep)
                 return jax.lax.dynamic_update_slice_in_dim(outputs, output, i, 0)
 
             return jax.lax.fori_loop(0, count, one_image, jnp.zeros_like(model_input))
@@ -260,8 +264,8 @@ class Sampler:
     The caller pads the batch to a multiple of `batch_multiple(parallel)`.
     """
 
-    def __init__(self, denoise: Callable, model_parallel: int = 1, stacked_params=()):
-        self.denoise = denoise
+    def __init__(self, denoise: Callable, model_parallel: int = 1, stacked_params=(), prepare: Callable | None = None):
+        self.denoise, self.prepare = denoise, prepare
         self.model_parallel = model_parallel
         self.stacked_params = stacked_params  # param subtrees with a leading layer axis: not split
         self._compiled: dict = {}
@@ -292,7 +296,7 @@ class Sampler:
     def _program(self, schedule, plan: GuidancePlan, report: str, parallel: str):
         key = (_digest(schedule), plan, report, parallel)
         if key not in self._compiled:
-            loop = functools.partial(denoise_loop, self.denoise, schedule, plan, report)
+            loop = functools.partial(denoise_loop, self.denoise, schedule, plan, report, prepare=self.prepare)
             if parallel == "pmap":
                 loop = functools.partial(loop, axis_name="data")
                 self._compiled[key] = jax.pmap(loop, axis_name="data", in_axes=(None, 0, 0, None, 0))

@@ -9,7 +9,11 @@ Images in [0, 1] must agree within 1e-3.
 """
 
 import copy
+import functools
 import json
+
+import jax
+import jax.extend
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +25,7 @@ from PIL import Image
 import nag_jax
 from convert.pixart import load_pixart_transformer
 from nag_jax.cli import main
+from nag_jax.sampler import Sampler, denoise_loop, step_phases
 from tiny_components import assert_close
 from tiny_pixart import make_pixart_pipeline, random_transformer
 from torch_dit_nag import discrete_cut, with_nag_negatives
@@ -71,7 +76,7 @@ def test_transformer_matches_diffusers(tmp_path, additional_conditions):
                      added_cond_kwargs={"resolution": torch.from_numpy(resolution),
                                         "aspect_ratio": torch.from_numpy(aspect_ratio)}).sample
     got = module.apply({"params": params}, *map(jnp.asarray, (x, context, mask, t, resolution, aspect_ratio)))
-    assert params["blocks"]["attn2"]["to_k"]["kernel"].shape == (2, 48, 48)  # stacked for the scan
+    assert params["text_blocks"]["to_k"]["kernel"].shape == (2, 48, 48)  # stacked for the text part's scan
     assert_close(got, want)
 
 
@@ -142,3 +147,40 @@ def test_cli_generate_with_the_family_defaults(folder, tmp_path, capsys):
     record = json.loads(image.text["nag-jax"])
     assert image.size == (32, 32)
     assert [record[k] for k in ("nag_scale", "nag_tau", "nag_alpha", "guidance_scale")] == [5.0, 2.5, 0.375, 4.5]
+
+
+def scans(jaxpr, nested_in=0):
+    """(depth, scan equation) of every scan in `jaxpr`; depth counts the scans around it."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            yield nested_in, eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from scans(sub, nested_in + (eqn.primitive.name == "scan"))
+
+
+def test_caption_keys_values_are_computed_once_per_sampling_run(ours, latents):
+    """The sampling loop runs the transformer's text part (the caption projection and every
+    block's cross-attention keys and values) before each step scan, not inside it: the step
+    body holds one scan over the blocks, the text part's own scan stays outside."""
+    captured = {}
+    original = Sampler.__call__
+
+    def capture(self, schedule, plan, params, latents, groups, scales, image_keys, *rest):
+        captured.update(schedule=schedule, plan=plan, args=(params, latents, groups, scales, image_keys))
+        return latents
+
+    Sampler.__call__ = capture
+    try:
+        generate(ours, latents, 4.5, "blurry", dict(nag_negative_prompt="a dog", nag_scale=5.0, nag_end=0.7))
+    finally:
+        Sampler.__call__ = original
+    family, plan = ours.family, captured["plan"]
+    loop = functools.partial(denoise_loop, family.denoise, captured["schedule"], plan, "none", prepare=family.prepare)
+    found = list(scans(jax.make_jaxpr(loop)(*captured["args"]).jaxpr))
+    phases = len(step_phases(plan, STEPS))
+    assert plan.nag and plan.cfg and phases == 2  # a NAG scan with negative rows, then a plain one
+    layers = family.transformer.config.num_layers
+    outside = [eqn.params["length"] for depth, eqn in found if depth == 0]
+    inside = [eqn.params["length"] for depth, eqn in found if depth == 1]
+    assert sorted(outside) == sorted([layers] * phases + [1, 2])  # per phase: the text part, then its steps
+    assert inside == [layers] * phases  # each step: the blocks only

@@ -4,7 +4,9 @@ T5 prompt encoding with the attention mask (max_sequence_length 300 tokens; prom
 and stripped, diffusers' processing without `clean_caption`), the PixArt transformer (its
 learned-sigma half of the output dropped, as the pipeline does), DPM-Solver++ from the folder's
 scheduler config, SDXL-style VAE decoding. The text mask travels with the text rows, so NAG's
-negative rows carry their own mask into every cross-attention (nag-semantics.md section 2).
+negative rows carry their own mask into every cross-attention (nag-semantics.md section 2). The
+caption's projection and every block's cross-attention keys and values are computed once per
+sampling run (`prepare`, the transformer's text part), not at every step.
 Height and width are used as given (diffusers' `use_resolution_binning=False`).
 """
 
@@ -64,6 +66,8 @@ class PixArtSigmaFamily(Family):
         self.height = self.width = config.sample_size * self.vae_scale
         # diffusers keeps the first half of a learned-sigma output (out_channels = 2 * in_channels)
         self.learned_sigma = config.output_channels // 2 == config.in_channels
+        self.stacked_params = tuple(stack.path for stack in transformer.layer_stacks)
+        self._text_part, self._step_part = transformer.parts()
         self._t5 = jax.jit(lambda p, ids, mask: t5.apply({"params": p}, ids, mask))
         self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode))
 
@@ -100,9 +104,12 @@ class PixArtSigmaFamily(Family):
     def latent_shape(self, height, width):
         return (self.transformer.config.in_channels, height // self.vae_scale, width // self.vae_scale)
 
+    def prepare(self, params, conditioning):
+        text = self._text_part.apply({"params": params}, conditioning.text["context"], conditioning.text["mask"])
+        return conditioning.replace(text=text)
+
     def denoise(self, params, model_input, timestep, conditioning):
-        text = conditioning.text
-        out = self.transformer.apply({"params": params}, model_input, text["context"], text["mask"], timestep)
+        out = self._step_part.apply({"params": params}, model_input, conditioning.text, timestep)
         return out[:, : self.transformer.config.in_channels] if self.learned_sigma else out
 
     def decode(self, latents, height, width):

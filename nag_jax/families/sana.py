@@ -23,7 +23,7 @@ from convert.dc_ae import load_dc_ae
 from convert.gemma import load_gemma2
 from convert.sana import load_sana_transformer
 from models.dc_ae import DCAutoencoder
-from nag_jax.families.pixart import text_mask
+from nag_jax.families.pixart import PixArtSigmaFamily, text_mask
 from nag_jax.pipeline import Family, component_folder, read_json
 from nag_jax.sampler import Conditioning
 from nag_jax.scm import make_scm_schedule
@@ -71,6 +71,8 @@ class SanaFamily(Family):
         self.size_multiple = self.vae_scale * config.patch_size
         self.height = self.width = config.sample_size * self.vae_scale
         self.learned_sigma = config.output_channels // 2 == config.in_channels
+        self.stacked_params = tuple(stack.path for stack in transformer.layer_stacks)
+        self._text_part, self._step_part = transformer.parts()
         self._encode = jax.jit(lambda p, ids, mask: text_encoder.apply({"params": p}, ids, mask))
         self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=DCAutoencoder.decode))
 
@@ -126,11 +128,12 @@ class SanaFamily(Family):
     def _timestep(self, timestep):
         return timestep * self.transformer.config.timestep_scale
 
+    prepare = PixArtSigmaFamily.prepare  # the transformer's text part, the same two-part layout
+
     def denoise(self, params, model_input, timestep, conditioning):
-        text = conditioning.text
         guidance = None if conditioning.image is None else conditioning.image.get("guidance")
-        out = self.transformer.apply({"params": params}, model_input, text["context"], text["mask"],
-                                     self._timestep(timestep), guidance)
+        out = self._step_part.apply({"params": params}, model_input, conditioning.text, self._timestep(timestep),
+                                    guidance)
         return out[:, : self.transformer.config.in_channels] if self.learned_sigma else out
 
     def decode(self, latents, height, width):
