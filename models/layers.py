@@ -213,8 +213,11 @@ def layer_norm(x, eps: float = 1e-6):
 
 
 def modulate(x, shift, scale):
-    """adaLN: x [B, N, D] * (1 + scale) + shift, with one shift/scale row [B, D] per batch row."""
-    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+    """adaLN: x [B, N, D] * (1 + scale) + shift, with one shift/scale row [B, D] per batch row
+    or one per token [B, N, D] (Wan2.2 TI2V's per-token timesteps)."""
+    if scale.ndim == 2:
+        shift, scale = shift[:, None, :], scale[:, None, :]
+    return x * (1 + scale) + shift
 
 
 class AdaLNModulation(nn.Module):

@@ -1,4 +1,5 @@
-"""The Wan2.1 video transformer: diffusers' `WanTransformer3DModel` in linen (T2V and I2V).
+"""The Wan video transformer: diffusers' `WanTransformer3DModel` in linen (Wan2.1 T2V and I2V,
+Wan2.2; TI2V-5B embeds one timestep per video token, `expand_timesteps`).
 
 Reads top to bottom like the Wan paper's figure: cut the latent video [B, C, T, H, W] into
 (1, 2, 2) patches (one token each, frames x rows x columns), embed the timestep into one
@@ -156,12 +157,13 @@ class WanBlock(ScannedBlock):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         table = self.param("scale_shift_table", nn.initializers.normal(cfg.inner_dim**-0.5), (1, 6, cfg.inner_dim),
                            self.param_dtype)
-        modulation = table.astype(jnp.float32) + time_projection.astype(jnp.float32)  # [B, 6, D]
-        shift, scale, gate, ff_shift, ff_scale, ff_gate = (modulation[:, i] for i in range(6))
+        # time_projection [B, 1, 6, D] (one timestep per row) or [B, N, 6, D] (one per token)
+        modulation = table.astype(jnp.float32)[:, None] + time_projection.astype(jnp.float32)
+        shift, scale, gate, ff_shift, ff_scale, ff_gate = (modulation[:, :, i] for i in range(6))  # [B, 1 or N, D]
 
         h = modulate(layer_norm(x.astype(jnp.float32), cfg.eps), shift, scale).astype(x.dtype)
         attended = WanSelfAttention(cfg, name="attn1", **kw)(h, cos, sin)
-        x = (x.astype(jnp.float32) + attended * gate[:, None]).astype(x.dtype)
+        x = (x.astype(jnp.float32) + attended * gate).astype(x.dtype)
 
         h = x
         if cfg.cross_attn_norm:
@@ -170,7 +172,7 @@ class WanBlock(ScannedBlock):
 
         h = modulate(layer_norm(x.astype(jnp.float32), cfg.eps), ff_shift, ff_scale).astype(x.dtype)
         fed = GELUFeedForward(hidden=cfg.ffn_dim, name="ffn", **kw)(h)
-        return (x.astype(jnp.float32) + fed.astype(jnp.float32) * ff_gate[:, None]).astype(x.dtype), None
+        return (x.astype(jnp.float32) + fed.astype(jnp.float32) * ff_gate).astype(x.dtype), None
 
 
 class WanImageEmbedding(nn.Module):
@@ -191,7 +193,8 @@ class WanImageEmbedding(nn.Module):
 
 
 class WanTransformer3DModel(nn.Module):
-    """hidden_states [B, C, T, H, W], timestep [B] (0..1000 flow timesteps),
+    """hidden_states [B, C, T, H, W], timestep [B] (0..1000 flow timesteps) or [B, N] (one per
+    video token, frames x rows x columns: Wan2.2 TI2V's conditioning frame at 0),
     encoder_hidden_states [Bt, L, text_dim], encoder_hidden_states_image [B, 257, image_dim]
     (I2V) -> the prediction [B, out_channels, T, H, W]."""
 
@@ -222,10 +225,12 @@ class WanTransformer3DModel(nn.Module):
         x = nn.Dense(dim, name="patch_embedding", **kw)(patches)
         cos, sin = rope_tables(cfg.attention_head_dim, f, gh, gw)
 
-        frequencies = timestep_embedding(jnp.broadcast_to(timestep, (b,)), cfg.freq_dim, flip_sin_to_cos=True, freq_shift=0)
+        # [B, 1] (per row) or [B, N] (per token) timesteps -> temb [B, 1 or N, D]
+        timesteps = timestep if jnp.ndim(timestep) == 2 else jnp.broadcast_to(timestep, (b,))[:, None]
+        frequencies = timestep_embedding(timesteps.reshape(-1), cfg.freq_dim, flip_sin_to_cos=True, freq_shift=0)
         temb = MLPEmbedder(dim, dtype=jnp.float32, param_dtype=self.param_dtype, name="time_embedder")(frequencies)
-        temb = temb.astype(self.dtype)
-        time_projection = nn.Dense(6 * dim, name="time_proj", **kw)(nn.silu(temb)).reshape(b, 6, dim)
+        temb = temb.astype(self.dtype).reshape(b, -1, dim)
+        time_projection = nn.Dense(6 * dim, name="time_proj", **kw)(nn.silu(temb)).reshape(b, -1, 6, dim)
         context = nn.Dense(dim, name="text_embedder_linear_1", **kw)(encoder_hidden_states.astype(self.dtype))
         context = nn.Dense(dim, name="text_embedder_linear_2", **kw)(nn.gelu(context, approximate=True))
         image_context = None
@@ -239,7 +244,8 @@ class WanTransformer3DModel(nn.Module):
                         config=cfg, **kw)
 
         table = self.param("scale_shift_table", nn.initializers.normal(dim**-0.5), (1, 2, dim), self.param_dtype)
-        shift, scale = (table.astype(jnp.float32) + temb.astype(jnp.float32)[:, None]).transpose(1, 0, 2)
+        modulation = table.astype(jnp.float32)[:, None] + temb.astype(jnp.float32)[:, :, None]  # [B, 1 or N, 2, D]
+        shift, scale = modulation[:, :, 0], modulation[:, :, 1]
         x = modulate(layer_norm(x.astype(jnp.float32), cfg.eps), shift, scale).astype(x.dtype)
         x = nn.Dense(cfg.out_channels * math.prod(cfg.patch_size), name="proj_out", **kw)(x)
         x = x.reshape(b, f, gh, gw, pt, ph, pw, cfg.out_channels).transpose(0, 7, 1, 4, 2, 5, 3, 6)

@@ -1,5 +1,8 @@
-"""diffusers' AutoencoderKLWan (Wan2.1's video VAE): causal 3D convolutions, 8x spatial and
-4x temporal compression, run frame-chunk by frame-chunk with a causal cache.
+"""diffusers' AutoencoderKLWan: causal 3D convolutions, run frame-chunk by frame-chunk with a
+causal cache. Wan2.1's VAE (8x spatial, 4x temporal, z_dim 16) and Wan2.2's (`is_residual`:
+each down / up stage adds a parameter-free shortcut that averages / duplicates space-time
+blocks into channels; `patch_size` 2: pixels folded 2x2 into channels before the encoder and
+back after the decoder, so 16x spatial; z_dim 48).
 
 Videos and latents are [B, C, F, H, W] at the public functions (diffusers' layout) and
 [B, F, H, W, C] inside. Layers are named by their diffusers module path
@@ -31,6 +34,10 @@ WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.151
                       0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                      3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+# Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json (its latents_mean / latents_std aside), used
+# when Wan2.2's single file comes without a config.
+WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, patch_size=2, in_channels=12,
+                 out_channels=12)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,16 +50,17 @@ class WanVAEConfig:
     temperal_downsample: tuple[bool, ...] = (False, True, True)  # diffusers' spelling
     latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
     latents_std: tuple[float, ...] = WAN21_LATENTS_STD
-    in_channels: int = 3
+    in_channels: int = 3  # after patchification (Wan2.2: 3 * 2 * 2)
     out_channels: int = 3
+    is_residual: bool = False
+    patch_size: int | None = None
 
     @classmethod
     def from_dict(cls, config: dict) -> "WanVAEConfig":
-        """From diffusers' vae/config.json (unknown keys ignored; Wan2.2's variants refused)."""
-        unsupported = {"attn_scales": [], "is_residual": False, "patch_size": None}
-        for key, allowed in unsupported.items():
-            if config.get(key, allowed) not in (allowed, ()):
-                raise ValueError(f"Wan VAE config: {key}={config[key]!r} is not supported (Wan2.1 layout: {allowed!r})")
+        """From diffusers' vae/config.json (unknown keys ignored, e.g. Wan2.2's `clip_output`:
+        diffusers' decode clamps whatever it says)."""
+        if config.get("attn_scales"):
+            raise ValueError(f"Wan VAE config: attn_scales={config['attn_scales']!r} is not supported; allowed: []")
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in config.items() if k in names and v is not None}
         for key in ("dim_mult", "temperal_downsample", "latents_mean", "latents_std"):
@@ -69,8 +77,16 @@ class WanVAEConfig:
         return 2 ** sum(self.temperal_downsample)
 
     @property
+    def patch(self) -> int:
+        return self.patch_size or 1
+
+    @property
     def spatial_factor(self) -> int:
-        return 2 ** (len(self.dim_mult) - 1)
+        return 2 ** (len(self.dim_mult) - 1) * self.patch
+
+    @property
+    def pixel_channels(self) -> int:
+        return self.in_channels // self.patch**2
 
 
 class CausalConv3d(nn.Module):
@@ -175,9 +191,46 @@ class _WanModule(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
 
+def average_down(x, out_channels: int, factor_t: int, factor_s: int):
+    """Wan2.2's down-stage shortcut (diffusers' AvgDown3D): each factor_t x factor_s x factor_s
+    block (zero frames padded in front to whole blocks) folded into channels, then channel groups
+    averaged down to out_channels."""
+    batch, frames, height, width, channels = x.shape
+    x = jnp.pad(x, ((0, 0), ((-frames) % factor_t, 0), (0, 0), (0, 0), (0, 0)))
+    frames, height, width = x.shape[1] // factor_t, height // factor_s, width // factor_s
+    x = x.reshape(batch, frames, factor_t, height, factor_s, width, factor_s, channels)
+    x = x.transpose(0, 1, 3, 5, 7, 2, 4, 6)  # channel-major: (channel, t, h, w) flattened
+    return x.reshape(batch, frames, height, width, out_channels, -1).mean(axis=-1)
+
+
+def duplicate_up(x, out_channels: int, factor_t: int, factor_s: int, first_chunk: bool):
+    """Wan2.2's up-stage shortcut (diffusers' DupUp3D): channels repeated, then unfolded into
+    factor_t x factor_s x factor_s blocks; the first chunk keeps its last frame only."""
+    batch, frames, height, width, channels = x.shape
+    x = jnp.repeat(x, out_channels * factor_t * factor_s**2 // channels, axis=-1)
+    x = x.reshape(batch, frames, height, width, out_channels, factor_t, factor_s, factor_s)
+    x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4).reshape(batch, frames * factor_t, height * factor_s, width * factor_s,
+                                                    out_channels)
+    return x[:, factor_t - 1:] if first_chunk else x
+
+
+def patchify(x, patch: int):
+    """[B, F, H, W, C] -> [B, F, H/p, W/p, C * p * p], channels ordered (C, column, row) as diffusers'."""
+    batch, frames, height, width, channels = x.shape
+    x = x.reshape(batch, frames, height // patch, patch, width // patch, patch, channels)
+    return x.transpose(0, 1, 2, 4, 6, 5, 3).reshape(batch, frames, height // patch, width // patch, -1)
+
+
+def unpatchify(x, patch: int):
+    """The inverse of `patchify`."""
+    batch, frames, height, width, channels = x.shape
+    x = x.reshape(batch, frames, height, width, channels // patch**2, patch, patch)
+    return x.transpose(0, 1, 2, 6, 3, 5, 4).reshape(batch, frames, height * patch, width * patch, -1)
+
+
 class WanEncoder3d(_WanModule):
-    """[B, F, H, W, 3] chunk -> [B, F', H/8, W/8, 2 * z_dim] (first chunk: 1 frame -> 1; later
-    chunks: temporal_factor frames -> 1)."""
+    """[B, F, H, W, in_channels] chunk -> [B, F', H/8, W/8, 2 * z_dim] (first chunk: 1 frame ->
+    1; later chunks: temporal_factor frames -> 1)."""
 
     @nn.compact
     def __call__(self, x, first_chunk: bool = False):
@@ -185,27 +238,36 @@ class WanEncoder3d(_WanModule):
         make = _Layers(self)
         dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
         x = make.causal("conv_in", dims[0])(x)
-        index = 0  # diffusers numbers resnets and resamplers in one flat down_blocks list
+        index = 0  # Wan2.1: diffusers numbers resnets and resamplers in one flat down_blocks list
         for stage, out_dim in enumerate(dims[1:]):
-            for _ in range(cfg.num_res_blocks):
-                x = make.resnet(f"down_blocks.{index}", x, out_dim)
-                index += 1
-            if stage < len(cfg.dim_mult) - 1:
-                name = f"down_blocks.{index}"
+            down = stage < len(cfg.dim_mult) - 1
+            temporal = down and cfg.temperal_downsample[stage]
+            if cfg.is_residual:
+                shortcut = average_down(x, out_dim, 2 if temporal else 1, 2 if down else 1)
+                resnets = [f"down_blocks.{stage}.resnets.{j}" for j in range(cfg.num_res_blocks)]
+                resampler = f"down_blocks.{stage}.downsampler"
+            else:
+                resnets = [f"down_blocks.{index + j}" for j in range(cfg.num_res_blocks)]
+                resampler = f"down_blocks.{index + cfg.num_res_blocks}"
+                index += cfg.num_res_blocks + down
+            for name in resnets:
+                x = make.resnet(name, x, out_dim)
+            if down:
                 # Pad right and bottom only, then a stride-2 valid convolution.
-                x = make.conv2d(f"{name}.resample.1", out_dim, strides=2, padding=((0, 1), (0, 1)))(x)
-                if cfg.temperal_downsample[stage]:
+                x = make.conv2d(f"{resampler}.resample.1", out_dim, strides=2, padding=((0, 1), (0, 1)))(x)
+                if temporal:
                     # Stride-2 causal time conv; the first frame passes through unchanged.
-                    time_conv = make.causal(f"{name}.time_conv", out_dim, (3, 1, 1), temporal_stride=2)
+                    time_conv = make.causal(f"{resampler}.time_conv", out_dim, (3, 1, 1), temporal_stride=2)
                     x = time_conv(x, convolve=not first_chunk)
-                index += 1
+            if cfg.is_residual:
+                x = x + shortcut
         x = make.mid_block(x)
         return make.head(x, 2 * cfg.z_dim)
 
 
 class WanDecoder3d(_WanModule):
-    """[B, T, h, w, z_dim] chunk -> [B, F, 8h, 8w, 3] (first chunk: 1 latent frame -> 1 frame;
-    later chunks: each latent frame -> temporal_factor frames)."""
+    """[B, T, h, w, z_dim] chunk -> [B, F, 8h, 8w, out_channels] (first chunk: 1 latent frame ->
+    1 frame; later chunks: each latent frame -> temporal_factor frames)."""
 
     @nn.compact
     def __call__(self, z, first_chunk: bool = False):
@@ -217,12 +279,15 @@ class WanDecoder3d(_WanModule):
         x = make.causal("conv_in", dims[0])(z)
         x = make.mid_block(x)
         for stage, out_dim in enumerate(dims[1:]):
+            up = stage < len(cfg.dim_mult) - 1
+            temporal = up and temperal_upsample[stage]
+            shortcut = x
             for j in range(cfg.num_res_blocks + 1):
                 x = make.resnet(f"up_blocks.{stage}.resnets.{j}", x, out_dim)
-            if stage == len(cfg.dim_mult) - 1:
+            if not up:
                 break
-            name = f"up_blocks.{stage}.upsamplers.0"
-            if temperal_upsample[stage]:
+            name = f"up_blocks.{stage}." + ("upsampler" if cfg.is_residual else "upsamplers.0")
+            if temporal:
                 # Each frame becomes two (the conv's 2C outputs are [even frame; odd frame]); the
                 # first chunk's frame stays one, and its cache stays empty (diffusers' "Rep").
                 time_conv = make.causal(f"{name}.time_conv", 2 * out_dim, (3, 1, 1))
@@ -232,7 +297,10 @@ class WanDecoder3d(_WanModule):
                     x = doubled.reshape(batch, frames, height, width, 2, out_dim)
                     x = x.transpose(0, 1, 4, 2, 3, 5).reshape(batch, 2 * frames, height, width, out_dim)
             x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)  # nearest-neighbour 2x
-            x = make.conv2d(f"{name}.resample.1", out_dim // 2)(x)
+            # Wan2.1 halves the width here; Wan2.2 keeps it and adds the duplicating shortcut.
+            x = make.conv2d(f"{name}.resample.1", out_dim if cfg.is_residual else out_dim // 2)(x)
+            if cfg.is_residual:
+                x = x + duplicate_up(shortcut, out_dim, 2 if temporal else 1, 2, first_chunk)
         return make.head(x, cfg.out_channels)
 
 
@@ -253,20 +321,22 @@ class AutoencoderKLWan(_WanModule):
 
     def encode_chunk(self, x, first_chunk: bool = False):
         """[B, F, H, W, 3] -> the posterior mean [B, F', h, w, z_dim] (the moments' first half)."""
+        x = patchify(x, self.config.patch)
         return self.quant_conv(self.encoder(x, first_chunk))[..., : self.config.z_dim]
 
     def decode_chunk(self, z, first_chunk: bool = False):
         """[B, T, h, w, z_dim] -> frames [B, F, H, W, 3] clipped to [-1, 1]."""
-        return jnp.clip(self.decoder(self.post_quant_conv(z), first_chunk), -1.0, 1.0)
+        frames = unpatchify(self.decoder(self.post_quant_conv(z), first_chunk), self.config.patch)
+        return jnp.clip(frames, -1.0, 1.0)
 
     def __call__(self, x):
         """One later-chunk encode and decode (initialises every parameter)."""
         return self.decode_chunk(self.encode_chunk(x))
 
     def init_input(self):
-        """The smallest video chunk `init` accepts: [1, temporal_factor, s, s, in_channels]."""
+        """The smallest video chunk `init` accepts: [1, temporal_factor, s, s, pixel_channels]."""
         size = self.config.spatial_factor
-        return jnp.zeros((1, self.config.temporal_factor, size, size, self.config.in_channels), self.dtype)
+        return jnp.zeros((1, self.config.temporal_factor, size, size, self.config.pixel_channels), self.dtype)
 
 
 def _chunked(module, params, method: str, x, chunk_frames: int, out_frames: int):
@@ -301,7 +371,7 @@ def _chunked(module, params, method: str, x, chunk_frames: int, out_frames: int)
 
 def encode_video(module: AutoencoderKLWan, params, x):
     """Video [B, 3, F, H, W] in [-1, 1], F = 1 + temporal_factor * k -> posterior mean
-    [B, z_dim, 1 + k, H / 8, W / 8] (diffusers' `encode(x).latent_dist.mean`, before the
+    [B, z_dim, 1 + k, H / s, W / s], s = spatial_factor (diffusers' `encode(x).latent_dist.mean`, before the
     pipeline's latents_mean / latents_std normalisation)."""
     cfg = module.config
     if x.ndim != 5 or (x.shape[2] - 1) % cfg.temporal_factor:
@@ -313,7 +383,7 @@ def encode_video(module: AutoencoderKLWan, params, x):
 
 def decode_video(module: AutoencoderKLWan, params, z):
     """Latents [B, z_dim, T, h, w] (already un-normalised: what diffusers' `decode` receives)
-    -> video [B, 3, 1 + temporal_factor * (T - 1), 8h, 8w] clipped to [-1, 1], in module.dtype.
+    -> video [B, 3, 1 + temporal_factor * (T - 1), s h, s w] clipped to [-1, 1], in module.dtype.
     One latent frame per chunk, as diffusers decodes."""
     if z.ndim != 5 or z.shape[1] != module.config.z_dim:
         raise ValueError(f"z: expected [B, {module.config.z_dim}, T, h, w] latents, got shape {z.shape}")

@@ -65,13 +65,13 @@ from models.flux import FluxTransformer2DModel
 from models.layers import JointAttentionCore, unrolled_layers
 from models.sd3 import SD3Transformer
 from models.unet import UNet2DConditionModel
+from nag_jax.attention import attention_backend
 from nag_jax.bench_depth import DEPTHS, depth_figures
-from nag_jax.attention import attention_backend
 from nag_jax.bench_dit import DIT_FAMILIES, build_dit, small_init_inputs, text_part_flops
-from nag_jax.attention import attention_backend
 from nag_jax.intercept import NAGConfig, apply_to_last_rows, guided
 
-FAMILIES = ("unet", "flux", "sd3", "kontext", "chroma") + DIT_FAMILIES + ("wan-1.3b", "wan-14b", "wan2.2-i2v-a14b")
+FAMILIES = ("unet", "flux", "sd3", "kontext", "chroma") + DIT_FAMILIES + ("wan-1.3b", "wan-14b", "wan2.2-i2v-a14b",
+                                                                              "wan2.2-ti2v-5b")
 TIMED_FAMILIES = ("unet", "flux", "sd3")  # with a diffusers timing comparison; the others: FLOPs only
 PARTS = ("flops", "timing", "pipeline", "profile", "compile", "invariant", "vae-memory", "depth", "memory", "gpu")  # "gpu" only when asked for
 
@@ -214,6 +214,7 @@ TARGETS = {  # (family, figure) -> upper bound on the relative extra cost
     ("wan-1.3b", "NAG"): 0.02,
     ("wan-14b", "NAG"): 0.02,
     ("wan2.2-i2v-a14b", "NAG"): 0.02,
+    ("wan2.2-ti2v-5b", "NAG"): 0.02,
 }
 
 
@@ -363,7 +364,9 @@ def step_function(call, module, context):
 
 
 def flop_counts(family: str, tiny: bool = False, progress=None) -> list[dict]:
-    """One record per variant: XLA's flop count of one denoiser step (one image)."""
+    """One record per variant: XLA's flop count of one denoiser step (one image). Traced with
+    unrolled blocks and one-block ("xla") attention: the cost analysis counts a loop body once,
+    so blockwise attention's loops (the default for long sequences) would hide most scores."""
     module, inputs, call = build(family, tiny)
     params = abstract_params(family, module, inputs)
     records, baseline = [], None
@@ -412,13 +415,14 @@ def _concrete(spec_tree, seed=0):
 
 
 def wan_vae_memory_figures(frame_counts=(17, 41, 81), height: int = 480, width: int = 832,
-                           progress=None) -> list[dict]:
-    """XLA's memory analysis of the compiled Wan2.1 VAE (published config, bfloat16 parameters
-    from jax.eval_shape, float32 latents as the sampler holds them): temporary (working) memory
-    of decoding each frame count, and of encoding the longest. Ratios are against the first."""
+                           progress=None, config: dict | None = None) -> list[dict]:
+    """XLA's memory analysis of the compiled Wan VAE (published config: Wan2.1's, or `config`,
+    e.g. models.wan_vae.WAN22_VAE; bfloat16 parameters from jax.eval_shape, float32 latents as the
+    sampler holds them): temporary (working) memory of decoding each frame count, and of
+    encoding the longest. Ratios are against the first."""
     from models.wan_vae import AutoencoderKLWan, WanVAEConfig, decode_video, encode_video
 
-    module = AutoencoderKLWan(WanVAEConfig(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    module = AutoencoderKLWan(WanVAEConfig.from_dict(config or {}), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     params = jax.eval_shape(module.init, jax.random.key(0), module.init_input())["params"]
     z_dim, spatial, temporal = module.config.z_dim, module.config.spatial_factor, module.config.temporal_factor
 

@@ -125,6 +125,11 @@ class Family:
         """With two experts: (leading steps the first runs, the second's CFG scale); else (None, None)."""
         return None, None
 
+    def final_latents(self, latents, conditioning: Conditioning):
+        """The sampled latents as the call returns and decodes them (`conditioning`: the cond
+        rows; Wan TI2V puts the given first frame back)."""
+        return latents
+
     def decode(self, latents, height: int, width: int) -> np.ndarray:
         """Final latents -> float32 images [B, H, W, 3] in [0, 1]."""
         raise NotImplementedError
@@ -536,7 +541,7 @@ class NAGPipeline:
         finally:
             if progress:
                 bar.close()
-        final = final[:images]
+        final = family.final_latents(final, groups["cond"])[:images]
         output = (lambda value: PipelineOutput(None, value)) if family.video else PipelineOutput
         if output_type == "latent":
             return output(np.asarray(final, np.float32))

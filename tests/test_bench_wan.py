@@ -6,14 +6,16 @@ import contextlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from models.layers import unrolled_layers
 from nag_jax.bench import flop_counts
 from nag_jax.bench_wan import build_wan, small_init_inputs
 
 
-def test_wan_flop_counts_are_ordered():
-    records = {r["name"]: r for r in flop_counts("wan-14b", tiny=True)}
+@pytest.mark.parametrize("family", ["wan-14b", "wan2.2-ti2v-5b"])  # the second: per-token timesteps
+def test_wan_flop_counts_are_ordered(family):
+    records = {r["name"]: r for r in flop_counts(family, tiny=True)}
     assert set(records) == {"no NAG", "CFG", "NAG"}
     assert abs(records["CFG"]["ratio"] - 2.0) < 1e-3
     assert 1.0 < records["NAG"]["ratio"] < records["CFG"]["ratio"]

@@ -1,5 +1,6 @@
 """Wan VAE: encode (posterior mean) and chunked decode parity with diffusers' AutoencoderKLWan on
-a tiny random model saved in the diffusers layout; the original / ComfyUI single files (safetensors,
+tiny random models saved in the diffusers layout (Wan2.1, and Wan2.2's residual, patchified one
+with the published TI2V-5B config keys); the original / ComfyUI single files (safetensors,
 .pth, scaled fp8) give the folder's parameters; the decode's working memory does not grow with
 the number of frames."""
 
@@ -17,6 +18,7 @@ from convert.checkpoint import CheckpointError
 from convert.wan_vae import load_wan_vae
 from models.wan_vae import AutoencoderKLWan, WanVAEConfig, decode_video, encode_video
 from tests.tiny_components import assert_close
+from tests.tiny_wan import save_tiny_wan22_vae, tiny_wan22_vae_config
 
 # Four stages and two resnets per stage: the shape diffusers' single-file converter assumes.
 TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
@@ -70,8 +72,38 @@ def test_frame_count_and_shape_errors():
         encode_video(module, {}, jnp.zeros((1, 3, 5, 36, 32)))
     with pytest.raises(ValueError, match=r"\[B, 4, T, h, w\]"):
         decode_video(module, {}, jnp.zeros((1, 16, 2, 4, 4)))
-    with pytest.raises(ValueError, match="is_residual"):
-        WanVAEConfig.from_dict({**TINY, "is_residual": True})  # Wan2.2's VAE
+    with pytest.raises(ValueError, match="attn_scales"):
+        WanVAEConfig.from_dict({**TINY, "attn_scales": [0.5]})
+
+
+def test_wan22_encode_and_chunked_decode_match_diffusers(tmp_path):
+    """The residual stages (average-down / duplicate-up shortcuts), 2x2 patchification: 16x."""
+    reference = save_tiny_wan22_vae(tmp_path)
+    module, params = load_wan_vae(tmp_path)
+    assert module.config.is_residual and module.config.spatial_factor == 16
+    rng = np.random.default_rng(2)
+    video = rng.uniform(-1, 1, (1, 3, 9, 32, 48)).astype(np.float32)
+    latents = rng.normal(size=(1, 6, 3, 2, 3)).astype(np.float32)
+    with torch.no_grad():
+        reference_mean = reference.encode(torch.from_numpy(video)).latent_dist.mean
+        reference_video = reference.decode(torch.from_numpy(latents)).sample
+    mean = jax.jit(lambda p, x: encode_video(module, p, x))(params, video)
+    decoded = jax.jit(lambda p, z: decode_video(module, p, z))(params, latents)
+    assert mean.shape == (1, 6, 3, 2, 3) and decoded.shape == (1, 3, 9, 32, 48)
+    assert_close(mean, reference_mean)
+    assert_close(decoded, reference_video)
+    assert 0.05 < float(jnp.abs(decoded).mean()) < 0.95
+    with pytest.raises(ValueError, match="multiples of 16"):
+        encode_video(module, params, video[..., :40])
+
+    # The original release's single file (vae2_2.py naming) gives the folder's parameters.
+    state = {to_original22(k): v.contiguous() for k, v in reference.state_dict().items()}
+    assert not any(re.search(r"blocks|sampler\.|resnets|mid_block|conv_in|norm_out|quant", k) for k in state)
+    save_file(state, str(tmp_path / "wan2.2_vae.safetensors"))
+    _, single = load_wan_vae(tmp_path / "wan2.2_vae.safetensors", config=tiny_wan22_vae_config())
+    assert flat(single).keys() == flat(params).keys()
+    for name, value in flat(single).items():
+        np.testing.assert_array_equal(value, flat(params)[name], err_msg=name)
 
 
 # The original release's names (wan/modules/vae.py), written out here independently of
@@ -93,6 +125,16 @@ def to_original(key):
         stage, _, resnet, rest = up.groups()
         key = f"decoder.upsamples.{4 * int(stage) + (int(resnet) if resnet else 3)}.{rest}"
     return key
+
+
+def to_original22(key):
+    """Wan2.2's original names: each stage nests its resnets, then its resampler (two resnets per
+    encoder stage, three per decoder stage here), the rest as Wan2.1's."""
+    key = re.sub(r"down_blocks\.(\d)\.resnets\.(\d)\.", r"down_blocks.\1.downsamples.\2.", key)
+    key = re.sub(r"down_blocks\.(\d)\.downsampler\.", r"down_blocks.\1.downsamples.2.", key)
+    key = re.sub(r"up_blocks\.(\d)\.resnets\.(\d)\.", r"upsamples.\1.upsamples.\2.", key)
+    key = re.sub(r"up_blocks\.(\d)\.upsampler\.", r"upsamples.\1.upsamples.3.", key)
+    return to_original(key)
 
 
 def flat(params):
@@ -140,10 +182,13 @@ def test_single_files_give_the_folder_parameters(tiny, tmp_path):
     assert 0 < fp8_error < 0.05  # really rounded to fp8, and scaled back
 
 
-def test_decode_working_memory_does_not_grow_with_frames():
+@pytest.mark.parametrize("config", [
+    WanVAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1, temperal_downsample=(True, True)),
+    WanVAEConfig.from_dict({**tiny_wan22_vae_config(z_dim=4), "num_res_blocks": 1}),
+], ids=["wan2.1", "wan2.2"])
+def test_decode_working_memory_does_not_grow_with_frames(config):
     """XLA's memory analysis of the compiled decode at 3 and 5 latent frames (9 and 17 frames).
     float32: in bfloat16, XLA:CPU adds a float32 copy of the (small) latents, which does grow."""
-    config = WanVAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1, temperal_downsample=(True, True))
     module = AutoencoderKLWan(config)
     params = jax.eval_shape(module.init, jax.random.key(0), module.init_input())["params"]
 

@@ -1,4 +1,4 @@
-"""Tiny random Wan2.1 components saved in the published layouts (diffusers folder, original
+"""Tiny random Wan components (Wan2.1; Wan2.2-TI2V-5B) saved in the published layouts (diffusers folder, original
 single file, ComfyUI's repackage), for the Wan tests."""
 
 from __future__ import annotations
@@ -124,13 +124,46 @@ WAN_UNIPC = {  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler/scheduler_config.jso
 }
 
 
-def build_tiny_wan_pipeline(folder, image_to_video: bool = False, seed: int = 0, boundary_ratio: float | None = None):
+def tiny_wan22_vae_config(z_dim: int = 6, seed: int = 0) -> dict:
+    """Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json with tiny widths (published: base_dim 160,
+    decoder_base_dim 256, z_dim 48) and random latents statistics; every other key as published."""
+    generator = torch.Generator().manual_seed(seed)
+    return {"_class_name": "AutoencoderKLWan", "attn_scales": [], "base_dim": 8, "clip_output": False,
+            "decoder_base_dim": 12, "dim_mult": [1, 2, 4, 4], "dropout": 0.0, "in_channels": 12, "is_residual": True,
+            "latents_mean": torch.randn(z_dim, generator=generator).tolist(),
+            "latents_std": (torch.rand(z_dim, generator=generator) + 0.5).tolist(), "num_res_blocks": 2,
+            "out_channels": 12, "patch_size": 2, "scale_factor_spatial": 16, "scale_factor_temporal": 4,
+            "temperal_downsample": [False, True, True], "z_dim": z_dim}
+
+
+def save_tiny_wan22_vae(folder, seed: int = 0):
+    """diffusers AutoencoderKLWan in the Wan2.2 layout (`tiny_wan22_vae_config`), every parameter
+    moved off its init (gammas are ones and biases zeros there), saved with the published
+    config.json keys (diffusers does not take `clip_output`; it writes it back by hand)."""
+    from diffusers import AutoencoderKLWan
+
+    config = tiny_wan22_vae_config(seed=seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(**{k: v for k, v in config.items() if k not in ("_class_name", "clip_output")}).eval()
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    vae.save_pretrained(str(folder))
+    written = json.loads((Path(folder) / "config.json").read_text())
+    write_json(Path(folder) / "config.json", {**written, "clip_output": False})
+    return vae
+
+
+def build_tiny_wan_pipeline(folder, image_to_video: bool = False, seed: int = 0, boundary_ratio: float | None = None,
+                            ti2v: bool = False):
     """A diffusers WanPipeline / WanImageToVideoPipeline of tiny random components, saved with
     `save_pretrained` into `folder` (model_index.json and one folder per component, as Wan-AI
     publishes them). Returns the diffusers pipeline (float32, CPU) as the reference.
 
     `boundary_ratio`: Wan2.2 A14B's layout, a second transformer (`transformer_2`, other weights)
-    and the ratio in model_index.json; its I2V has no image encoder (no CLIP tokens)."""
+    and the ratio in model_index.json; its I2V has no image encoder (no CLIP tokens).
+    `ti2v`: Wan2.2-TI2V-5B's layout (WanPipeline with expand_timesteps, the Wan2.2 VAE, the
+    transformer's channels its z_dim, flow_shift 5)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -139,17 +172,23 @@ def build_tiny_wan_pipeline(folder, image_to_video: bool = False, seed: int = 0,
     parts = Path(tempfile.mkdtemp())  # the components as built; save_pretrained writes the published layout
     save_tiny_t5_tokenizer(parts / "tokenizer")
     save_tiny_umt5(parts / "text_encoder", seed=seed, vocab_size=64, d_model=24)
-    config = tiny_wan_config(image_to_video, clip=boundary_ratio is None)
+    if ti2v:
+        vae = save_tiny_wan22_vae(parts / "vae", seed=seed + 2)
+        channels = vae.config.z_dim
+        config = dict(tiny_wan_config(), in_channels=channels, out_channels=channels)
+    else:
+        config = tiny_wan_config(image_to_video, clip=boundary_ratio is None)
+        torch.manual_seed(seed + 2)
+        generator = torch.Generator().manual_seed(seed + 3)
+        vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                               temperal_downsample=[False, True, True],
+                               latents_mean=torch.randn(4, generator=generator).tolist(),
+                               latents_std=(torch.rand(4, generator=generator) + 0.5).tolist()).eval()
     transformer = save_tiny_wan_transformer(parts / "transformer", seed=seed + 1, config=config)
-    torch.manual_seed(seed + 2)
-    generator = torch.Generator().manual_seed(seed + 3)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                           temperal_downsample=[False, True, True],
-                           latents_mean=torch.randn(4, generator=generator).tolist(),
-                           latents_std=(torch.rand(4, generator=generator) + 0.5).tolist()).eval()
     components = dict(tokenizer=AutoTokenizer.from_pretrained(str(parts / "tokenizer")),
                       text_encoder=UMT5EncoderModel.from_pretrained(str(parts / "text_encoder")).eval(),
-                      transformer=transformer, vae=vae, scheduler=UniPCMultistepScheduler(**WAN_UNIPC))
+                      transformer=transformer, vae=vae,
+                      scheduler=UniPCMultistepScheduler(**{**WAN_UNIPC, "flow_shift": 5.0 if ti2v else 3.0}))
     if boundary_ratio is not None:
         components.update(boundary_ratio=boundary_ratio, transformer_2=save_tiny_wan_transformer(
             parts / "transformer_2", seed=seed + 5, config=config))
@@ -162,7 +201,10 @@ def build_tiny_wan_pipeline(folder, image_to_video: bool = False, seed: int = 0,
             patch_size=8, projection_dim=16)).eval()
         components["image_processor"] = CLIPImageProcessor(size={"shortest_edge": 32},
                                                            crop_size={"height": 32, "width": 32})
-    pipe = (WanImageToVideoPipeline if image_to_video else WanPipeline)(**components)
+    if image_to_video:
+        pipe = WanImageToVideoPipeline(**components)
+    else:
+        pipe = WanPipeline(**components, expand_timesteps=ti2v)
     pipe.save_pretrained(str(folder))
     shutil.rmtree(parts)
     return pipe

@@ -74,7 +74,7 @@ def with_nag_rows(transformer, negative_embeds, cfg: bool, nag_end: float = 1.0)
                                **kwargs):
         positive_call = calls[0] % (2 if cfg else 1) == 0
         calls[0] += 1
-        if positive_call and float(timestep.flatten()[0]) >= cut:
+        if positive_call and float(timestep.max()) >= cut:  # TI2V's per-token timesteps: the first frame's are 0
             text = torch.cat([encoder_hidden_states, negative_embeds.to(encoder_hidden_states.dtype)])
             image = encoder_hidden_states_image
             if image is not None:

@@ -1,10 +1,12 @@
-"""The Wan2.1 video family: WanPipeline (T2V 1.3B / 14B) and WanImageToVideoPipeline (I2V 14B
-480P / 720P) folders as Wan-AI publishes them in diffusers' layout.
+"""The Wan video family: WanPipeline (Wan2.1 T2V 1.3B / 14B, Wan2.2 TI2V-5B) and
+WanImageToVideoPipeline (Wan2.1 I2V 14B 480P / 720P) folders as Wan-AI publishes them in
+diffusers' layout.
 
 Mirrors diffusers' Wan pipelines: prompts are cleaned (ftfy's text fixes, HTML entities
 unescaped twice, whitespace collapsed), tokenized to `max_sequence_length` (512) and encoded by
 UMT5 with the attention mask; the embeddings past each prompt's own length are zeroed.
-Latents are [B, 16, (F - 1) / 4 + 1, H / 8, W / 8]; the transformer sees the flow timestep
+Latents are [B, z_dim, (F - 1) / 4 + 1, H / s, W / s] (Wan2.1: z_dim 16, s 8; Wan2.2's VAE:
+48, 16); the transformer sees the flow timestep
 (integers, as UniPC's schedule gives them) and predicts a velocity; CFG is on for
 guidance_scale > 1 with "" (or negative_prompt) as the uncond text. The final latents are
 un-normalised with the VAE's latents_mean / latents_std and decoded frame chunk by frame chunk.
@@ -24,6 +26,14 @@ scales guidance_scale and guidance_scale_2 (default: guidance_scale); CFG is on 
 guidance_scale > 1, as diffusers decides it. The sampler runs each expert's steps as its own
 compiled program (`Family.experts`). Its I2V has no image_encoder (transformer image_dim None):
 the first frame conditions through the VAE latents and mask channels only, as in diffusers.
+
+TI2V (`expand_timesteps` in model_index.json, Wan2.2-TI2V-5B): one model for both. Without an
+image it is text-to-video; diffusers then gives every video token the step's timestep, which is
+the per-row embedding exactly, so the transformer gets one timestep per row. With an image it
+is image-to-video as diffusers' WanImageToVideoPipeline with expand_timesteps runs it: the
+image's normalised VAE latents replace the first latent frame of the model input at every step,
+and that frame's tokens get timestep 0 (one timestep per token); the returned latents carry
+the image's frame too. No CLIP, no mask channels.
 """
 
 from __future__ import annotations
@@ -55,7 +65,8 @@ from nag_jax.tokenize import load_tokenizer, tokenize
 # diffusers' WanPipeline call defaults; NAG: nag-semantics.md section 5 (Wan2.1 row)
 WAN_DEFAULTS = {"guidance_scale": 5.0, "num_inference_steps": 50, "nag_scale": 5.0, "nag_tau": 2.5, "nag_alpha": 0.25}
 MAX_SEQUENCE_LENGTH = 512
-VAE_TEMPORAL, VAE_SPATIAL = 4, 8  # AutoencoderKLWan's compression
+VAE_TEMPORAL = 4  # AutoencoderKLWan's temporal compression (Wan2.1 and Wan2.2)
+TI2V_SIZE = (704, 1280, 121)  # Wan2.2-TI2V-5B's published height, width, frames (720P, 24 fps)
 
 
 def prompt_clean(text: str) -> str:
@@ -85,6 +96,12 @@ def load_experts(path: Path, index: dict, dtype):
     return experts, None if boundary_ratio is None else float(boundary_ratio)
 
 
+def with_first_frame(latents, first_frame):
+    """TI2V image-to-video: latents [B, C, T, h, w] with the image's latent frame [B, C, 1, h, w]
+    in place of the first (diffusers mixes with a 0/1 mask, which selects exactly this)."""
+    return latents.at[:, :, :1].set(first_frame.astype(latents.dtype))
+
+
 def as_pil_image(image):
     """A PIL image, a file path, or a float array [H, W, 3] in [0, 1] -> an RGB PIL image."""
     from PIL import Image
@@ -109,9 +126,9 @@ def vae_pixels(image, height: int, width: int) -> np.ndarray:
 
 
 class WanFamily(Family):
-    """Wan2.1 and Wan2.2 A14B, T2V and I2V. Own options: `num_frames` (4k + 1, default 81),
-    `max_sequence_length` (at most 512), `image` (I2V only: the first frame), `guidance_scale_2`
-    (two-expert models only: the low-noise expert's CFG scale)."""
+    """Wan2.1, Wan2.2 A14B (T2V and I2V) and Wan2.2 TI2V. Own options: `num_frames` (4k + 1,
+    default 81; TI2V 121), `max_sequence_length` (at most 512), `image` (I2V and TI2V: the first
+    frame), `guidance_scale_2` (two-expert models only: the low-noise expert's CFG scale)."""
 
     options = ("num_frames", "max_sequence_length", "image", "guidance_scale_2")
     option_defaults = {"num_frames": 81, "max_sequence_length": MAX_SEQUENCE_LENGTH, "image": None,
@@ -121,16 +138,22 @@ class WanFamily(Family):
     video = True
 
     def __init__(self, path, transformer, t5, tokenizer, vae, image_encoder, params, scheduler_config, vae_config,
-                 dtype, image_to_video=None, experts=None):
+                 dtype, image_to_video=None, experts=None, expand_timesteps: bool = False):
         """`experts`: Wan2.2 A14B's (boundary_ratio, transformer_2) (a missing expert: module and
-        params None); `image_to_video`: the pipeline class's (default: the transformer takes CLIP tokens)."""
+        params None); `image_to_video`: the pipeline class's (default: the transformer takes CLIP
+        tokens); `expand_timesteps`: Wan2.2 TI2V (per-token timesteps with an image)."""
         self.boundary_ratio, self.transformer_2 = experts or (None, None)
         self.path, self.transformer, self.tokenizer = path, transformer or self.transformer_2, tokenizer
         self.params, self.params_2, self.t5_params = params["transformer"], params.get("transformer_2"), params["t5"]
         self.scheduler_config, self.dtype = scheduler_config, dtype
         self.image_to_video = image_encoder is not None if image_to_video is None else image_to_video
-        self.name = "Wan I2V" if self.image_to_video else "Wan T2V"
-        self.size_multiple = VAE_SPATIAL * self.transformer.config.patch_size[1]
+        self.expand_timesteps = expand_timesteps
+        self.name = "Wan TI2V" if expand_timesteps else "Wan I2V" if self.image_to_video else "Wan T2V"
+        if expand_timesteps:
+            self.height, self.width, frames = TI2V_SIZE
+            self.option_defaults = {**self.option_defaults, "num_frames": frames}
+        self.vae_spatial = vae.config.spatial_factor
+        self.size_multiple = self.vae_spatial * self.transformer.config.patch_size[1]
         self.stacked_params = tuple(stack.path for stack in self.transformer.layer_stacks)
         self._text = jax.jit(lambda p, ids, mask: t5.apply({"params": p}, ids, mask))
         shape = (1, vae_config["z_dim"], 1, 1, 1)
@@ -167,23 +190,31 @@ class WanFamily(Family):
             image_encoder = (module, CLIPImagePreprocessor.from_pretrained(component_folder(path, "image_processor")))
         return cls(path, transformer, t5, tokenizer, vae, image_encoder, params, scheduler_config,
                    read_json(vae_folder / "config.json"), dtype, index["_class_name"] == "WanImageToVideoPipeline",
-                   None if boundary_ratio is None else (boundary_ratio, experts[1][0]))
+                   None if boundary_ratio is None else (boundary_ratio, experts[1][0]),
+                   bool(index.get("expand_timesteps")))
 
-    def _first_frame(self, options):
-        """(CLIP image tokens [1, 257, d] or None, condition [1, 20, T, h, w]) of the call's image, cached."""
+    def _first_frame(self, options) -> dict:
+        """The call's image as video-stream conditioning (one row), cached: I2V: condition
+        [1, 20, T, h, w] and (Wan2.1) CLIP image tokens [1, 257, d]; TI2V: the frame's latents
+        [1, 48, 1, h, w]."""
         image = as_pil_image(options["image"])
         height, width, frames = options["height"], options["width"], options["num_frames"]
         key = (hashlib.sha1(image.tobytes()).hexdigest(), image.size, height, width, frames)
         if self._image_conditioning is None or self._image_conditioning[0] != key:
-            video = np.zeros((1, 3, frames, height, width), np.float32)
+            # TI2V encodes the image alone; I2V the image followed by black frames
+            video = np.zeros((1, 3, 1 if self.expand_timesteps else frames, height, width), np.float32)
             video[0, :, 0] = vae_pixels(image, height, width)
             latents = np.asarray(self._encode_video(jnp.asarray(video, self.dtype)), np.float32)
             latents = (latents - self.latents_mean) / self.latents_std
-            mask = first_frame_mask(latents.shape[2], latents.shape[3], latents.shape[4])[None]
-            condition = jnp.asarray(np.concatenate([mask, latents], axis=1), self.dtype)
-            image_tokens = None if self._image_tokens is None else self._image_tokens(
-                jnp.asarray(self._clip_preprocess([image]), self.dtype)).astype(self.dtype)
-            self._image_conditioning = (key, (image_tokens, condition))
+            if self.expand_timesteps:
+                conditioning = {"first_frame": jnp.asarray(latents, self.dtype)}
+            else:
+                mask = first_frame_mask(latents.shape[2], latents.shape[3], latents.shape[4])[None]
+                conditioning = {"condition": jnp.asarray(np.concatenate([mask, latents], axis=1), self.dtype)}
+                if self._image_tokens is not None:
+                    conditioning["image_embeds"] = self._image_tokens(
+                        jnp.asarray(self._clip_preprocess([image]), self.dtype)).astype(self.dtype)
+            self._image_conditioning = (key, conditioning)
         return self._image_conditioning[1]
 
     # -- conditioning ---------------------------------------------------------------------
@@ -197,8 +228,8 @@ class WanFamily(Family):
         if self.image_to_video and options["image"] is None:
             raise ValueError("image is required: this Wan pipeline is image-to-video; give the first frame "
                              "(image=..., or --image on the command line)")
-        if not self.image_to_video and options["image"] is not None:
-            raise ValueError("image is only for image-to-video Wan pipelines; this one is text-to-video")
+        if not (self.image_to_video or self.expand_timesteps) and options["image"] is not None:
+            raise ValueError("image is only for image-to-video (and TI2V) Wan pipelines; this one is text-to-video")
         if options["guidance_scale_2"] is not None:
             if self.boundary_ratio is None:
                 raise ValueError("guidance_scale_2 is only for two-expert Wan2.2 pipelines (boundary_ratio in "
@@ -210,13 +241,9 @@ class WanFamily(Family):
         ids = tokenize(self.tokenizer, [prompt_clean(p) for p in prompts], max_length=options["max_sequence_length"])
         mask = (ids != self.tokenizer.pad_token_id).astype(np.int32)
         hidden = self._text(self.t5_params, ids, mask).astype(self.dtype) * jnp.asarray(mask, self.dtype)[..., None]
-        if not self.image_to_video:
+        if options["image"] is None:
             return Conditioning(text={"context": hidden})
-        image_embeds, condition = self._first_frame(options)
-        rows = len(prompts)
-        image = {"condition": jnp.repeat(condition, rows, axis=0)}
-        if image_embeds is not None:
-            image["image_embeds"] = jnp.repeat(image_embeds, rows, axis=0)
+        image = {name: jnp.repeat(value, len(prompts), axis=0) for name, value in self._first_frame(options).items()}
         return Conditioning(text={"context": hidden}, image=image)
 
     # -- sampling -------------------------------------------------------------------------
@@ -225,7 +252,7 @@ class WanFamily(Family):
 
     def latent_shape(self, height, width, num_frames=81):
         frames = (num_frames - 1) // VAE_TEMPORAL + 1
-        return (self.transformer.config.out_channels, frames, height // VAE_SPATIAL, width // VAE_SPATIAL)
+        return (self.transformer.config.out_channels, frames, height // self.vae_spatial, width // self.vae_spatial)
 
     def latent_shape_of_call(self, height, width, options):
         return self.latent_shape(height, width, options["num_frames"])
@@ -233,9 +260,18 @@ class WanFamily(Family):
     def denoise(self, params, model_input, timestep, conditioning, transformer=None):
         """`transformer`: the expert's module (default: the first one's)."""
         image = conditioning.image or {}
+        rows = model_input.shape[0]
         if "condition" in image:
             model_input = jnp.concatenate([model_input, image["condition"].astype(model_input.dtype)], axis=1)
-        timestep = jnp.broadcast_to(timestep, (model_input.shape[0],))
+        if "first_frame" in image:  # TI2V image-to-video: the image's frame in front, its tokens at timestep 0
+            model_input = with_first_frame(model_input, image["first_frame"])
+            _, _, frames, height, width = model_input.shape
+            _, patch_h, patch_w = self.transformer.config.patch_size
+            per_frame = (height // patch_h) * (width // patch_w)
+            timestep = jnp.where(jnp.arange(frames * per_frame) < per_frame, 0.0, timestep)
+            timestep = jnp.broadcast_to(timestep, (rows, frames * per_frame))
+        else:
+            timestep = jnp.broadcast_to(timestep, (rows,))
         return (transformer or self.transformer).apply({"params": params}, model_input, timestep,
                                                        conditioning.text["context"], image.get("image_embeds"))
 
@@ -257,6 +293,10 @@ class WanFamily(Family):
                                  f"have (model_index.json); boundary_ratio = {self.boundary_ratio}")
         scale_2 = options["guidance_scale_2"]
         return high_noise, options["guidance_scale"] if scale_2 is None else scale_2
+
+    def final_latents(self, latents, conditioning):
+        image = conditioning.image or {}
+        return with_first_frame(latents, image["first_frame"]) if "first_frame" in image else latents
 
     def decode(self, latents, height, width):
         """Final latents [B, C, T, h, w] -> frames float32 [B, F, H, W, 3] in [0, 1]."""
