@@ -93,18 +93,24 @@ def project_heads(source, name: str, heads: int, head_dim: int, bias: bool, norm
     return y.reshape(*y.shape[:-1], heads, head_dim)
 
 
-class SelfAttention(nn.Module):
-    """diffusers' `Attention` over the image tokens: to_q/to_k/to_v/to_out.0 (biased per `bias`)
-    around a core. `qk_norm`: RMS norm of q and k across heads ("rms_norm_across_heads",
-    SANA-Sprint). `linear`: SANA's ReLU linear attention in place of softmax attention."""
+class HeadsLayout(nn.Module):
+    """The fields of a module that projects tokens into heads (`project_heads`): heads x head_dim,
+    biased projections per `bias`, `qk_norm`: RMS norm of q and k across heads
+    ("rms_norm_across_heads", SANA-Sprint)."""
 
     heads: int
     head_dim: int
     bias: bool = True
     qk_norm: bool = False
-    linear: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+
+
+class SelfAttention(HeadsLayout):
+    """diffusers' `Attention` over the image tokens: to_q/to_k/to_v/to_out.0 around a core.
+    `linear`: SANA's ReLU linear attention in place of softmax attention."""
+
+    linear: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -114,17 +120,10 @@ class SelfAttention(nn.Module):
         return nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="to_out")(out)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(HeadsLayout):
     """diffusers' cross-attention `Attention` from the image tokens' side: to_q (+ norm_q), the
     core over the caption's keys and values (projected once per sampling run by `TextKeysValues`,
     masked by `key_bias`), to_out.0."""
-
-    heads: int
-    head_dim: int
-    bias: bool = True
-    qk_norm: bool = False
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, keys, values, key_bias):
@@ -133,16 +132,9 @@ class CrossAttention(nn.Module):
         return nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="to_out")(out)
 
 
-class TextKeysValues(ScannedBlock):
+class TextKeysValues(ScannedBlock, HeadsLayout):
     """One block's cross-attention keys and values of the caption tokens (diffusers' attn2.to_k
     (+ norm_k) and attn2.to_v), as a scan body: the caption passes through unchanged."""
-
-    heads: int
-    head_dim: int
-    bias: bool = True
-    qk_norm: bool = False
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, context, layer):

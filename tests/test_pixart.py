@@ -25,8 +25,9 @@ from PIL import Image
 import nag_jax
 from convert.pixart import load_pixart_transformer
 from nag_jax.cli import main
-from nag_jax.sampler import Sampler, denoise_loop, segments
+from nag_jax.sampler import denoise_loop, segments
 from tiny_components import assert_close
+from tiny_pipelines import sampler_call
 from tiny_pixart import make_pixart_pipeline, random_transformer
 from torch_dit_nag import discrete_cut, with_nag_negatives
 
@@ -162,18 +163,8 @@ def test_caption_keys_values_are_computed_once_per_sampling_run(ours, latents):
     """The sampling loop runs the transformer's text part (the caption projection and every
     block's cross-attention keys and values) before each step scan, not inside it: the step
     body holds one scan over the blocks, the text part's own scan stays outside."""
-    captured = {}
-    original = Sampler.__call__
-
-    def capture(self, schedule, plan, params, latents, groups, scales, image_keys, *rest):
-        captured.update(schedule=schedule, plan=plan, args=(params, latents, groups, scales, image_keys))
-        return latents
-
-    Sampler.__call__ = capture
-    try:
-        generate(ours, latents, 4.5, "blurry", dict(nag_negative_prompt="a dog", nag_scale=5.0, nag_end=0.7))
-    finally:
-        Sampler.__call__ = original
+    captured = sampler_call(lambda: generate(ours, latents, 4.5, "blurry",
+                                             dict(nag_negative_prompt="a dog", nag_scale=5.0, nag_end=0.7)))
     family, plan = ours.family, captured["plan"]
     loop = functools.partial(denoise_loop, family.denoise, captured["schedule"], plan, "none", prepare=family.prepare)
     found = list(scans(jax.make_jaxpr(loop)(*captured["args"]).jaxpr))

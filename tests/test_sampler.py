@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import nag_jax
-from nag_jax.sampler import Sampler, Segment, denoise_loop, segments
-from tiny_pipelines import make_sd_pipeline
+from nag_jax.sampler import Segment, denoise_loop, segments
+from tiny_pipelines import make_sd_pipeline, sampler_call
 
 SIZE = dict(height=16, width=16)
 
@@ -29,19 +29,8 @@ def pipe(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sampler_args(pipe):
     """What the pipeline hands the sampler for a NAG + CFG call (captured; the loop is not run)."""
-    captured = {}
-    original = Sampler.__call__
-
-    def capture(self, schedule, plan, params, latents, groups, scales, image_keys, *rest):
-        captured.update(schedule=schedule, plan=plan, args=(params, latents, groups, scales, image_keys))
-        return latents
-
-    Sampler.__call__ = capture
-    try:
-        pipe("a cat", nag_scale=3.0, nag_end=0.5, num_inference_steps=4, output_type="latent", **SIZE)
-    finally:
-        Sampler.__call__ = original
-    return captured
+    return sampler_call(lambda: pipe("a cat", nag_scale=3.0, nag_end=0.5, num_inference_steps=4, output_type="latent",
+                                     **SIZE))
 
 
 def lowered(pipe, schedule, plan, args):

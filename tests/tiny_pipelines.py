@@ -66,3 +66,23 @@ def make_sd_pipeline(folder, kind: str = "sd15", scheduler: str = "euler") -> Pa
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     write_scheduler(folder, scheduler)
     return folder
+
+
+def sampler_call(run) -> dict:
+    """What a pipeline call hands its sampler: `run()` makes the call; the sampler is replaced
+    for it, so the loop is not run (latents come back as given). Keys: schedule, plan, args."""
+    from nag_jax.sampler import Sampler
+
+    captured = {}
+    original = Sampler.__call__
+
+    def capture(self, schedule, plan, params, latents, groups, scales, image_keys, *rest):
+        captured.update(schedule=schedule, plan=plan, args=(params, latents, groups, scales, image_keys))
+        return latents
+
+    Sampler.__call__ = capture
+    try:
+        run()
+    finally:
+        Sampler.__call__ = original
+    return captured
