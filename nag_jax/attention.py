@@ -139,9 +139,12 @@ def _one_block(q, k, v, bias, scale, softcap=None) -> Partial:
     peak = jnp.max(scores, axis=-1, keepdims=True)
     weights = jnp.exp(scores - peak)
     denom = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    to_bqh1 = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731 [B,H,Nq,1] -> [B,Nq,H,1]
-    return Partial(out, to_bqh1(peak), to_bqh1(denom))
+    # v to [B, H, Nk, D] rather than the weights to [B, H, Nk, Nq]: XLA:CPU would copy the whole
+    # score-sized weights to contract them over keys in the [B, Nk, H, D] layout
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), jnp.transpose(v, (0, 2, 1, 3)),
+                     preferred_element_type=jnp.float32)
+    to_bqh = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731 [B,H,Nq,*] -> [B,Nq,H,*]
+    return Partial(to_bqh(out), to_bqh(peak), to_bqh(denom))
 
 
 def _slice_if_full(x, start, size: int, axis: int):
