@@ -22,6 +22,8 @@ EulerDiscreteScheduler):
 5. the trained Flax parameters are written back over the PyTorch files with the converters'
    key maps run backwards (`export_params`).
 
+`--family wan` (wan-shapes, the video model) is examples/train_tiny_wan.py; see its docstring.
+
 `--family flux` (flux-shapes: a FluxPipeline folder): the same CLIP tokenizer and text encoder
 (its pooled output), a T5-style unigram tokenizer and T5 encoder (the token context), a
 schnell-like FluxTransformer2DModel (no guidance embedding; 2 double and 4 single blocks of
@@ -93,6 +95,7 @@ from convert.t5 import T5_RULES, load_t5  # noqa: E402
 from convert.unet import UNET_RULES, load_unet  # noqa: E402
 from convert.vae import VAE_RULES, load_vae  # noqa: E402
 from models.flux import FluxTransformer2DModel  # noqa: E402
+from models.wan import WanTransformer3DModel  # noqa: E402
 from nag_jax.families.flux import image_ids, pack_latents, unpack_latents  # noqa: E402
 from nag_jax.efficacy import (BACKGROUND_NAMES, COLOUR_NAMES, FULL_SCENES, SHAPES, attribute_accuracy,  # noqa: E402
                               caption, random_scenes, read_attributes, render)
@@ -149,7 +152,7 @@ def train_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def train_t5_tokenizer(folder: Path) -> None:
+def train_t5_tokenizer(folder: Path, captions=None, model_max_length: int = MAX_TOKENS) -> None:
     """A T5-style unigram tokenizer (`tokenizers`, Metaspace pieces, T5's ids pad 0, eos 1, unk 2)
     saved as tokenizer.json with T5's configs. Its pieces are the caption words with their
     log-frequencies, then single characters far less likely (any text still tokenizes):
@@ -158,7 +161,7 @@ def train_t5_tokenizer(folder: Path) -> None:
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    words = Counter("\u2581" + word for text in all_captions() for word in text.split())
+    words = Counter("\u2581" + word for text in (captions or all_captions()) for word in text.split())
     total = sum(words.values())
     characters = sorted({c for word in words for c in word})
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
@@ -172,7 +175,7 @@ def train_t5_tokenizer(folder: Path) -> None:
     tokenizer.save(str(folder / "tokenizer.json"))
     specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
     (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
-    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": MAX_TOKENS, "extra_ids": 0, **specials}
+    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": model_max_length, "extra_ids": 0, **specials}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -267,19 +270,23 @@ def save_initial_flux_components(folder: Path, clip_vocab: int, t5_vocab: int, v
 INVERSE_LAYOUTS = {
     "as_is": lambda w: w,
     "linear": lambda w: w.T,
-    "conv": lambda w: w.transpose(3, 2, 0, 1),
+    "conv": lambda w: w.transpose(w.ndim - 1, w.ndim - 2, *range(w.ndim - 2)),  # [*window, in, out] -> [out, in, *window]
     "linear_or_1x1_conv": lambda w: w.T,
+    "flatten": lambda w: w,  # Wan's RMS gammas: reshaped to the file's [C, 1, 1(, 1)]
+    "conv3d_as_dense": lambda w: w.T,  # Wan's patch embedding [in*t*h*w, out]: reshaped to [out, in, t, h, w]
 }
 
 
+STACKED_MODELS = {"FluxTransformer2DModel": FluxTransformer2DModel, "WanTransformer3DModel": WanTransformer3DModel}
+
+
 def layer_stacks(weight_file: Path) -> tuple:
-    """The stacked layer runs of the model whose weights `weight_file` holds (none but Flux's here):
+    """The stacked layer runs of the model whose weights `weight_file` holds (Flux's and Wan's here):
     the key maps name per-layer weights, so the stacked ones are unstacked before export."""
     config_file = weight_file.parent / "config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
-    if config.get("_class_name") != "FluxTransformer2DModel":
-        return ()
-    return FluxTransformer2DModel.from_config(config).layer_stacks
+    model_class = STACKED_MODELS.get(config.get("_class_name"))
+    return () if model_class is None else model_class.from_config(config).layer_stacks
 
 
 def export_params(reference_file: Path, rules, params) -> dict[str, np.ndarray]:
@@ -555,9 +562,10 @@ def train_denoiser(loss_fn, params, next_batch, data: Data, steps: int, lr: floa
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", choices=("sd", "flux"), default="sd",
+    parser.add_argument("--family", choices=("sd", "flux", "wan"), default="sd",
                         help="sd: the UNet pipeline (sd-shapes); flux: the Flux-style pipeline (flux-shapes), which "
-                             "reuses the VAE of --vae")
+                             "reuses the VAE of --vae; wan: the video model wan-shapes (examples/train_tiny_wan.py, "
+                             "its own options)")
     parser.add_argument("--output", help="pipeline folder to write (default nag_jax/embedded/sd-shapes or "
                                          "flux-shapes)")
     parser.add_argument("--vae", default="nag_jax/embedded/sd-shapes/vae", help="flux: the trained VAE folder to copy")
@@ -577,6 +585,10 @@ def main(argv=None) -> int:
     parser.add_argument("--probe-steps", type=int, default=25, help="sampling steps of the prompt probe")
     parser.add_argument("--images", type=int, default=8000, help="size of the generated training set")
     parser.add_argument("--seed", type=int, default=0)
+    if parser.parse_known_args(argv)[0].family == "wan":
+        from train_tiny_wan import main as train_wan
+
+        return train_wan(argv)
     args = parser.parse_args(argv)
     if args.reflow and not args.resume:
         parser.error("--reflow needs --resume TEACHER")

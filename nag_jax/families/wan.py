@@ -133,8 +133,16 @@ class WanFamily(Family):
         if transformer.config.image_dim is not None:
             module, params["image_encoder"] = load_clip_vision(component_folder(path, "image_encoder"), dtype)
             image_encoder = (module, CLIPImagePreprocessor.from_pretrained(component_folder(path, "image_processor")))
-        return cls(path, transformer, t5, tokenizer, vae, image_encoder, params, scheduler_config,
-                   read_json(vae_folder / "config.json"), dtype)
+        family = cls(path, transformer, t5, tokenizer, vae, image_encoder, params, scheduler_config,
+                     read_json(vae_folder / "config.json"), dtype)
+        # nag-jax reads a default size ("sample_size": latent pixels per side) and frame count from
+        # transformer/config.json when there (the embedded wan-shapes: 32x32, 9 frames); diffusers ignores them
+        config = read_json(component_folder(path, "transformer") / "config.json")
+        if "sample_size" in config:
+            family.height = family.width = config["sample_size"] * VAE_SPATIAL
+        if "num_frames" in config:
+            family.option_defaults = dict(cls.option_defaults, num_frames=config["num_frames"])
+        return family
 
     def _first_frame(self, options):
         """(CLIP image tokens [1, 257, d], condition [1, 20, T, h, w]) of the call's image, cached."""
