@@ -190,13 +190,14 @@ def guidance_methods(family, negative, nag_scales=None, cfg_scale=None, nag_mode
 
 def run_efficacy(pipe, seeds: int = 200, steps=STEPS, prompts=BENCH_PROMPTS, negatives=BENCH_NEGATIVES,
                  batch: int = 200, nag_scales=None, cfg_scale=None, log=print, read=None,
-                 attribute: str = "shape") -> list[dict]:
+                 attribute: str = "shape", methods=None) -> list[dict]:
     """One row per (steps, method): rate of the negative colour and shape accuracy over all
     prompt/negative pairs, `seeds` images each (seeds 0..seeds-1). `nag_scales` replaces NAG at
     the family's default scale by one NAG row per scale; a family with NAG modes (Flux) gets
     each NAG row once per mode. `cfg_scale` replaces the family's CFG scale. Video families:
     `read` (default `read_attributes`) reads the clips and `attribute` names what each prompt's
-    second entry asks for (efficacy_video: "direction")."""
+    second entry asks for (efficacy_video: "direction"). `methods`: only these rows (names as in
+    guidance_methods), e.g. the NAG rows of a scale sweep."""
     from nag_jax.intercept import NAG_MODES
 
     family = pipe.family
@@ -205,6 +206,8 @@ def run_efficacy(pipe, seeds: int = 200, steps=STEPS, prompts=BENCH_PROMPTS, neg
     rows = []
     for step_count in steps:
         for method in guidance_methods(family, None, **choice):
+            if methods is not None and method not in methods:
+                continue
             hits = correct = total = 0
             started = time.perf_counter()
             for prompt, wanted in prompts:

@@ -117,11 +117,12 @@ VIDEO_STEPS = (1, 2, 4)
 
 def run_video_efficacy(pipe, seeds: int = 200, steps=VIDEO_STEPS, prompts=VIDEO_BENCH_PROMPTS,
                        negatives=VIDEO_BENCH_NEGATIVES, batch: int = 200, nag_scales=None, cfg_scale=None,
-                       log=print) -> list[dict]:
+                       log=print, methods=None) -> list[dict]:
     """`run_efficacy` on clips: per (steps, method) the negative colour's rate (majority colour of a
     clip) and how often the motion read back is the prompt's direction."""
     return run_efficacy(pipe, seeds=seeds, steps=steps, prompts=prompts, negatives=negatives, batch=batch,
-                        nag_scales=nag_scales, cfg_scale=cfg_scale, log=log, read=read_clips, attribute="direction")
+                        nag_scales=nag_scales, cfg_scale=cfg_scale, log=log, read=read_clips, attribute="direction",
+                        methods=methods)
 
 
 def main(argv=None, pipe=None) -> int:
@@ -138,7 +139,9 @@ def main(argv=None, pipe=None) -> int:
                         help=f"colours for the negative prompt (default {' '.join(VIDEO_BENCH_NEGATIVES)})")
     parser.add_argument("--batch", type=int, default=200, help="clips per sampler call (default 200)")
     parser.add_argument("--nag-scales", type=float, nargs="+",
-                        help="one NAG row per scale at each step count, e.g. 3 5 8 11 (default: the family's scale)")
+                        help="also one NAG row per scale (e.g. 3 5 8 11) at each of --scale-steps")
+    parser.add_argument("--scale-steps", type=int, nargs="+", default=[4],
+                        help="step counts of the --nag-scales rows (default 4)")
     parser.add_argument("--cfg-scale", type=float, help="CFG guidance_scale (default: the family's)")
     parser.add_argument("--output", help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
@@ -147,7 +150,11 @@ def main(argv=None, pipe=None) -> int:
 
         pipe = NAGPipeline.from_pretrained(args.model)
     rows = run_video_efficacy(pipe, seeds=args.seeds, steps=args.steps, negatives=args.negatives, batch=args.batch,
-                              nag_scales=args.nag_scales, cfg_scale=args.cfg_scale)
+                              cfg_scale=args.cfg_scale)
+    if args.nag_scales:
+        rows += run_video_efficacy(pipe, seeds=args.seeds, steps=args.scale_steps, negatives=args.negatives,
+                                   batch=args.batch, nag_scales=args.nag_scales,
+                                   methods=[f"NAG {scale:g}" for scale in args.nag_scales])
     print(format_table(rows, attribute="direction"))
     if args.output:
         with open(args.output, "w") as handle:

@@ -72,3 +72,9 @@ def test_video_efficacy_counts_the_negative_colour_and_the_direction():
     assert {row["method"]: row["negative_colour_rate"] for row in rows} == {"none": 1.0, "NAG": 0.0, "CFG": 1.0}
     assert all(row["direction_accuracy"] == 1.0 and row["images"] == 8 for row in rows)
     assert "| 1 | NAG | 0.0% | 100.0% | 8 |" in format_table(rows, attribute="direction")
+
+
+def test_a_scale_sweep_runs_only_its_nag_rows():
+    rows = run_video_efficacy(_MovingPipe(), seeds=1, steps=(2,), negatives=("red",), nag_scales=(3, 8),
+                              methods=["NAG 3", "NAG 8"], log=lambda _: None)
+    assert [row["method"] for row in rows] == ["NAG 3", "NAG 8"]
