@@ -23,7 +23,28 @@ the PyTorch files (train_tiny.export_params):
 
 Every `--checkpoint-every` steps the folder (OUTPUT.partial until the run ends) is a complete
 pipeline, and a probe logs how well samples of 72 fully specified captions follow them (colour
-and direction read back with `read_clips`).
+and direction read back with `read_clips`). `--resume FOLDER --vae-steps N` continues training
+the resumed VAE first (and re-measures its latents_mean / latents_std).
+
+The shipped model (2026-12-01) is four runs niced on the 2 shared CPU cores (PYTHONPATH=.):
+
+    nice -n 19 python examples/train_tiny.py --family wan --output out/wan-teacher
+        (stopped after its VAE phase: 4500 steps, 754 s wall, 936 s CPU; kept as out/vae-stage1)
+    nice -n 19 python examples/train_tiny.py --family wan --resume out/vae-stage1 --vae-steps 7000 \
+        --output out/wan-teacher   (stopped after its VAE phase: 886 s wall, 1427 s CPU; out/vae-stage2)
+    nice -n 19 python examples/train_tiny.py --family wan --resume out/vae-stage2 --vae-steps 1800 \
+        --steps 600 --checkpoint-every 300 --output out/wan-teacher   (754 s wall, 952 s CPU)
+    nice -n 19 python examples/train_tiny.py --family wan --resume out/wan-teacher --reflow 1000 \
+        --steps 500 --lr 3e-4 --probe-steps 2 --checkpoint-every 250 --seed 2 \
+        --output nag_jax/embedded/wan-shapes   (128 s wall, 190 s CPU)
+
+The first two VAE runs trained on 5-frame windows (VAE_FRAMES was 5), the third on all 9 frames.
+In all 42 minutes of wall time and 58 of CPU time, plus about 35 minutes of abandoned VAE recipes
+(whole 32x32 clips, 0.1 latent noise; 18-38% colour read back). The VAE is what falls short: its
+reconstructions of new clips read back 78% colour but 15-18% direction (the shape's outline and
+position at 32x32 are smeared, frames 5-8 worst), and the denoiser had 600 steps (the teacher's
+25-step probe: 25% colour, 6% direction; the student's 2-step probe 22% / 8%). More VAE steps on
+all 9 frames (its loss was still falling) and a few thousand denoiser steps are what it needs.
 """
 
 from __future__ import annotations
@@ -54,9 +75,10 @@ MAX_TOKENS, CONTEXT_TOKENS = 16, 512  # caption tokens; the pipeline's max_seque
 Z_DIM, LATENT = 16, (16, 3, 4, 4)  # a 9-frame 32x32 clip's latents
 TEXT_WIDTH = 32
 VAE_STEPS, DENOISER_STEPS = 4500, 1000
-# The VAE trains on 16x16 windows around the shape of the clips' first 5 frames (one causal chunk after the
-# first frame): an eighth of the cost of whole clips, and the convolutions do not depend on the size.
-VAE_FRAMES, VAE_WINDOW = 5, 16
+# The VAE trains on 16x16 windows around the shape: a quarter of the cost of whole clips, and the
+# convolutions do not depend on the size. All 9 frames: trained on 5 (one causal chunk after the first
+# frame) it reconstructed frames 5-8, decoded from the cache it never learned, far worse.
+VAE_FRAMES, VAE_WINDOW = FRAMES, 16
 # 72 fully specified captions: every colour, shape and direction, the background cycling
 PROBE_SCENES = tuple((c, s, d, BACKGROUND_NAMES[(i + j + k) % 3]) for i, c in enumerate(COLOUR_NAMES)
                      for j, s in enumerate(SHAPES) for k, d in enumerate(DIRECTION_NAMES))
@@ -227,7 +249,8 @@ def encode_all(vae, params, clips_uint8, chunk=250) -> np.ndarray:
 
 def main(argv=None) -> int:
     parser = training_parser(__doc__.split("\n\n")[0])
-    parser.set_defaults(output="nag_jax/embedded/wan-shapes", vae_steps=VAE_STEPS, vae_batch=4, steps=DENOISER_STEPS,
+    # --vae-steps with --resume continues training the resumed VAE (default: none; without --resume VAE_STEPS)
+    parser.set_defaults(output="nag_jax/embedded/wan-shapes", vae_steps=None, vae_batch=4, steps=DENOISER_STEPS,
                         batch=16, images=4000)
     args = parse_training_arguments(parser, argv)
     from transformers import AutoTokenizer
@@ -246,9 +269,9 @@ def main(argv=None) -> int:
     data = ClipData(tokenizer, args.images, args.seed)
     log(f"data: {len(data.images)} clips; vocabulary {len(tokenizer)} tokens")
 
-    if not args.resume:
-        vae_params = train_vae(vae, vae_params, np.random.default_rng(args.seed + 2), args.vae_steps, args.vae_batch,
-                               log)
+    vae_steps = args.vae_steps if args.vae_steps is not None else 0 if args.resume else VAE_STEPS
+    if vae_steps:
+        vae_params = train_vae(vae, vae_params, np.random.default_rng(args.seed + 2), vae_steps, args.vae_batch, log)
         write_params(work, {"vae": vae_params}, COMPONENT_FILES)
     held_out = random_clips(200, np.random.default_rng(args.seed + 1))
     reconstructed = decode_video(vae, vae_params, encode_video(vae, vae_params, as_video(render_clips(held_out))))
@@ -259,7 +282,7 @@ def main(argv=None) -> int:
     latents = None if args.reflow else encode_all(vae, vae_params, data.images)  # reflow makes its own
     vae_config_file = work / "vae" / "config.json"
     vae_config = json.loads(vae_config_file.read_text())
-    if not args.resume:
+    if vae_steps:
         vae_config.update(latents_mean=latents.mean((0, 2, 3, 4)).tolist(), latents_std=latents.std((0, 2, 3, 4)).tolist())
         vae_config_file.write_text(json.dumps(vae_config, indent=2))
     mean, std = (np.asarray(vae_config[k], np.float32).reshape(1, -1, 1, 1, 1) for k in ("latents_mean", "latents_std"))
