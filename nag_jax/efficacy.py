@@ -249,6 +249,16 @@ def format_accuracy_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def add_sampling_arguments(parser, unit: str, steps, negatives) -> None:
+    """--seeds, --steps, --negatives and --batch of the image and video benchmarks (`unit`: what is sampled)."""
+    parser.add_argument("--seeds", type=int, default=200, help=f"{unit} per prompt/negative pair and cell (default 200)")
+    parser.add_argument("--steps", type=int, nargs="+", default=list(steps),
+                        help=f"step counts (default {' '.join(map(str, steps))})")
+    parser.add_argument("--negatives", nargs="+", default=list(negatives),
+                        help=f"colours for the negative prompt (default {' '.join(negatives)})")
+    parser.add_argument("--batch", type=int, default=200, help=f"{unit} per sampler call (default 200)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="nag-jax bench --efficacy",
@@ -257,11 +267,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="pipeline folder or embedded model name, sd-shapes or flux-shapes (default "
                                         "sd-shapes); a video model (wan-shapes) runs the moving-shapes benchmark "
                                         "(see its --help)")
-    parser.add_argument("--seeds", type=int, default=200, help="images per prompt/negative pair and cell (default 200)")
-    parser.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help="step counts (default 1 2 4 25)")
-    parser.add_argument("--negatives", nargs="+", default=list(BENCH_NEGATIVES),
-                        help=f"colours for the negative prompt (default {' '.join(BENCH_NEGATIVES)})")
-    parser.add_argument("--batch", type=int, default=200, help="images per sampler call (default 200)")
+    add_sampling_arguments(parser, "images", STEPS, BENCH_NEGATIVES)
     parser.add_argument("--nag-scales", type=float, nargs="+",
                         help="NAG scales to compare (default: the family's default scale alone)")
     parser.add_argument("--cfg-scale", type=float,

@@ -22,8 +22,8 @@ from collections import Counter
 
 import numpy as np
 
-from nag_jax.efficacy import (BACKGROUND_NAMES, COLOUR_NAMES, SHAPES, as_pixels, format_table, read_foreground,
-                              render, run_efficacy)
+from nag_jax.efficacy import (BACKGROUND_NAMES, COLOUR_NAMES, SHAPES, add_sampling_arguments, as_pixels, format_table,
+                              read_foreground, render, run_efficacy)
 
 SIZE, FRAMES = 32, 9
 MOTION = 12.0  # pixels the shape travels from the first frame to the last
@@ -133,11 +133,7 @@ def main(argv=None, pipe=None) -> int:
                     "guidance, with NAG and with CFG.")
     parser.add_argument("--model", default="wan-shapes", help="video pipeline folder or embedded name (default "
                                                               "wan-shapes)")
-    parser.add_argument("--seeds", type=int, default=200, help="clips per prompt/negative pair and cell (default 200)")
-    parser.add_argument("--steps", type=int, nargs="+", default=list(VIDEO_STEPS), help="step counts (default 1 2 4)")
-    parser.add_argument("--negatives", nargs="+", default=list(VIDEO_BENCH_NEGATIVES),
-                        help=f"colours for the negative prompt (default {' '.join(VIDEO_BENCH_NEGATIVES)})")
-    parser.add_argument("--batch", type=int, default=200, help="clips per sampler call (default 200)")
+    add_sampling_arguments(parser, "clips", VIDEO_STEPS, VIDEO_BENCH_NEGATIVES)
     parser.add_argument("--nag-scales", type=float, nargs="+",
                         help="also one NAG row per scale (e.g. 3 5 8 11) at each of --scale-steps")
     parser.add_argument("--scale-steps", type=int, nargs="+", default=[4],
