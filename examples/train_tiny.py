@@ -22,6 +22,8 @@ EulerDiscreteScheduler):
 5. the trained Flax parameters are written back over the PyTorch files with the converters'
    key maps run backwards (`export_params`).
 
+`--family wan` (wan-shapes, the video model) is examples/train_tiny_wan.py; see its docstring.
+
 `--family flux` (flux-shapes: a FluxPipeline folder): the same CLIP tokenizer and text encoder
 (its pooled output), a T5-style unigram tokenizer and T5 encoder (the token context), a
 schnell-like FluxTransformer2DModel (no guidance embedding; 2 double and 4 single blocks of
@@ -93,6 +95,7 @@ from convert.t5 import T5_RULES, load_t5  # noqa: E402
 from convert.unet import UNET_RULES, load_unet  # noqa: E402
 from convert.vae import VAE_RULES, load_vae  # noqa: E402
 from models.flux import FluxTransformer2DModel  # noqa: E402
+from models.wan import WanTransformer3DModel  # noqa: E402
 from nag_jax.families.flux import image_ids, pack_latents, unpack_latents  # noqa: E402
 from nag_jax.efficacy import (BACKGROUND_NAMES, COLOUR_NAMES, FULL_SCENES, SHAPES, attribute_accuracy,  # noqa: E402
                               caption, random_scenes, read_attributes, render)
@@ -149,7 +152,7 @@ def train_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def train_t5_tokenizer(folder: Path) -> None:
+def train_t5_tokenizer(folder: Path, captions=None, model_max_length: int = MAX_TOKENS) -> None:
     """A T5-style unigram tokenizer (`tokenizers`, Metaspace pieces, T5's ids pad 0, eos 1, unk 2)
     saved as tokenizer.json with T5's configs. Its pieces are the caption words with their
     log-frequencies, then single characters far less likely (any text still tokenizes):
@@ -158,7 +161,7 @@ def train_t5_tokenizer(folder: Path) -> None:
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    words = Counter("\u2581" + word for text in all_captions() for word in text.split())
+    words = Counter("\u2581" + word for text in (captions or all_captions()) for word in text.split())
     total = sum(words.values())
     characters = sorted({c for word in words for c in word})
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
@@ -172,7 +175,7 @@ def train_t5_tokenizer(folder: Path) -> None:
     tokenizer.save(str(folder / "tokenizer.json"))
     specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
     (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
-    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": MAX_TOKENS, "extra_ids": 0, **specials}
+    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": model_max_length, "extra_ids": 0, **specials}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -267,19 +270,23 @@ def save_initial_flux_components(folder: Path, clip_vocab: int, t5_vocab: int, v
 INVERSE_LAYOUTS = {
     "as_is": lambda w: w,
     "linear": lambda w: w.T,
-    "conv": lambda w: w.transpose(3, 2, 0, 1),
+    "conv": lambda w: w.transpose(w.ndim - 1, w.ndim - 2, *range(w.ndim - 2)),  # [*window, in, out] -> [out, in, *window]
     "linear_or_1x1_conv": lambda w: w.T,
+    "flatten": lambda w: w,  # Wan's RMS gammas: reshaped to the file's [C, 1, 1(, 1)]
+    "conv3d_as_dense": lambda w: w.T,  # Wan's patch embedding [in*t*h*w, out]: reshaped to [out, in, t, h, w]
 }
 
 
+STACKED_MODELS = {"FluxTransformer2DModel": FluxTransformer2DModel, "WanTransformer3DModel": WanTransformer3DModel}
+
+
 def layer_stacks(weight_file: Path) -> tuple:
-    """The stacked layer runs of the model whose weights `weight_file` holds (none but Flux's here):
+    """The stacked layer runs of the model whose weights `weight_file` holds (Flux's and Wan's here):
     the key maps name per-layer weights, so the stacked ones are unstacked before export."""
     config_file = weight_file.parent / "config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
-    if config.get("_class_name") != "FluxTransformer2DModel":
-        return ()
-    return FluxTransformer2DModel.from_config(config).layer_stacks
+    model_class = STACKED_MODELS.get(config.get("_class_name"))
+    return () if model_class is None else model_class.from_config(config).layer_stacks
 
 
 def export_params(reference_file: Path, rules, params) -> dict[str, np.ndarray]:
@@ -310,10 +317,11 @@ COMPONENT_FILES = {
 }
 
 
-def write_params(folder: Path, params: dict) -> None:
-    """Overwrite the PyTorch weight files in `folder` with the trained Flax params, per component."""
+def write_params(folder: Path, params: dict, components: dict | None = None) -> None:
+    """Overwrite the PyTorch weight files in `folder` with the trained Flax params, per component
+    (`components`: folder -> (key map, weight file), default COMPONENT_FILES)."""
     for name, component_params in params.items():
-        rules, file = COMPONENT_FILES[name]
+        rules, file = (components or COMPONENT_FILES)[name]
         path = folder / name / file
         tensors = export_params(path, rules, component_params)
         save_file(tensors, str(path), metadata={"format": "pt"})
@@ -360,6 +368,18 @@ def make_optimizer(steps: int, peak: float):
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
 
 
+def optimizer_step(loss_fn, optimizer):
+    """-> jitted step(params, state, batch, key) -> (params, state, loss) of `loss_fn(params, batch, key)`."""
+
+    @jax.jit
+    def step(p, state, batch, key):
+        loss, grads = jax.value_and_grad(loss_fn)(p, batch, key)
+        updates, state = optimizer.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, loss
+
+    return step
+
+
 def train_vae(vae, params, data: Data, steps: int, batch: int, log):
     # The posterior starts nearly deterministic (log-variance -8): at the random init's log-variance
     # near 0 the sampled latent is mostly noise and the decoder learns colours far more slowly.
@@ -379,12 +399,7 @@ def train_vae(vae, params, data: Data, steps: int, batch: int, log):
         error = recon - images
         return jnp.mean(weight * (jnp.abs(error) + error**2)) + 1e-4 * kl
 
-    @jax.jit
-    def step(p, state, images, key):
-        loss, grads = jax.value_and_grad(loss_fn)(p, images, key)
-        updates, state = optimizer.update(grads, state, p)
-        return optax.apply_updates(p, updates), state, loss
-
+    step = optimizer_step(loss_fn, optimizer)
     state, key = optimizer.init(params), jax.random.key(1)
     for i in range(steps):
         key, sub = jax.random.split(key)
@@ -503,13 +518,18 @@ def make_flux_probe(transformer, clip, t5, vae, vae_params, data: Data, scaling:
 
 
 def flux_euler(transformer, clip, t5, params, noise, ids, steps: int):
-    """Flow-matching Euler from `noise` (sigma 1) to sigma 0 in `steps` equal steps: packed latents."""
+    """Flow-matching Euler on the Flux-style model: packed latents."""
+    return flow_euler(lambda x, sigma: flux_velocity(transformer, clip, t5, params, x, sigma, ids), noise, steps)
+
+
+def flow_euler(velocity, noise, steps: int):
+    """Flow-matching Euler from `noise` (sigma 1) to sigma 0 in `steps` equal steps; `velocity(x,
+    sigma [B])` is the model's."""
     sigmas = jnp.linspace(1.0, 0.0, steps + 1)
 
     def step(x, pair):
         sigma, sigma_next = pair
-        v = flux_velocity(transformer, clip, t5, params, x, jnp.full((len(x),), sigma), ids)
-        return x + (sigma_next - sigma) * v, None
+        return x + (sigma_next - sigma) * velocity(x, jnp.full((len(x),), sigma)), None
 
     return jax.lax.scan(step, noise, (sigmas[:-1], sigmas[1:]))[0]
 
@@ -533,13 +553,7 @@ def train_denoiser(loss_fn, params, next_batch, data: Data, steps: int, lr: floa
     """Denoiser + text encoders on `loss_fn(params, next_batch(), key)`. `checkpoint(params)` runs every
     `every` steps; `stop_after` ends the run early while keeping the learning-rate schedule of `steps`."""
     optimizer = make_optimizer(steps, lr)
-
-    @jax.jit
-    def step(p, state, batch, key):
-        loss, grads = jax.value_and_grad(loss_fn)(p, batch, key)
-        updates, state = optimizer.update(grads, state, p)
-        return optax.apply_updates(p, updates), state, loss
-
+    step = optimizer_step(loss_fn, optimizer)
     state, key, running = optimizer.init(params), jax.random.key(int(data.rng.integers(2**31))), []
     last = min(steps, stop_after or steps)
     for i in range(last):
@@ -553,11 +567,13 @@ def train_denoiser(loss_fn, params, next_batch, data: Data, steps: int, lr: floa
     return params
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", choices=("sd", "flux"), default="sd",
+def training_parser(description: str) -> argparse.ArgumentParser:
+    """The options of both training scripts (examples/train_tiny_wan.py sets its own defaults)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--family", choices=("sd", "flux", "wan"), default="sd",
                         help="sd: the UNet pipeline (sd-shapes); flux: the Flux-style pipeline (flux-shapes), which "
-                             "reuses the VAE of --vae")
+                             "reuses the VAE of --vae; wan: the video model wan-shapes (examples/train_tiny_wan.py, "
+                             "its own options)")
     parser.add_argument("--output", help="pipeline folder to write (default nag_jax/embedded/sd-shapes or "
                                          "flux-shapes)")
     parser.add_argument("--vae", default="nag_jax/embedded/sd-shapes/vae", help="flux: the trained VAE folder to copy")
@@ -577,26 +593,79 @@ def main(argv=None) -> int:
     parser.add_argument("--probe-steps", type=int, default=25, help="sampling steps of the prompt probe")
     parser.add_argument("--images", type=int, default=8000, help="size of the generated training set")
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def parse_training_arguments(parser, argv):
     args = parser.parse_args(argv)
     if args.reflow and not args.resume:
         parser.error("--reflow needs --resume TEACHER")
-    from transformers import AutoTokenizer
+    return args
 
+
+def run_log():
+    """-> log(message): prints it after the wall and CPU seconds since this call."""
     started, cpu_started = time.perf_counter(), time.process_time()
 
     def log(message):
         print(f"[{time.perf_counter() - started:7.1f} s wall {time.process_time() - cpu_started:7.1f} s cpu] "
               f"{message}", flush=True)
 
-    flux = args.family == "flux"
-    folder = Path(args.output or f"nag_jax/embedded/{'flux' if flux else 'sd'}-shapes")
+    return log
+
+
+def start_work(folder: Path, resume) -> Path:
+    """The folder the run writes, FOLDER.partial (a copy of `resume` when given); renamed at the end."""
     work = folder.with_name(folder.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    if resume:
+        shutil.copytree(Path(resume), work, dirs_exist_ok=True)
+    return work
+
+
+def run_denoiser(args, loss_fn, params, data, examples, save, log) -> None:
+    """The denoiser phase: batches of `examples`, the reflow pairs (with --reflow) or x0 with
+    captions drawn by `data.token_batch`; `save(params)` at every checkpoint and at the end."""
+
+    def next_batch():
+        if args.reflow:
+            return reflow_batch(examples, data.rng, args.batch)
+        index = data.rng.integers(0, len(examples), args.batch)
+        return {"x0": examples[index], "ids": data.token_batch(index)}
+
+    params = train_denoiser(loss_fn, params, next_batch, data, args.steps, args.lr, log, checkpoint=save,
+                            stop_after=args.stop_after, every=args.checkpoint_every)
+    save(params)
+
+
+def finish_work(work: Path, folder: Path, log) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    work.rename(folder)
+    log(f"done: {folder}")
+
+
+def reflow_batch(pairs: dict, rng: np.random.Generator, batch: int) -> dict:
+    """`batch` random (x0, ids, noise) triples of `reflow_pairs`' data."""
+    index = rng.integers(0, len(pairs["x0"]), batch)
+    return {"x0": pairs["x0"][index], "ids": tuple(i[index] for i in pairs["ids"]), "noise": pairs["noise"][index]}
+
+
+def main(argv=None) -> int:
+    parser = training_parser(__doc__.split("\n\n")[0])
+    if parser.parse_known_args(argv)[0].family == "wan":
+        from train_tiny_wan import main as train_wan
+
+        return train_wan(argv)
+    args = parse_training_arguments(parser, argv)
+    from transformers import AutoTokenizer
+
+    log = run_log()
+    flux = args.family == "flux"
+    folder = Path(args.output or f"nag_jax/embedded/{'flux' if flux else 'sd'}-shapes")
+    work = start_work(folder, args.resume)
     tokenizer_folders = ["tokenizer", "tokenizer_2"] if flux else ["tokenizer"]
-    if args.resume:
-        shutil.copytree(Path(args.resume), work, dirs_exist_ok=True)
-    else:
+    if not args.resume:
         train_tokenizer(work / "tokenizer")
         if flux:
             train_t5_tokenizer(work / "tokenizer_2")
@@ -648,19 +717,8 @@ def main(argv=None) -> int:
         write_params(work, params if flux else {**params, "vae": vae_params})
         log(f"saved {work}; {args.probe_steps}-step samples of the 54 full captions read back: {probe(params)}")
 
-    def next_batch():
-        if args.reflow:
-            index = data.rng.integers(0, args.reflow, args.batch)
-            return {"x0": pairs["x0"][index], "ids": tuple(i[index] for i in pairs["ids"]), "noise": pairs["noise"][index]}
-        index = data.rng.integers(0, len(x0), args.batch)
-        return {"x0": x0[index], "ids": data.token_batch(index)}
-
-    params = train_denoiser(loss_fn, params, next_batch, data, args.steps, args.lr, log, checkpoint=save,
-                            stop_after=args.stop_after, every=args.checkpoint_every)
-    save(params)
-    shutil.rmtree(folder, ignore_errors=True)
-    work.rename(folder)
-    log(f"done: {folder}")
+    run_denoiser(args, loss_fn, params, data, pairs if args.reflow else x0, save, log)
+    finish_work(work, folder, log)
     return 0
 
 

@@ -377,36 +377,52 @@ def demo_rows(pipe, pairs=DEMO_PAIRS, steps=DEMO_STEPS, seed: int = 0) -> tuple[
     for n in steps:
         for name, settings in guidance_methods(pipe.family, negatives).items():
             # one batched call per column: every row's prompt at once
-            images = pipe(prompts, num_inference_steps=n, seed=seed, check_finite=True, **settings).images
+            output = pipe(prompts, num_inference_steps=n, seed=seed, check_finite=True, **settings)
+            images = output.frames if pipe.family.video else output.images  # video: lists of PIL frames
             columns.append((DEMO_METHOD_LABELS.get(name, name), f"{n} step{'s' if n > 1 else ''}"))
             for row, image in zip(rows, images):
                 row.append(image)
     return columns, rows
 
 
-def demo_grid(pipes: dict, pairs=DEMO_PAIRS, steps=DEMO_STEPS, seed: int = 0):
-    """A labelled PIL grid: per model (name -> pipeline) a block of rows, one per (prompt, negative)
-    pair; a column per (steps, method)."""
+def demo_blocks(pipes: dict, pairs=DEMO_PAIRS, steps=DEMO_STEPS, seed: int = 0) -> dict:
+    """Per model (name -> pipeline): (its (prompt, negative) pairs, demo_rows' columns and rows);
+    video models take DEMO_VIDEO_PAIRS."""
+    from nag_jax.demo_video import DEMO_VIDEO_PAIRS
+
+    blocks = {}
+    for name, pipe in pipes.items():
+        model_pairs = DEMO_VIDEO_PAIRS if pipe.family.video else pairs
+        blocks[name] = (model_pairs, *demo_rows(pipe, model_pairs, steps, seed))
+    return blocks
+
+
+def demo_grid(blocks: dict):
+    """A labelled PIL grid of `demo_blocks`: per model a block of rows, one per (prompt, negative)
+    pair; a column per (steps, method). A video is shown as a still strip of frames."""
     from PIL import Image, ImageDraw
 
-    blocks = {name: demo_rows(pipe, pairs, steps, seed) for name, pipe in pipes.items()}
-    columns = next(iter(blocks.values()))[0]
+    from nag_jax.demo_video import still_strip
+
+    columns = next(iter(blocks.values()))[1]
     step = DEMO_CELL + DEMO_PAD
-    grid = Image.new("RGB", (DEMO_LABEL_WIDTH + len(columns) * step, DEMO_HEADER + len(pipes) * len(pairs) * step),
-                     "white")
+    height = DEMO_HEADER + sum(len(pairs) for pairs, _, _ in blocks.values()) * step
+    grid = Image.new("RGB", (DEMO_LABEL_WIDTH + len(columns) * step, height), "white")
     draw = ImageDraw.Draw(grid)
     for c, (method, count) in enumerate(columns):
         draw.text((DEMO_LABEL_WIDTH + c * step + 2, 2), method, fill="black")
         draw.text((DEMO_LABEL_WIDTH + c * step + 2, 18), count, fill="gray")
     y = DEMO_HEADER
-    for name, (_, rows) in blocks.items():
+    for name, (pairs, _, rows) in blocks.items():
         for (prompt, negative), row in zip(pairs, rows):
             middle = y + DEMO_CELL // 2
             draw.text((4, middle - 22), name, fill="navy")
             draw.text((4, middle - 6), f'prompt: "{prompt}"', fill="black")
             draw.text((4, middle + 10), f'negative: "{negative}"', fill="darkred")
             for c, image in enumerate(row):
-                grid.paste(image.resize((DEMO_CELL, DEMO_CELL), Image.NEAREST), (DEMO_LABEL_WIDTH + c * step, y))
+                cell = still_strip(image, DEMO_CELL) if isinstance(image, list) else image.resize(
+                    (DEMO_CELL, DEMO_CELL), Image.NEAREST)
+                grid.paste(cell, (DEMO_LABEL_WIDTH + c * step, y))
             y += step
     return grid
 
@@ -417,11 +433,19 @@ def demo(args) -> int:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "nag-demo.png"
-    print(f"sampling {len(pipes) * len(DEMO_PAIRS) * len(DEMO_STEPS) * 3} images on {', '.join(pipes)} ...",
-          file=sys.stderr)
-    demo_grid(pipes, DEMO_PAIRS, DEMO_STEPS).save(path)  # read now: tests shorten DEMO_STEPS
+    print(f"sampling {len(pipes) * len(DEMO_PAIRS) * len(DEMO_STEPS) * 3} images and videos on {', '.join(pipes)} "
+          "...", file=sys.stderr)
+    blocks = demo_blocks(pipes, DEMO_PAIRS, DEMO_STEPS)  # read now: tests shorten DEMO_STEPS
+    demo_grid(blocks).save(path)
     print(f"saved the comparison grid (rows: model, prompt / negative; columns: no guidance, NAG, CFG at "
-          f"{', '.join(map(str, DEMO_STEPS))} steps) to {path.resolve()}")
+          f"{', '.join(map(str, DEMO_STEPS))} steps; videos as first / middle / last frame) to {path.resolve()}")
+    for name, (pairs, columns, rows) in blocks.items():
+        if pipes[name].family.video:  # the clips at the largest step count (the last three columns), animated
+            from nag_jax.demo_video import write_video_grid
+
+            video = write_video_grid(output_dir / f"nag-demo-{name}.webp", name, pairs, columns[-3:],
+                                     [row[-3:] for row in rows], DEMO_CELL)
+            print(f"saved the animated video grid of {name} to {video.resolve()}")
     return 0
 
 
@@ -459,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nag-jax",
         description="Normalized Attention Guidance (NAG) for diffusion models in JAX. Without --model, commands "
                     "use the small embedded models (64x64 shapes: circles, squares, triangles in six colours): "
-                    "the SD-style sd-shapes, and for `demo` also the Flux-style flux-shapes.",
+                    "the SD-style sd-shapes, and for `demo` also the Flux-style flux-shapes and the video model "
+                    "wan-shapes (32x32, 9 frames, the shapes moving).",
         epilog="Start with `nag-jax demo`. `nag-jax COMMAND --help` lists each command's options.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -469,11 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_arguments(gen)
 
     dem = commands.add_parser("demo", help="a labelled no-guidance / NAG / CFG grid at 1, 2 and 4 steps",
-                              description="Sample both embedded models (sd-shapes, flux-shapes) without guidance, "
-                                          "with NAG and with CFG (Flux: true CFG, true_cfg_scale with the negative "
-                                          "prompt) at 1, 2 and 4 steps and save a labelled grid PNG.")
+                              description="Sample the embedded models (sd-shapes, flux-shapes, the video model "
+                                          "wan-shapes) without guidance, with NAG and with CFG (Flux: true CFG, "
+                                          "true_cfg_scale with the negative prompt) at 1, 2 and 4 steps and save a "
+                                          "labelled grid PNG (videos as still strips of frames) and, for a video "
+                                          "model, an animated WebP grid.")
     dem.add_argument("--output-dir", default=".", help="folder for nag-demo.png (default: current folder)")
-    dem.add_argument("--model", help="one pipeline folder or embedded model name instead of both embedded models")
+    dem.add_argument("--model", help="one pipeline folder or embedded model name instead of the embedded models")
     add_cache_argument(dem)
 
     con = commands.add_parser("convert", help="checkpoint -> fast-loading nag-jax folder",

@@ -37,6 +37,8 @@ COLOURS = {
 BACKGROUNDS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (20, 20, 20)}
 COLOUR_NAMES = tuple(COLOURS)
 BACKGROUND_NAMES = tuple(BACKGROUNDS)
+COLOUR_PALETTE = np.array(list(COLOURS.values()), np.float32)
+BACKGROUND_PALETTE = np.array(list(BACKGROUNDS.values()), np.float32)
 
 
 # ----------------------------------------------------------------------------- the data
@@ -61,9 +63,9 @@ def random_scenes(count: int, rng: np.random.Generator) -> dict[str, np.ndarray]
     }
 
 
-def render(scenes: dict[str, np.ndarray]) -> np.ndarray:
-    """Scenes -> uint8 images [count, 64, 64, 3] (hard edges, no noise)."""
-    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
+def render(scenes: dict[str, np.ndarray], size: int = SIZE) -> np.ndarray:
+    """Scenes -> uint8 images [count, size, size, 3] (hard edges, no noise)."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     cx, cy, half = (scenes[k][:, None, None].astype(np.float32) for k in ("cx", "cy", "half"))
     dx, dy = x[None] - cx, y[None] - cy
     circle = dx**2 + dy**2 <= half**2
@@ -85,26 +87,35 @@ def read_attributes(images) -> list[dict]:
 
     colour/shape are None when no foreground is found (an empty or washed-out image).
     """
+    results = []
+    for image in as_pixels(images):
+        background, mask, colour = read_foreground(image, min_pixels=30)
+        results.append({"background": background, "colour": colour, "shape": None if colour is None else _shape_of(mask)})
+    return results
+
+
+def as_pixels(images) -> np.ndarray:
+    """uint8 or [0, 1] float pixels -> float32 in 0..255 (floats rounded as an 8-bit file would)."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
         images = np.round(np.clip(images, 0, 1) * 255)
-    images = images.astype(np.float32)
-    palette = np.array(list(COLOURS.values()), np.float32)
-    bg_palette = np.array(list(BACKGROUNDS.values()), np.float32)
-    results = []
-    for image in images:
-        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-        background = np.median(border, axis=0)
-        distance = np.abs(image - background).sum(-1)
-        mask = distance > 90.0
-        result = {"background": BACKGROUND_NAMES[int(np.argmin(((bg_palette - background) ** 2).sum(-1)))],
-                  "colour": None, "shape": None}
-        if mask.sum() >= 30:
-            mean = np.median(image[mask], axis=0)
-            result["colour"] = COLOUR_NAMES[int(np.argmin(((palette - mean) ** 2).sum(-1)))]
-            result["shape"] = _shape_of(mask)
-        results.append(result)
-    return results
+    return images.astype(np.float32)
+
+
+def read_foreground(image: np.ndarray, min_pixels: int, core: float = 0.0) -> tuple[str, np.ndarray, str | None]:
+    """One float32 image [H, W, 3] in 0..255 -> (background name, foreground mask, foreground colour
+    name or None when fewer than `min_pixels` pixels stand out from the background). The colour is
+    the median of the foreground pixels whose distance from the background is above its `core`
+    quantile (small shapes: their blurred edges, mixed with the background, are most pixels)."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    background = np.median(border, axis=0)
+    distance = np.abs(image - background).sum(-1)
+    mask = distance > 90.0
+    name = BACKGROUND_NAMES[int(np.argmin(((BACKGROUND_PALETTE - background) ** 2).sum(-1)))]
+    if mask.sum() < min_pixels:
+        return name, mask, None
+    pixels = image[mask & (distance >= np.quantile(distance[mask], core))]
+    return name, mask, COLOUR_NAMES[int(np.argmin(((COLOUR_PALETTE - np.median(pixels, axis=0)) ** 2).sum(-1)))]
 
 
 def _shape_of(mask: np.ndarray) -> str:
@@ -178,11 +189,15 @@ def guidance_methods(family, negative, nag_scales=None, cfg_scale=None, nag_mode
 
 
 def run_efficacy(pipe, seeds: int = 200, steps=STEPS, prompts=BENCH_PROMPTS, negatives=BENCH_NEGATIVES,
-                 batch: int = 200, nag_scales=None, cfg_scale=None, log=print) -> list[dict]:
+                 batch: int = 200, nag_scales=None, cfg_scale=None, log=print, read=None,
+                 attribute: str = "shape", methods=None) -> list[dict]:
     """One row per (steps, method): rate of the negative colour and shape accuracy over all
     prompt/negative pairs, `seeds` images each (seeds 0..seeds-1). `nag_scales` replaces NAG at
     the family's default scale by one NAG row per scale; a family with NAG modes (Flux) gets
-    each NAG row once per mode. `cfg_scale` replaces the family's CFG scale."""
+    each NAG row once per mode. `cfg_scale` replaces the family's CFG scale. Video families:
+    `read` (default `read_attributes`) reads the clips and `attribute` names what each prompt's
+    second entry asks for (efficacy_video: "direction"). `methods`: only these rows (names as in
+    guidance_methods), e.g. the NAG rows of a scale sweep."""
     from nag_jax.intercept import NAG_MODES
 
     family = pipe.family
@@ -191,33 +206,36 @@ def run_efficacy(pipe, seeds: int = 200, steps=STEPS, prompts=BENCH_PROMPTS, neg
     rows = []
     for step_count in steps:
         for method in guidance_methods(family, None, **choice):
+            if methods is not None and method not in methods:
+                continue
             hits = correct = total = 0
             started = time.perf_counter()
-            for prompt, want_shape in prompts:
+            for prompt, wanted in prompts:
                 for negative in negatives:
                     settings = guidance_methods(family, negative, **choice)[method]
                     for first in range(0, seeds, batch):
                         count = min(batch, seeds - first)
-                        images = pipe(prompt, num_inference_steps=step_count, num_images_per_prompt=count,
-                                      seed=first, output_type="np", check_finite=True, **settings).images
-                        for found in read_attributes(images):
+                        output = pipe(prompt, num_inference_steps=step_count, num_images_per_prompt=count,
+                                      seed=first, output_type="np", check_finite=True, **settings)
+                        for found in (read or read_attributes)(output.frames if family.video else output.images):
                             hits += found["colour"] == negative
-                            correct += found["shape"] == want_shape
+                            correct += found[attribute] == wanted
                             total += 1
             row = {"steps": step_count, "method": method, "images": total,
-                   "negative_colour_rate": hits / total, "shape_accuracy": correct / total,
+                   "negative_colour_rate": hits / total, f"{attribute}_accuracy": correct / total,
                    "seconds": round(time.perf_counter() - started, 1)}
             log(json.dumps(row))
             rows.append(row)
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """Markdown table: steps x method, negative-colour rate and shape accuracy in percent."""
-    lines = ["| steps | method | negative colour rate | shape accuracy | images |", "| --- | --- | --- | --- | --- |"]
+def format_table(rows: list[dict], attribute: str = "shape") -> str:
+    """Markdown table: steps x method, negative-colour rate and `attribute` accuracy in percent."""
+    lines = [f"| steps | method | negative colour rate | {attribute} accuracy | images |",
+             "| --- | --- | --- | --- | --- |"]
     for row in rows:
         lines.append(f"| {row['steps']} | {row['method']} | {100 * row['negative_colour_rate']:.1f}% | "
-                     f"{100 * row['shape_accuracy']:.1f}% | {row['images']} |")
+                     f"{100 * row[f'{attribute}_accuracy']:.1f}% | {row['images']} |")
     return "\n".join(lines)
 
 
@@ -231,18 +249,25 @@ def format_accuracy_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def add_sampling_arguments(parser, unit: str, steps, negatives) -> None:
+    """--seeds, --steps, --negatives and --batch of the image and video benchmarks (`unit`: what is sampled)."""
+    parser.add_argument("--seeds", type=int, default=200, help=f"{unit} per prompt/negative pair and cell (default 200)")
+    parser.add_argument("--steps", type=int, nargs="+", default=list(steps),
+                        help=f"step counts (default {' '.join(map(str, steps))})")
+    parser.add_argument("--negatives", nargs="+", default=list(negatives),
+                        help=f"colours for the negative prompt (default {' '.join(negatives)})")
+    parser.add_argument("--batch", type=int, default=200, help=f"{unit} per sampler call (default 200)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="nag-jax bench --efficacy",
         description="Does NAG remove what the negative prompt names? Counts the negative colour and the shape "
                     "accuracy on the shapes domain, without guidance, with NAG and with CFG.")
     parser.add_argument("--model", help="pipeline folder or embedded model name, sd-shapes or flux-shapes (default "
-                                        "sd-shapes)")
-    parser.add_argument("--seeds", type=int, default=200, help="images per prompt/negative pair and cell (default 200)")
-    parser.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help="step counts (default 1 2 4 25)")
-    parser.add_argument("--negatives", nargs="+", default=list(BENCH_NEGATIVES),
-                        help=f"colours for the negative prompt (default {' '.join(BENCH_NEGATIVES)})")
-    parser.add_argument("--batch", type=int, default=200, help="images per sampler call (default 200)")
+                                        "sd-shapes); a video model (wan-shapes) runs the moving-shapes benchmark "
+                                        "(see its --help)")
+    add_sampling_arguments(parser, "images", STEPS, BENCH_NEGATIVES)
     parser.add_argument("--nag-scales", type=float, nargs="+",
                         help="NAG scales to compare (default: the family's default scale alone)")
     parser.add_argument("--cfg-scale", type=float,
@@ -252,10 +277,14 @@ def main(argv=None) -> int:
                         help="images per fully specified caption for the prompt-accuracy check (54 captions; "
                              "default 4, 0 skips it)")
     parser.add_argument("--output", help="also write the rows as JSON to this file")
-    args = parser.parse_args(argv)
     from nag_jax.pipeline import NAGPipeline
 
-    pipe = NAGPipeline.from_pretrained(args.model or "sd-shapes")
+    pipe = NAGPipeline.from_pretrained(parser.parse_known_args(argv)[0].model or "sd-shapes")
+    if pipe.family.video:  # wan-shapes: the moving-shapes benchmark, with its own options
+        from nag_jax.efficacy_video import main as video_main
+
+        return video_main(argv, pipe)
+    args = parser.parse_args(argv)
     accuracy = prompt_accuracy(pipe, seeds=args.accuracy_seeds, steps=args.steps) if args.accuracy_seeds else []
     rows = run_efficacy(pipe, seeds=args.seeds, steps=args.steps, negatives=args.negatives, batch=args.batch,
                         nag_scales=args.nag_scales, cfg_scale=args.cfg_scale)

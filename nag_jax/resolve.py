@@ -20,7 +20,8 @@ import os
 import re
 from pathlib import Path
 
-EMBEDDED_MODELS = ("sd-shapes", "flux-shapes")  # folders under nag_jax/embedded/, trained by examples/train_tiny.py
+# folders under nag_jax/embedded/, trained by examples/train_tiny.py (wan-shapes: the video model)
+EMBEDDED_MODELS = ("sd-shapes", "flux-shapes", "wan-shapes")
 UNUSED_COMPONENTS = ("safety_checker", "feature_extractor")  # listed in model_index.json, loaded by no family
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Weight files: "<stem>[.<variant>][-00001-of-00002].safetensors" and "<stem>.safetensors.index[.<variant>].json".

@@ -11,9 +11,9 @@ from nag_jax.families.unet import SD_DEFAULTS, StableDiffusionFamily
 
 # What run_efficacy reads of a family, as the real SD1.5 and Flux-schnell families have it.
 SD_FAMILY = SimpleNamespace(options=StableDiffusionFamily.options, cfg_argument=StableDiffusionFamily.cfg_argument,
-                            defaults=SD_DEFAULTS)
+                            defaults=SD_DEFAULTS, video=False)
 FLUX_FAMILY = SimpleNamespace(options=FluxFamily.options, cfg_argument=FluxFamily.cfg_argument,
-                              defaults=SCHNELL_DEFAULTS)
+                              defaults=SCHNELL_DEFAULTS, video=False)
 
 
 def _accuracy(found, scenes, attribute, names):

@@ -188,10 +188,18 @@ class WanFamily(Family):
         if transformer is not None and transformer.config.image_dim is not None:  # diffusers: Wan2.1 I2V only
             module, params["image_encoder"] = load_clip_vision(component_folder(path, "image_encoder"), dtype)
             image_encoder = (module, CLIPImagePreprocessor.from_pretrained(component_folder(path, "image_processor")))
-        return cls(path, transformer, t5, tokenizer, vae, image_encoder, params, scheduler_config,
-                   read_json(vae_folder / "config.json"), dtype, index["_class_name"] == "WanImageToVideoPipeline",
-                   None if boundary_ratio is None else (boundary_ratio, experts[1][0]),
-                   bool(index.get("expand_timesteps")))
+        family = cls(path, transformer, t5, tokenizer, vae, image_encoder, params, scheduler_config,
+                     read_json(vae_folder / "config.json"), dtype, index["_class_name"] == "WanImageToVideoPipeline",
+                     None if boundary_ratio is None else (boundary_ratio, experts[1][0]),
+                     bool(index.get("expand_timesteps")))
+        # nag-jax reads a default size ("sample_size": latent pixels per side) and frame count from
+        # transformer/config.json when there (the embedded wan-shapes: 32x32, 9 frames); diffusers ignores them
+        config = read_json(component_folder(path, "transformer") / "config.json") if transformer is not None else {}
+        if "sample_size" in config:
+            family.height = family.width = config["sample_size"] * family.vae_spatial
+        if "num_frames" in config:
+            family.option_defaults = dict(family.option_defaults, num_frames=config["num_frames"])
+        return family
 
     def _first_frame(self, options) -> dict:
         """The call's image as video-stream conditioning (one row), cached: I2V: condition

@@ -1,0 +1,309 @@
+"""Train the embedded video model wan-shapes: a tiny Wan2.1-style WanPipeline on the moving-shapes domain.
+
+Run through `examples/train_tiny.py --family wan` (or this file directly, same options). The data
+(nag_jax/efficacy_video.py: 9 frames of 32x32, a circle, square or triangle in six colours on
+three backgrounds, moving left, right, up or down; captions with attributes left out) is
+generated in code. The components are the real diffusers WanPipeline classes, created by
+transformers/diffusers from their configs and saved in the published layout, then loaded
+through nag-jax's converters and trained in JAX; the trained parameters are written back over
+the PyTorch files (train_tiny.export_params):
+
+1. a T5-style unigram tokenizer of the caption words (tokenizer.json with T5's configs) and a
+   2-layer UMT5 encoder of width 32;
+2. AutoencoderKLWan (base_dim 8, z_dim 16, 8x spatial and 4x temporal compression: a clip is
+   16 x 3 x 4 x 4 latents) trained as an autoencoder (posterior mean plus fixed noise, a small
+   penalty on the latents, the shape's pixels weighted 5x); latents_mean / latents_std measured
+   on the training clips and written to its config;
+3. WanTransformer3DModel (patch 1x1x1: 48 tokens; 4 blocks of width 64) and the UMT5 encoder
+   trained together by rectified flow (velocity noise - x0 at uniform sigma, timestep sigma x
+   1000, 10% empty captions for CFG), the text padded to 512 tokens with zeros as the pipeline
+   pads it; FlowMatchEulerDiscreteScheduler without shift;
+4. `--resume FOLDER --reflow N` distils a trained folder into a few-step student on N (noise,
+   25-step ODE solution) pairs it generates, as flux-shapes was made.
+
+Every `--checkpoint-every` steps the folder (OUTPUT.partial until the run ends) is a complete
+pipeline, and a probe logs how well samples of 72 fully specified captions follow them (colour
+and direction read back with `read_clips`). `--resume FOLDER --vae-steps N` continues training
+the resumed VAE first (and re-measures its latents_mean / latents_std).
+
+The shipped model (2026-12-01) is four runs niced on the 2 shared CPU cores (PYTHONPATH=.):
+
+    nice -n 19 python examples/train_tiny.py --family wan --output out/wan-teacher
+        (stopped after its VAE phase: 4500 steps, 754 s wall, 936 s CPU; kept as out/vae-stage1)
+    nice -n 19 python examples/train_tiny.py --family wan --resume out/vae-stage1 --vae-steps 7000 \
+        --output out/wan-teacher   (stopped after its VAE phase: 886 s wall, 1427 s CPU; out/vae-stage2)
+    nice -n 19 python examples/train_tiny.py --family wan --resume out/vae-stage2 --vae-steps 1800 \
+        --steps 600 --checkpoint-every 300 --output out/wan-teacher   (754 s wall, 952 s CPU)
+    nice -n 19 python examples/train_tiny.py --family wan --resume out/wan-teacher --reflow 1000 \
+        --steps 500 --lr 3e-4 --probe-steps 2 --checkpoint-every 250 --seed 2 \
+        --output nag_jax/embedded/wan-shapes   (128 s wall, 190 s CPU)
+
+The first two VAE runs trained on 5-frame windows (VAE_FRAMES was 5), the third on all 9 frames.
+In all 42 minutes of wall time and 58 of CPU time, plus about 35 minutes of abandoned VAE recipes
+(whole 32x32 clips, 0.1 latent noise; 18-38% colour read back). The VAE is what falls short: its
+reconstructions of new clips read back 78% colour but 15-18% direction (the shape's outline and
+position at 32x32 are smeared, frames 5-8 worst), and the denoiser had 600 steps (the teacher's
+25-step probe: 25% colour, 6% direction; the student's 2-step probe 22% / 8%). More VAE steps on
+all 9 frames (its loss was still falling) and a few thousand denoiser steps are what it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_tiny, which puts the checkout on the path
+
+from train_tiny import (finish_work, flow_euler, make_optimizer, optimizer_step, parse_training_arguments,  # noqa: E402
+                        reflow_pairs, run_denoiser, run_log, start_work, train_t5_tokenizer, training_parser,
+                        write_params)
+from convert.t5 import T5_RULES, load_t5  # noqa: E402
+from convert.wan import DIFFUSERS_RULES as WAN_RULES  # noqa: E402
+from convert.wan import load_wan_transformer  # noqa: E402
+from convert.wan_vae import WAN_VAE_RULES, load_wan_vae  # noqa: E402
+from models.wan_vae import decode_video, encode_video  # noqa: E402
+from nag_jax.efficacy import BACKGROUND_NAMES  # noqa: E402
+from nag_jax.efficacy_video import (COLOUR_NAMES, DIRECTION_NAMES, FRAMES, SHAPES, SIZE, all_video_captions,  # noqa: E402
+                                    clip_names, random_clips, read_clips, render_clips, video_caption)
+
+MAX_TOKENS, CONTEXT_TOKENS = 16, 512  # caption tokens; the pipeline's max_sequence_length
+Z_DIM, LATENT = 16, (16, 3, 4, 4)  # a 9-frame 32x32 clip's latents
+TEXT_WIDTH = 32
+VAE_STEPS, DENOISER_STEPS = 4500, 1000
+# The VAE trains on 16x16 windows around the shape: a quarter of the cost of whole clips, and the
+# convolutions do not depend on the size. All 9 frames: trained on 5 (one causal chunk after the first
+# frame) it reconstructed frames 5-8, decoded from the cache it never learned, far worse.
+VAE_FRAMES, VAE_WINDOW = FRAMES, 16
+# 72 fully specified captions: every colour, shape and direction, the background cycling
+PROBE_SCENES = tuple((c, s, d, BACKGROUND_NAMES[(i + j + k) % 3]) for i, c in enumerate(COLOUR_NAMES)
+                     for j, s in enumerate(SHAPES) for k, d in enumerate(DIRECTION_NAMES))
+
+
+def save_initial_components(folder: Path, vocab_size: int, seed: int) -> None:
+    """Random-init PyTorch components saved by their libraries: configs and file layouts."""
+    import torch
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    umt5 = UMT5EncoderModel(UMT5Config(vocab_size=vocab_size, d_model=TEXT_WIDTH, d_kv=8, d_ff=2 * TEXT_WIDTH,
+                                       num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                       relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+                                       is_encoder_decoder=False, use_cache=False, dropout_rate=0.0,
+                                       pad_token_id=0, eos_token_id=1))
+    umt5.config.architectures = ["UMT5EncoderModel"]
+    umt5.save_pretrained(folder / "text_encoder")
+    AutoencoderKLWan(base_dim=8, z_dim=Z_DIM, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                     temperal_downsample=[False, True, True], latents_mean=[0.0] * Z_DIM,
+                     latents_std=[1.0] * Z_DIM).save_pretrained(folder / "vae")
+    WanTransformer3DModel(patch_size=(1, 1, 1), num_attention_heads=4, attention_head_dim=16, in_channels=Z_DIM,
+                          out_channels=Z_DIM, text_dim=TEXT_WIDTH, freq_dim=64, ffn_dim=256, num_layers=4,
+                          cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                          rope_max_seq_len=32).save_pretrained(folder / "transformer")
+    # nag-jax reads the default size and frame count from these keys (diffusers ignores them)
+    config_file = folder / "transformer" / "config.json"
+    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), sample_size=SIZE // 8,
+                                           num_frames=FRAMES), indent=2))
+    (folder / "scheduler").mkdir(exist_ok=True)
+    scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.42.1",
+                 "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    index = {"_class_name": "WanPipeline", "_diffusers_version": "0.42.1",
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+             "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": [None, None],
+             "vae": ["diffusers", "AutoencoderKLWan"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+# component folder -> (key map, weight file)
+COMPONENT_FILES = {
+    "text_encoder": (T5_RULES, "model.safetensors"),
+    "vae": (WAN_VAE_RULES, "diffusion_pytorch_model.safetensors"),
+    "transformer": (WAN_RULES, "diffusion_pytorch_model.safetensors"),
+}
+
+
+class ClipData:
+    """Clips and every caption's token ids; batches drawn with a seeded generator (the interface
+    train_tiny's reflow_pairs and train_denoiser use)."""
+
+    def __init__(self, tokenizer, count: int, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.clips = random_clips(count, self.rng)
+        self.images = render_clips(self.clips)
+        captions = all_video_captions() + [""]
+        self.caption_index = {text: i for i, text in enumerate(captions)}
+        self.tokens = np.asarray(tokenizer(captions, padding="max_length", max_length=MAX_TOKENS).input_ids, np.int32)
+
+    def ids(self, captions) -> tuple[np.ndarray]:
+        return (self.tokens[[self.caption_index[text] for text in captions]],)
+
+    def token_batch(self, index, keep=0.7, empty=0.1):
+        """Captions with each attribute kept with p=0.7; a fraction `empty` of them replaced by ""."""
+        captions = []
+        for i in index:
+            names = [name if kept else None for name, kept in zip(clip_names(self.clips, i), self.rng.random(4) < keep)]
+            captions.append("" if self.rng.random() < empty else video_caption(*names))
+        return self.ids(captions)
+
+
+def as_video(clips_uint8) -> np.ndarray:
+    """uint8 [B, F, H, W, 3] -> float32 [B, 3, F, H, W] in [-1, 1]."""
+    return clips_uint8.astype(np.float32).transpose(0, 4, 1, 2, 3) / 127.5 - 1.0
+
+
+def shape_windows(videos: np.ndarray) -> np.ndarray:
+    """uint8 [B, F, H, W, 3] -> [B, F, VAE_WINDOW, VAE_WINDOW, 3] windows centred on the shape in the middle frame."""
+    middle = videos[:, videos.shape[1] // 2].astype(np.int32)
+    windows = []
+    for video, frame in zip(videos, middle):
+        rows, cols = np.nonzero(np.abs(frame - frame[0, 0]).sum(-1) > 0)
+        top, left = (int(np.clip(round(centre.mean()) - VAE_WINDOW // 2, 0, SIZE - VAE_WINDOW)) for centre in (rows, cols))
+        windows.append(video[:, top:top + VAE_WINDOW, left:left + VAE_WINDOW])
+    return np.stack(windows)
+
+
+def train_vae(vae, params, rng: np.random.Generator, steps: int, batch: int, log):
+    """Autoencoder on fresh clips: decode(mean + 0.01 noise), L1 + L2 with the shape's pixels
+    weighted 5x, plus 1e-4 x mean(latents^2) to keep the latents near unit scale. (With 0.1 noise
+    on the initial latents, of std 0.18, the decoder learned to ignore them: 600 steps read back
+    38% colour.)"""
+    optimizer = make_optimizer(steps, 2e-3)
+
+    def loss_fn(p, videos, key):
+        mean = encode_video(vae, p, videos)
+        recon = decode_video(vae, p, mean + 0.01 * jax.random.normal(key, mean.shape))
+        weight = 1.0 + 4.0 * (jnp.abs(videos - videos[:, :, :, :1, :1]).sum(1, keepdims=True) > 0.01)
+        error = recon - videos
+        return jnp.mean(weight * (jnp.abs(error) + error**2)) + 1e-4 * jnp.mean(mean**2)
+
+    step = optimizer_step(loss_fn, optimizer)
+    state, key = optimizer.init(params), jax.random.key(1)
+    for i in range(steps):
+        key, sub = jax.random.split(key)
+        videos = as_video(shape_windows(render_clips(random_clips(batch, rng))[:, :VAE_FRAMES]))
+        params, state, loss = step(params, state, videos, sub)
+        if i % 50 == 0 or i == steps - 1:
+            log(f"vae step {i} loss {float(loss):.4f}")
+    return params
+
+
+def text_context(t5, p, ids):
+    """UMT5 states of the caption tokens, zeroed past each caption, padded with zeros to 512
+    tokens: what the pipeline gives the transformer."""
+    mask = (ids != 0).astype(jnp.int32)
+    hidden = t5.apply({"params": p}, ids, mask) * mask[..., None]
+    return jnp.pad(hidden, ((0, 0), (0, CONTEXT_TOKENS - ids.shape[1]), (0, 0)))
+
+
+def velocity(transformer, t5, p, x, sigma, ids):
+    return transformer.apply({"params": p["transformer"]}, x, sigma * 1000.0, text_context(t5, p["text_encoder"], ids[0]))
+
+
+def flow_loss(transformer, t5):
+    """Rectified flow on normalised latents: x_sigma = (1 - sigma) x0 + sigma noise, target noise - x0."""
+
+    def loss_fn(p, batch, key):
+        x0 = batch["x0"]
+        s_key, n_key = jax.random.split(key)
+        sigma = jax.random.uniform(s_key, (x0.shape[0],))
+        noise = batch["noise"] if "noise" in batch else jax.random.normal(n_key, x0.shape)
+        s = sigma[:, None, None, None, None]
+        return jnp.mean((velocity(transformer, t5, p, (1 - s) * x0 + s * noise, sigma, batch["ids"]) - (noise - x0)) ** 2)
+
+    return loss_fn
+
+
+def euler(transformer, t5, params, noise, ids, steps: int):
+    return flow_euler(lambda x, sigma: velocity(transformer, t5, params, x, sigma, ids), noise, steps)
+
+
+def make_probe(transformer, t5, vae, vae_params, data: ClipData, mean, std, steps: int):
+    """-> probe(params): colour and direction accuracy of one sample per PROBE_SCENES caption."""
+    ids = data.ids([video_caption(*scene) for scene in PROBE_SCENES])
+
+    @jax.jit
+    def sample(params, key):
+        x = euler(transformer, t5, params, jax.random.normal(key, (len(ids[0]), *LATENT)), ids, steps)
+        return decode_video(vae, vae_params, x * std + mean)
+
+    def probe(params):
+        found = read_clips(np.asarray(sample(params, jax.random.key(3))).transpose(0, 2, 3, 4, 1) / 2 + 0.5)
+        return {attribute: float(np.mean([f[attribute] == scene[k] for f, scene in zip(found, PROBE_SCENES)]))
+                for attribute, k in (("colour", 0), ("direction", 2))}
+
+    return probe
+
+
+def encode_all(vae, params, clips_uint8, chunk=250) -> np.ndarray:
+    encode = jax.jit(lambda p, x: encode_video(vae, p, x))
+    return np.concatenate([np.asarray(encode(params, as_video(clips_uint8[i:i + chunk])))
+                           for i in range(0, len(clips_uint8), chunk)])
+
+
+def main(argv=None) -> int:
+    parser = training_parser(__doc__.split("\n\n")[0])
+    # --vae-steps with --resume continues training the resumed VAE (default: none; without --resume VAE_STEPS)
+    parser.set_defaults(output="nag_jax/embedded/wan-shapes", vae_steps=None, vae_batch=4, steps=DENOISER_STEPS,
+                        batch=16, images=4000)
+    args = parse_training_arguments(parser, argv)
+    from transformers import AutoTokenizer
+
+    log = run_log()
+    folder = Path(args.output)
+    work = start_work(folder, args.resume)
+    if not args.resume:
+        train_t5_tokenizer(work / "tokenizer", all_video_captions(), model_max_length=CONTEXT_TOKENS)
+    tokenizer = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
+    if not args.resume:
+        save_initial_components(work, len(tokenizer), args.seed)
+    t5, t5_params = load_t5(work / "text_encoder")
+    vae, vae_params = load_wan_vae(work / "vae")
+    transformer, transformer_params = load_wan_transformer(work / "transformer")
+    data = ClipData(tokenizer, args.images, args.seed)
+    log(f"data: {len(data.images)} clips; vocabulary {len(tokenizer)} tokens")
+
+    vae_steps = args.vae_steps if args.vae_steps is not None else 0 if args.resume else VAE_STEPS
+    if vae_steps:
+        vae_params = train_vae(vae, vae_params, np.random.default_rng(args.seed + 2), vae_steps, args.vae_batch, log)
+        write_params(work, {"vae": vae_params}, COMPONENT_FILES)
+    held_out = random_clips(200, np.random.default_rng(args.seed + 1))
+    reconstructed = decode_video(vae, vae_params, encode_video(vae, vae_params, as_video(render_clips(held_out))))
+    found = read_clips(np.asarray(reconstructed).transpose(0, 2, 3, 4, 1) / 2 + 0.5)
+    log("VAE reconstructions of 200 new clips read back: colour "
+        f"{np.mean([f['colour'] == clip_names(held_out, i)[0] for i, f in enumerate(found)]):.3f}, direction "
+        f"{np.mean([f['direction'] == clip_names(held_out, i)[2] for i, f in enumerate(found)]):.3f}")
+    latents = None if args.reflow else encode_all(vae, vae_params, data.images)  # reflow makes its own
+    vae_config_file = work / "vae" / "config.json"
+    vae_config = json.loads(vae_config_file.read_text())
+    if vae_steps:
+        vae_config.update(latents_mean=latents.mean((0, 2, 3, 4)).tolist(), latents_std=latents.std((0, 2, 3, 4)).tolist())
+        vae_config_file.write_text(json.dumps(vae_config, indent=2))
+    mean, std = (np.asarray(vae_config[k], np.float32).reshape(1, -1, 1, 1, 1) for k in ("latents_mean", "latents_std"))
+    if latents is not None:
+        x0 = (latents - mean) / std
+        log(f"latents normalised: std per channel {np.round(x0.std((0, 2, 3, 4)), 2).tolist()}")
+
+    params = {"transformer": transformer_params, "text_encoder": t5_params}
+    probe = make_probe(transformer, t5, vae, vae_params, data, mean, std, args.probe_steps)
+    if args.reflow:
+        solve = lambda p, noise, ids: euler(transformer, t5, p, noise, ids, 25)  # noqa: E731
+        pairs = reflow_pairs(solve, params, data, args.reflow, LATENT, log)
+
+    def save(params):
+        write_params(work, params, COMPONENT_FILES)
+        log(f"saved {work}; {args.probe_steps}-step samples of the 72 full captions read back: {probe(params)}")
+
+    run_denoiser(args, flow_loss(transformer, t5), params, data, pairs if args.reflow else x0, save, log)
+    finish_work(work, folder, log)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
