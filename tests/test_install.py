@@ -1,5 +1,5 @@
 """The installed distribution works on its own: run from outside the checkout, Python must find
-the three packages and both embedded models in site-packages, not in the source tree."""
+the three packages and the three embedded models in site-packages, not in the source tree."""
 
 import os
 import subprocess
@@ -17,6 +17,7 @@ def test_installed_packages_import_outside_the_checkout(tmp_path):
     paths = done.stdout.split()
     for path in paths:
         assert "site-packages" in Path(path).parts, path
-    sd, flux = paths[3:]  # the embedded models, with their denoisers
+    sd, flux, wan = paths[3:]  # the embedded models, with their denoisers
     assert (Path(sd) / "model_index.json").exists() and (Path(sd) / "unet").is_dir()
     assert (Path(flux) / "model_index.json").exists() and (Path(flux) / "transformer").is_dir()
+    assert (Path(wan) / "model_index.json").exists() and (Path(wan) / "vae" / "config.json").exists()
