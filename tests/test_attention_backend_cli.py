@@ -36,7 +36,7 @@ def test_generate_flags(monkeypatch, tmp_path, argv, cached):
     monkeypatch.setenv("NAG_JAX_COMPILATION_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(cli, "use_compilation_cache", lambda folder: calls.update(cache=folder))
 
-    def load_pipeline(model, dtype, loras, attention_backend):
+    def load_pipeline(model, dtype, loras, attention_backend, offload_inactive_expert):
         calls.update(backend=attention_backend)
         raise ValueError("stop before loading")
 
