@@ -273,7 +273,15 @@ class PixArtConfig(DiTConfig):
         return self.sample_size == 128 if self.use_additional_conditions is None else self.use_additional_conditions
 
 
-class TwoPartTransformer(nn.Module):
+class DiTPart(nn.Module):
+    """The fields of a cross-attention DiT and of each of its parts (`TwoPartTransformer`)."""
+
+    config: DiTConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+
+class TwoPartTransformer(DiTPart):
     """A cross-attention DiT as two parts over one parameter tree (PixArt, SANA):
 
     - `text_part` (caption tokens [B', L, caption_channels], mask [B', L] -> `text_keys_values`):
@@ -284,9 +292,6 @@ class TwoPartTransformer(nn.Module):
 
     Calling the module runs both: the diffusers model's forward."""
 
-    config: DiTConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
     config_class: ClassVar[type]
     text_part: ClassVar[type]
     step_part: ClassVar[type]
@@ -314,12 +319,8 @@ class TwoPartTransformer(nn.Module):
         return self.step(x, self.text(context, context_mask), timestep, *conditions)
 
 
-class PixArtText(nn.Module):
+class PixArtText(DiTPart):
     """PixArt's text part: caption projection, then each block's cross-attention keys and values."""
-
-    config: PixArtConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, context, context_mask):
@@ -332,13 +333,9 @@ class PixArtText(nn.Module):
                                 param_dtype=self.param_dtype)
 
 
-class PixArtStep(nn.Module):
+class PixArtStep(DiTPart):
     """PixArt's step part: latents, the text part's output, timestep (and PixArt-alpha's
     resolution / aspect ratio) -> prediction."""
-
-    config: PixArtConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     def pos_embed(self, height: int, width: int) -> np.ndarray:
         cfg = self.config

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 
 from models.layers import (MLPEmbedder, RMSNorm, ScannedBlock, layer_norm, modulate, rms_normalized, scan_blocks,
                            timestep_embedding)
-from models.pixart import (AdaLNSingle, CaptionProjection, CrossAttention, DiTConfig, SelfAttention, TwoPartTransformer,
-                           block_modulation, blocks_stack, final_layer, patchify, sincos_2d, text_keys_values)
+from models.pixart import (AdaLNSingle, CaptionProjection, CrossAttention, DiTConfig, DiTPart, SelfAttention,
+                           TwoPartTransformer, block_modulation, blocks_stack, final_layer, patchify, sincos_2d,
+                           text_keys_values)
 
 
 class BiasedRMSNorm(nn.Module):
@@ -137,12 +138,8 @@ class SanaConfig(DiTConfig):
                              f"got {config['qk_norm']!r}")
 
 
-class SanaText(nn.Module):
+class SanaText(DiTPart):
     """SANA's text part: caption projection, its RMS norm, each block's cross-attention keys and values."""
-
-    config: SanaConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, context, context_mask):
@@ -155,13 +152,9 @@ class SanaText(nn.Module):
                                 dtype=self.dtype, param_dtype=self.param_dtype)
 
 
-class SanaStep(nn.Module):
+class SanaStep(DiTPart):
     """SANA's step part: latents, the text part's output, timestep (and guidance [B] for
     SANA-Sprint) -> prediction."""
-
-    config: SanaConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, text, timestep, guidance=None):

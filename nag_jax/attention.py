@@ -204,7 +204,7 @@ def _blockwise(q, k, v, bias, scale, finish):
     block_shapes = jax.eval_shape(lambda: finish(*(jnp.zeros((1, 1, 1, n), jnp.float32) for n in (head_dim, 1, 1))))
     results = jax.tree.map(lambda s: jnp.zeros((batch, q_tokens, heads, s.shape[3]), s.dtype), block_shapes)
     # only half-precision queries are copied (as bits) for a loop; float32 ones are read in place
-    per_chunk = -(-q_blocks // QUERY_CHUNKS) if _to_bits(q[:, :0]).dtype != q.dtype else q_blocks
+    per_chunk = -(-q_blocks // QUERY_CHUNKS) if _is_half(q.dtype) else q_blocks
     first_row = jnp.int32(0)  # traced: each loop hands over where the next one's queries start
     for first_block in range(0, q_blocks, per_chunk):
         last_block = min(first_block + per_chunk, q_blocks)
@@ -224,8 +224,11 @@ def _blockwise(q, k, v, bias, scale, finish):
 def _to_bits(x):
     """Half-precision arrays as their uint16 bits: XLA:CPU slices and updates bf16 arrays in float32
     and hoists the conversion of the whole array out of the block loops; bits keep it to one block."""
-    half = x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
-    return lax.bitcast_convert_type(x, jnp.uint16) if half else x
+    return lax.bitcast_convert_type(x, jnp.uint16) if _is_half(x.dtype) else x
+
+
+def _is_half(dtype) -> bool:
+    return jnp.dtype(dtype).itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
 
 
 def _from_bits(x, dtype):

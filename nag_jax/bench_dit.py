@@ -36,16 +36,6 @@ SHAPES = {"pixart": dict(latent=(4, 128, 128), text_tokens=300), "sana": dict(la
 TINY_SHAPES = {"pixart": dict(latent=(4, 32, 32), text_tokens=64), "sana": dict(latent=(32, 16, 16), text_tokens=64)}
 
 
-def _text_shapes(family: str, config: dict, text_rows: int, text_tokens: int) -> dict:
-    """The transformer text part's output (`models.pixart.text_keys_values`) as ShapeDtypeStructs."""
-    if family == "sana":
-        heads, head_dim = config["num_cross_attention_heads"], config["cross_attention_head_dim"]
-    else:
-        heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
-    keys = jax.ShapeDtypeStruct((config["num_layers"], text_rows, text_tokens, heads, head_dim), jnp.float32)
-    return {"keys": keys, "values": keys, "bias": jax.ShapeDtypeStruct((text_rows, 1, 1, text_tokens), jnp.float32)}
-
-
 def build_dit(family: str, tiny: bool):
     """(module, inputs(rows, text_rows), call) as nag_jax.bench.build returns them. A step is the
     transformer's step part: the text part (caption projection, every block's keys and values)
@@ -53,15 +43,15 @@ def build_dit(family: str, tiny: bool):
     config = TINY_CONFIGS[family] if tiny else {"pixart": PIXART_SIGMA_CONFIG, "sana": SANA_1600M_CONFIG}[family]
     shapes = (TINY_SHAPES if tiny else SHAPES)[family]
     module = (PixArtTransformer if family == "pixart" else SanaTransformer).from_config(config)
-    step_part = module.parts()[1]
+    text_part, step_part = module.parts()
     spec, f32 = jax.ShapeDtypeStruct, jnp.float32
 
     def inputs(rows, text_rows):
         tokens = shapes["text_tokens"]
         caption = dict(context=spec((text_rows, tokens, config["caption_channels"]), f32),
                        context_mask=spec((text_rows, tokens), f32))
-        return dict(x=spec((rows, *shapes["latent"]), f32), timestep=spec((rows,), f32),
-                    text=_text_shapes(family, config, text_rows, tokens), caption=caption)
+        text = jax.eval_shape(lambda c: text_part.init_with_output(jax.random.key(0), **c)[0], caption)
+        return dict(x=spec((rows, *shapes["latent"]), f32), timestep=spec((rows,), f32), text=text, caption=caption)
 
     def call(module, params, x):
         return step_part.apply(params, x["x"], x["text"], x["timestep"])

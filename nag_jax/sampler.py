@@ -210,6 +210,7 @@ def denoise_loop(denoise: Callable, schedule, plan: GuidancePlan, report: str, p
             def one_image(i, outputs):
                 row = lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, i, 1)  # noqa: E731
                 x, image_groups = jax.tree.map(row, rows)
+                # prepared per image and step: one image's rows, the same arithmetic whatever the batch
                 output = guided_output(x, prepared(assemble(image_groups, with_nag, plan.pag)), timestep)
                 return jax.lax.dynamic_update_slice_in_dim(outputs, output, i, 0)
 

@@ -39,6 +39,19 @@ def text_mask(tokenizer, ids: np.ndarray) -> np.ndarray:
     return (ids != tokenizer.pad_token_id).astype(np.float32)
 
 
+def use_transformer(family, transformer, vae_scale: int) -> None:
+    """What PixArt and SANA families derive alike from their two-part transformer and VAE scale:
+    sizes, the learned-sigma cut, the scanned stacks and the text / step parts."""
+    config = transformer.config
+    family.vae_scale = vae_scale
+    family.size_multiple = vae_scale * config.patch_size
+    family.height = family.width = config.sample_size * vae_scale
+    # diffusers keeps the first half of a learned-sigma output (out_channels = 2 * in_channels)
+    family.learned_sigma = config.output_channels // 2 == config.in_channels
+    family.stacked_params = tuple(stack.path for stack in transformer.layer_stacks)
+    family._text_part, family._step_part = transformer.parts()
+
+
 def decode_images(family, latents) -> np.ndarray:
     """VAE-decoded latents -> float32 images [B, H, W, 3] in [0, 1] (`family._decode`, `family.vae`)."""
     images = family._decode(family.vae_params, model_to_latents(family.vae.config, latents).astype(family.dtype))
@@ -61,13 +74,7 @@ class PixArtSigmaFamily(Family):
         if config.additional_conditions:
             raise ValueError("the transformer config asks for resolution/aspect-ratio conditions "
                              "(use_additional_conditions, PixArt-alpha), which PixArtSigmaPipeline does not pass")
-        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.size_multiple = self.vae_scale * config.patch_size
-        self.height = self.width = config.sample_size * self.vae_scale
-        # diffusers keeps the first half of a learned-sigma output (out_channels = 2 * in_channels)
-        self.learned_sigma = config.output_channels // 2 == config.in_channels
-        self.stacked_params = tuple(stack.path for stack in transformer.layer_stacks)
-        self._text_part, self._step_part = transformer.parts()
+        use_transformer(self, transformer, 2 ** (len(vae.config.block_out_channels) - 1))
         self._t5 = jax.jit(lambda p, ids, mask: t5.apply({"params": p}, ids, mask))
         self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode))
 

@@ -23,7 +23,7 @@ from convert.dc_ae import load_dc_ae
 from convert.gemma import load_gemma2
 from convert.sana import load_sana_transformer
 from models.dc_ae import DCAutoencoder
-from nag_jax.families.pixart import PixArtSigmaFamily, text_mask
+from nag_jax.families.pixart import PixArtSigmaFamily, text_mask, use_transformer
 from nag_jax.pipeline import Family, component_folder, read_json
 from nag_jax.sampler import Conditioning
 from nag_jax.scm import make_scm_schedule
@@ -66,13 +66,7 @@ class SanaFamily(Family):
         self.params = params["transformer"]
         self.text_encoder_params, self.vae_params = params["text_encoder"], params["vae"]
         self.scheduler_config, self.dtype = scheduler_config, dtype
-        config = transformer.config
-        self.vae_scale = vae.config.spatial_compression_ratio
-        self.size_multiple = self.vae_scale * config.patch_size
-        self.height = self.width = config.sample_size * self.vae_scale
-        self.learned_sigma = config.output_channels // 2 == config.in_channels
-        self.stacked_params = tuple(stack.path for stack in transformer.layer_stacks)
-        self._text_part, self._step_part = transformer.parts()
+        use_transformer(self, transformer, vae.config.spatial_compression_ratio)
         self._encode = jax.jit(lambda p, ids, mask: text_encoder.apply({"params": p}, ids, mask))
         self._decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=DCAutoencoder.decode))
 
