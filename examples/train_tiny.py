@@ -22,17 +22,8 @@ EulerDiscreteScheduler):
 5. the trained Flax parameters are written back over the PyTorch files with the converters'
    key maps run backwards (`export_params`).
 
-`--family wan` (wan-shapes, the video model) is examples/train_tiny_wan.py; see its docstring.
-
-`--family flux` (flux-shapes: a FluxPipeline folder): the same CLIP tokenizer and text encoder
-(its pooled output), a T5-style unigram tokenizer and T5 encoder (the token context), a
-schnell-like FluxTransformer2DModel (no guidance embedding; 2 double and 4 single blocks of
-width 64) and FlowMatchEulerDiscreteScheduler without shift. It reuses the trained sd-shapes VAE
-(copied, `--vae`): 4 latent channels, so the transformer takes 16-channel tokens, 8x8 of them
-for a 64x64 image. The transformer and both text encoders are trained together by rectified
-flow (velocity noise - x0 at uniform sigma, 10% empty captions for CFG), steps 4 and 5 as above.
-`--resume FOLDER --reflow N` distils a trained flux folder into a few-step student: it samples
-N (noise, 25-step ODE solution) pairs from it and trains on those straight paths.
+`--family flux` (flux-shapes) is examples/train_tiny_flux.py and `--family wan` (wan-shapes, the video
+model) examples/train_tiny_wan.py; see their docstrings.
 
 Why the earlier recipe (300 VAE steps at batch 8, 500 denoiser steps, SD's scaled-linear
 schedule, epsilon prediction) gave a model that ignored its text: its VAE could not reproduce
@@ -55,17 +46,6 @@ have the asked colour, background and size, but their outlines are still rounded
 Run 1 drew its denoiser noise from a fixed key (before the key followed --seed), so rerunning
 these commands gives an equivalent model, not a bit-identical one.
 
-The shipped flux-shapes is a teacher and its reflow student, run on the same 2 cores (not
-niced; another job's tests ran beside the teacher):
-
-    python examples/train_tiny.py --family flux --steps 4500 --batch 32 --output out/flux-teacher
-    python examples/train_tiny.py --family flux --resume out/flux-teacher --reflow 5000 --steps 3000 \
-        --lr 3e-4 --probe-steps 2 --checkpoint-every 1000 --seed 2 --output nag_jax/embedded/flux-shapes
-
-teacher: 1653 s wall (27.5 min), 2135 s CPU; 25-step probe at the end colour 91%, shape 44%,
-background 100%. Student: 718 s wall, 1017 s CPU (250 s of it generating the pairs); 2-step
-probe colour 91%, shape 46%, background 100%. A shorter student (4000 pairs, 1500 steps, 647 s)
-removed 78-82% of the red at 1-4 steps instead of 84-87% (docs/efficacy.md).
 """
 
 from __future__ import annotations
@@ -89,14 +69,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from convert.checkpoint import open_checkpoint  # noqa: E402
 from convert.clip import CLIP_RULES, load_clip  # noqa: E402
 from convert.flux import DIFFUSERS_RULES as FLUX_RULES  # noqa: E402
-from convert.flux import load_flux_transformer  # noqa: E402
 from convert.mapping import route, unstack_layers  # noqa: E402
-from convert.t5 import T5_RULES, load_t5  # noqa: E402
+from convert.t5 import T5_RULES  # noqa: E402
 from convert.unet import UNET_RULES, load_unet  # noqa: E402
 from convert.vae import VAE_RULES, load_vae  # noqa: E402
 from models.flux import FluxTransformer2DModel  # noqa: E402
 from models.wan import WanTransformer3DModel  # noqa: E402
-from nag_jax.families.flux import image_ids, pack_latents, unpack_latents  # noqa: E402
 from nag_jax.efficacy import (BACKGROUND_NAMES, COLOUR_NAMES, FULL_SCENES, SHAPES, attribute_accuracy,  # noqa: E402
                               caption, random_scenes, read_attributes, render)
 
@@ -112,9 +90,19 @@ BETAS = {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "num
 PREDICTION = "v_prediction"
 VAE_STEPS = 1200
 DENOISER_STEPS = 3000
-FLUX_DOUBLE_BLOCKS, FLUX_SINGLE_BLOCKS, FLUX_HEADS = 2, 4, 4  # width 64 = 4 heads of 16
 UNET_LATENT = (4, 16, 16)
-FLUX_IMAGE_IDS = jnp.asarray(image_ids(8, 8))  # 16x16 latents packed into 8x8 tokens
+
+
+def unet_config(cross_attention_16x16: bool = False) -> dict:
+    """The sd-shapes UNet: cross-attention at 8x8 and in the middle block (the shipped model: leaving
+    the 16x16 level to convolutions saves a quarter of the FLOPs per training step), or at 16x16 too
+    (issue 16's retrain, not shipped: NAG removed less of the negative colour on it, docs/efficacy.md)."""
+    level_16 = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if cross_attention_16x16 else ("DownBlock2D", "UpBlock2D")
+    return dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                down_block_types=(level_16[0], "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", level_16[1]), layers_per_block=1, attention_head_dim=4,
+                cross_attention_dim=TEXT_WIDTH, norm_num_groups=8)
+
 
 # ----------------------------------------------------------------------------- tokenizer
 
@@ -194,7 +182,7 @@ def save_clip(folder: Path, vocab_size: int) -> None:
     text_encoder.save_pretrained(folder)
 
 
-def save_initial_components(folder: Path, vocab_size: int, seed: int) -> None:
+def save_initial_components(folder: Path, vocab_size: int, seed: int, cross_attention_16x16: bool) -> None:
     """Random-init PyTorch components saved by their libraries: configs and file layouts."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -205,13 +193,7 @@ def save_initial_components(folder: Path, vocab_size: int, seed: int) -> None:
                   up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 16, 32), layers_per_block=1,
                   norm_num_groups=8, sample_size=64, mid_block_add_attention=False,
                   scaling_factor=1.0).save_pretrained(folder / "vae")
-    # Attention only at 8x8 and in the middle: the text sets global attributes, and leaving the
-    # 16x16 level to convolutions saves a quarter of the UNet's FLOPs per training step.
-    UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
-                         attention_head_dim=4, cross_attention_dim=TEXT_WIDTH, norm_num_groups=8
-                         ).save_pretrained(folder / "unet")
+    UNet2DConditionModel(**unet_config(cross_attention_16x16)).save_pretrained(folder / "unet")
     (folder / "scheduler").mkdir(exist_ok=True)
     scheduler = dict(BETAS, _class_name="EulerDiscreteScheduler", timestep_spacing="trailing",
                      prediction_type=PREDICTION, steps_offset=0, _diffusers_version="0.42.1")
@@ -224,46 +206,14 @@ def save_initial_components(folder: Path, vocab_size: int, seed: int) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def save_initial_flux_components(folder: Path, clip_vocab: int, t5_vocab: int, vae_folder: Path, seed: int) -> None:
-    """The Flux-style pipeline: CLIP (pooled) + T5 (tokens) text encoders, a schnell-like
-    FluxTransformer2DModel (no guidance embedding) over the 2x2-packed latents of the trained
-    sd-shapes VAE (copied: 4 channels, so in_channels 16), flow-matching Euler without shift."""
+def new_unet(unet_folder: Path, seed: int, cross_attention_16x16: bool) -> None:
+    """Replace the UNet in `unet_folder` by a random one (the other components kept)."""
     import torch
-    from diffusers import FluxTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    save_clip(folder / "text_encoder", clip_vocab)
-    t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab, d_model=TEXT_WIDTH, d_kv=8, d_ff=2 * TEXT_WIDTH, num_layers=2,
-                                 num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                                 feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
-                                 dropout_rate=0.0, pad_token_id=0, eos_token_id=1))
-    t5.config.architectures = ["T5EncoderModel"]
-    t5.save_pretrained(folder / "text_encoder_2")
-    shutil.copytree(vae_folder, folder / "vae", dirs_exist_ok=True)
-    vae_config = json.loads((vae_folder / "config.json").read_text())
-    latent_channels = vae_config["latent_channels"]
-    # FluxPipeline decodes latents / scaling_factor + shift_factor: the SD-style VAE has no shift
-    (folder / "vae" / "config.json").write_text(json.dumps(dict(vae_config, shift_factor=0.0), indent=2))
-    FluxTransformer2DModel(patch_size=1, in_channels=4 * latent_channels, num_layers=FLUX_DOUBLE_BLOCKS,
-                           num_single_layers=FLUX_SINGLE_BLOCKS, attention_head_dim=16,
-                           num_attention_heads=FLUX_HEADS, joint_attention_dim=TEXT_WIDTH,
-                           pooled_projection_dim=TEXT_WIDTH, guidance_embeds=False,
-                           axes_dims_rope=(4, 6, 6)).save_pretrained(folder / "transformer")
-    # nag-jax reads the default image size from this key (diffusers ignores it): 16 latent pixels, 64 image pixels
-    config_file = folder / "transformer" / "config.json"
-    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), sample_size=16), indent=2))
-    (folder / "scheduler").mkdir(exist_ok=True)
-    scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.42.1",
-                 "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False}
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1",
-             "feature_extractor": [None, None], "image_encoder": [None, None],
-             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
-             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    shutil.rmtree(unet_folder)
+    UNet2DConditionModel(**unet_config(cross_attention_16x16)).save_pretrained(str(unet_folder))
 
 
 # How each converter layout is undone: Flax array -> PyTorch array (reshaped to the file's shape after).
@@ -481,47 +431,6 @@ def unet_loss(unet, clip):
     return loss_fn
 
 
-def flux_velocity(transformer, clip, t5, p, x, sigma, ids):
-    """The Flux-style model's velocity for packed latents x [B, 64, 16] at noise level sigma [B]."""
-    pooled = clip.apply({"params": p["text_encoder"]}, ids[0]).pooled
-    context = t5.apply({"params": p["text_encoder_2"]}, ids[1])
-    return transformer.apply({"params": p["transformer"]}, x, context, pooled, sigma, FLUX_IMAGE_IDS,
-                             jnp.zeros((context.shape[1], 3), jnp.float32))
-
-
-def flux_loss(transformer, clip, t5):
-    """Rectified flow: x_sigma = (1 - sigma) x0 + sigma noise, velocity target noise - x0, sigma
-    uniform in [0, 1]; x0 are packed latents (model space: times the VAE's scaling factor). A batch
-    with "noise" pairs each x0 with its own noise (reflow); otherwise the noise is drawn."""
-
-    def loss_fn(p, batch, key):
-        x0, ids = batch["x0"], batch["ids"]
-        s_key, n_key = jax.random.split(key)
-        sigma = jax.random.uniform(s_key, (x0.shape[0],))
-        noise = batch["noise"] if "noise" in batch else jax.random.normal(n_key, x0.shape)
-        noisy = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-        return jnp.mean((flux_velocity(transformer, clip, t5, p, noisy, sigma, ids) - (noise - x0)) ** 2)
-
-    return loss_fn
-
-
-def make_flux_probe(transformer, clip, t5, vae, vae_params, data: Data, scaling: float, steps: int = 25):
-    """-> probe(params): as the UNet probe, sampled with flow-matching Euler on linspace(1, 0)."""
-    ids = data.ids([caption(*scene) for scene in FULL_SCENES])
-
-    @jax.jit
-    def sample(params, key):
-        x = flux_euler(transformer, clip, t5, params, jax.random.normal(key, (len(ids[0]), 64, 16)), ids, steps)
-        return vae.apply({"params": vae_params}, unpack_latents(x, 16, 16) / scaling, method=vae.decode)
-
-    return lambda params: read_back(sample(params, jax.random.key(3)), FULL_SCENES)
-
-
-def flux_euler(transformer, clip, t5, params, noise, ids, steps: int):
-    """Flow-matching Euler on the Flux-style model: packed latents."""
-    return flow_euler(lambda x, sigma: flux_velocity(transformer, clip, t5, params, x, sigma, ids), noise, steps)
-
-
 def flow_euler(velocity, noise, steps: int):
     """Flow-matching Euler from `noise` (sigma 1) to sigma 0 in `steps` equal steps; `velocity(x,
     sigma [B])` is the model's."""
@@ -551,7 +460,10 @@ def reflow_pairs(solve, params, data: Data, count: int, noise_shape, log, chunk:
 def train_denoiser(loss_fn, params, next_batch, data: Data, steps: int, lr: float, log, checkpoint=None,
                    stop_after: int | None = None, every: int = 500):
     """Denoiser + text encoders on `loss_fn(params, next_batch(), key)`. `checkpoint(params)` runs every
-    `every` steps; `stop_after` ends the run early while keeping the learning-rate schedule of `steps`."""
+    `every` steps; `stop_after` ends the run early while keeping the learning-rate schedule of `steps`.
+    No steps: the params unchanged (a run that trains only its VAE)."""
+    if steps == 0:
+        return params
     optimizer = make_optimizer(steps, lr)
     step = optimizer_step(loss_fn, optimizer)
     state, key, running = optimizer.init(params), jax.random.key(int(data.rng.integers(2**31))), []
@@ -581,6 +493,10 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--resume", help="continue from a pipeline folder this script wrote: its tokenizers, VAE and "
                                          "weights, with a new learning-rate schedule of --steps (no VAE training)")
+    parser.add_argument("--new-unet", action="store_true",
+                        help="sd, with --resume: keep the resumed tokenizer, text encoder and VAE, train a new UNet")
+    parser.add_argument("--cross-attention-16x16", action="store_true",
+                        help="sd: a UNet with cross-attention at 16x16 too (default: at 8x8 and in the middle only)")
     parser.add_argument("--reflow", type=int, metavar="PAIRS",
                         help="with --resume: distil the resumed model into a few-step student by reflow on this many "
                              "(noise, 25-step ODE solution) pairs it generates")
@@ -600,6 +516,10 @@ def parse_training_arguments(parser, argv):
     args = parser.parse_args(argv)
     if args.reflow and not args.resume:
         parser.error("--reflow needs --resume TEACHER")
+    if args.new_unet and (not args.resume or args.family != "sd"):
+        parser.error("--new-unet needs --family sd and --resume FOLDER")
+    if args.cross_attention_16x16 and args.family != "sd":
+        parser.error("--cross-attention-16x16 is an option of --family sd")
     return args
 
 
@@ -662,6 +582,8 @@ def main(argv=None) -> int:
 
     log = run_log()
     flux = args.family == "flux"
+    if flux:
+        from train_tiny_flux import flux_training, save_initial_flux_components
     folder = Path(args.output or f"nag_jax/embedded/{'flux' if flux else 'sd'}-shapes")
     work = start_work(folder, args.resume)
     tokenizer_folders = ["tokenizer", "tokenizer_2"] if flux else ["tokenizer"]
@@ -670,10 +592,12 @@ def main(argv=None) -> int:
         if flux:
             train_t5_tokenizer(work / "tokenizer_2")
     tokenizers = [AutoTokenizer.from_pretrained(str(work / name)) for name in tokenizer_folders]
+    if args.new_unet:
+        new_unet(work / "unet", args.seed, args.cross_attention_16x16)
     if not args.resume and flux:
         save_initial_flux_components(work, len(tokenizers[0]), len(tokenizers[1]), Path(args.vae), args.seed)
     elif not args.resume:
-        save_initial_components(work, len(tokenizers[0]), args.seed)
+        save_initial_components(work, len(tokenizers[0]), args.seed, args.cross_attention_16x16)
     clip, clip_params = load_clip(work / "text_encoder")
     vae, vae_params = load_vae(work / "vae")
     data = Data(tokenizers, args.images, args.seed)
@@ -698,12 +622,8 @@ def main(argv=None) -> int:
     log(f"latent std {latents.std():.3f}, scaling_factor {scaling:.4f}")
 
     if flux:
-        transformer, transformer_params = load_flux_transformer(work / "transformer")
-        t5, t5_params = load_t5(work / "text_encoder_2")
-        params = {"transformer": transformer_params, "text_encoder": clip_params, "text_encoder_2": t5_params}
-        probe = make_flux_probe(transformer, clip, t5, vae, vae_params, data, scaling, args.probe_steps)
-        loss_fn, x0 = flux_loss(transformer, clip, t5), np.asarray(pack_latents(latents * scaling))
-        solve, noise_shape = (lambda p, noise, ids: flux_euler(transformer, clip, t5, p, noise, ids, 25)), (64, 16)
+        params, probe, loss_fn, x0, solve, noise_shape = flux_training(work, clip, clip_params, vae, vae_params, data,
+                                                                       scaling, latents, args.probe_steps)
     else:
         unet, unet_params = load_unet(work / "unet")
         params = {"unet": unet_params, "text_encoder": clip_params}

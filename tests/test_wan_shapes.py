@@ -37,18 +37,18 @@ def test_wan_shapes_makes_the_diffusers_clip():
 
 @pytest.mark.parametrize("component", ("text_encoder", "vae", "transformer"))
 def test_wan_shapes_weights_are_what_the_converters_read(component):
-    """train_tiny_wan wrote the trained weights with export_params; converting the file and
-    exporting again gives the file back exactly."""
+    """train_tiny_wan wrote the trained weights with export_params (the VAE: PyTorch's
+    save_pretrained); converting the file and exporting again gives the file back exactly."""
     from safetensors.numpy import load_file
 
     from convert.t5 import load_t5
     from convert.wan import load_wan_transformer
-    from convert.wan_vae import load_wan_vae
+    from convert.wan_vae import WAN_VAE_RULES, load_wan_vae
     from train_tiny import export_params
     from train_tiny_wan import COMPONENT_FILES
 
     loaders = {"text_encoder": load_t5, "vae": load_wan_vae, "transformer": load_wan_transformer}
-    rules, file = COMPONENT_FILES[component]
+    rules, file = {**COMPONENT_FILES, "vae": (WAN_VAE_RULES, "diffusion_pytorch_model.safetensors")}[component]
     path = embedded_model("wan-shapes") / component / file
     on_disk = load_file(str(path))
     exported = export_params(path, rules, loaders[component](path.parent)[1])
