@@ -281,16 +281,30 @@ def write_params(folder: Path, params: dict, components: dict | None = None) -> 
 
 
 class Data:
-    """Scenes, images and every caption's token ids per tokenizer; batches drawn with a seeded generator."""
+    """Generated examples (`examples`: attribute arrays; `images`) and every caption's token ids per
+    tokenizer; batches drawn with a seeded generator. This is the shapes domain; a domain overrides
+    `generate`, `captions`, `names` and `caption` (train_tiny_wan.ClipData: moving shapes)."""
 
     def __init__(self, tokenizers, count: int, seed: int):
         self.rng = np.random.default_rng(seed)
-        self.scenes = random_scenes(count, self.rng)
-        self.images = render(self.scenes)
-        captions = all_captions() + [""]
+        self.examples, self.images = self.generate(count)
+        captions = self.captions() + [""]
         self.caption_index = {text: i for i, text in enumerate(captions)}
         self.tokens = [np.asarray(tokenizer(captions, padding="max_length", max_length=MAX_TOKENS).input_ids, np.int32)
                        for tokenizer in tokenizers]
+
+    def generate(self, count: int):
+        scenes = random_scenes(count, self.rng)
+        return scenes, render(scenes)
+
+    captions = staticmethod(all_captions)  # every caption the data can produce
+    caption = staticmethod(caption)  # names, None where left out -> caption
+
+    def names(self, index) -> tuple:
+        """The attribute names of example `index`, in `caption`'s argument order."""
+        scenes = self.examples
+        return (COLOUR_NAMES[scenes["colour"][index]], SHAPES[scenes["shape"][index]],
+                BACKGROUND_NAMES[scenes["background"][index]])
 
     def ids(self, captions) -> tuple[np.ndarray, ...]:
         """Token ids of `captions`, one array per tokenizer."""
@@ -305,10 +319,9 @@ class Data:
         """Captions with each attribute kept with p=0.7; a fraction `empty` of them replaced by ""."""
         captions = []
         for i in index:
-            kept = self.rng.random(3) < keep
-            text = caption(COLOUR_NAMES[self.scenes["colour"][i]] if kept[0] else None,
-                           SHAPES[self.scenes["shape"][i]] if kept[1] else None,
-                           BACKGROUND_NAMES[self.scenes["background"][i]] if kept[2] else None)
+            names = self.names(i)
+            kept = self.rng.random(len(names)) < keep
+            text = self.caption(*(name if k else None for name, k in zip(names, kept)))
             captions.append("" if self.rng.random() < empty else text)
         return self.ids(captions)
 

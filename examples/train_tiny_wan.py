@@ -13,7 +13,7 @@ the PyTorch files (train_tiny.export_params):
 2. AutoencoderKLWan (base_dim 8, z_dim 16, 8x spatial and 4x temporal compression: a clip is
    16 x 3 x 4 x 4 latents) trained as an autoencoder on whole clips (posterior mean plus fixed
    noise, a small penalty on the latents, the shape's pixels weighted 5x), in PyTorch: its CPU
-   backward pass of the 3D convolutions is 4x faster than XLA's; latents_mean / latents_std
+   backward pass of the 3D convolutions is 6x faster than XLA's (BENCHMARKS.md section 5); latents_mean / latents_std
    measured on the training clips and written to its config;
 3. WanTransformer3DModel (patch 1x1x1: 48 tokens; 4 blocks of width 64) and the UMT5 encoder
    trained together by rectified flow (velocity noise - x0 at uniform sigma, timestep sigma x
@@ -63,7 +63,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_tiny, which puts the checkout on the path
 
-from train_tiny import (finish_work, flow_euler, parse_training_arguments,  # noqa: E402
+from train_tiny import (Data, finish_work, flow_euler, parse_training_arguments,  # noqa: E402
                         reflow_pairs, run_denoiser, run_log, start_work, train_t5_tokenizer, training_parser,
                         write_params)
 from convert.t5 import T5_RULES, load_t5  # noqa: E402
@@ -75,7 +75,7 @@ from nag_jax.efficacy import BACKGROUND_NAMES  # noqa: E402
 from nag_jax.efficacy_video import (COLOUR_NAMES, DIRECTION_NAMES, FRAMES, SHAPES, SIZE, all_video_captions,  # noqa: E402
                                     clip_names, random_clips, read_clips, render_clips, video_caption)
 
-MAX_TOKENS, CONTEXT_TOKENS = 16, 512  # caption tokens; the pipeline's max_sequence_length
+CONTEXT_TOKENS = 512  # the pipeline's max_sequence_length (captions: train_tiny.MAX_TOKENS tokens)
 Z_DIM, LATENT = 16, (16, 3, 4, 4)  # a 9-frame 32x32 clip's latents
 TEXT_WIDTH = 32
 VAE_STEPS, DENOISER_STEPS = 4500, 1000
@@ -128,28 +128,18 @@ COMPONENT_FILES = {
 }
 
 
-class ClipData:
-    """Clips and every caption's token ids; batches drawn with a seeded generator (the interface
-    train_tiny's reflow_pairs and train_denoiser use)."""
+class ClipData(Data):
+    """train_tiny.Data on the moving-shapes domain: `examples` are clips."""
 
-    def __init__(self, tokenizer, count: int, seed: int):
-        self.rng = np.random.default_rng(seed)
-        self.clips = random_clips(count, self.rng)
-        self.images = render_clips(self.clips)
-        captions = all_video_captions() + [""]
-        self.caption_index = {text: i for i, text in enumerate(captions)}
-        self.tokens = np.asarray(tokenizer(captions, padding="max_length", max_length=MAX_TOKENS).input_ids, np.int32)
+    def generate(self, count: int):
+        clips = random_clips(count, self.rng)
+        return clips, render_clips(clips)
 
-    def ids(self, captions) -> tuple[np.ndarray]:
-        return (self.tokens[[self.caption_index[text] for text in captions]],)
+    captions = staticmethod(all_video_captions)
+    caption = staticmethod(video_caption)
 
-    def token_batch(self, index, keep=0.7, empty=0.1):
-        """Captions with each attribute kept with p=0.7; a fraction `empty` of them replaced by ""."""
-        captions = []
-        for i in index:
-            names = [name if kept else None for name, kept in zip(clip_names(self.clips, i), self.rng.random(4) < keep)]
-            captions.append("" if self.rng.random() < empty else video_caption(*names))
-        return self.ids(captions)
+    def names(self, index) -> tuple:
+        return clip_names(self.examples, index)
 
 
 def as_video(clips_uint8) -> np.ndarray:
@@ -162,7 +152,7 @@ def train_vae(vae_folder: Path, rng: np.random.Generator, steps: int, batch: int
     noise), L1 + L2 with the shape's pixels weighted 5x, plus 1e-4 x mean(latents^2) to keep the
     latents near unit scale. (With 0.1 noise on the initial latents, of std 0.18, the decoder
     learned to ignore them: 600 steps read back 38% colour.) In PyTorch: its CPU backward pass of
-    the 3D convolutions is 4x faster than XLA's here (0.27 against 1.13 s a step, batch 4, 32x32)."""
+    the 3D convolutions is 6x faster than XLA's here (0.18 against 1.07 s a step, batch 4, 32x32)."""
     import torch
     from diffusers import AutoencoderKLWan
 
@@ -263,7 +253,7 @@ def main(argv=None) -> int:
         train_vae(work / "vae", np.random.default_rng(args.seed + 2), vae_steps, args.vae_batch, log)
     vae, vae_params = load_wan_vae(work / "vae")
     transformer, transformer_params = load_wan_transformer(work / "transformer")
-    data = ClipData(tokenizer, args.images, args.seed)
+    data = ClipData([tokenizer], args.images, args.seed)
     log(f"data: {len(data.images)} clips; vocabulary {len(tokenizer)} tokens")
     held_out = random_clips(200, np.random.default_rng(args.seed + 1))
     reconstructed = decode_video(vae, vae_params, encode_video(vae, vae_params, as_video(render_clips(held_out))))
